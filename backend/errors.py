@@ -1,0 +1,157 @@
+"""The one error hierarchy of apexmtp.
+
+Every class inherits from `ApexError` *and* from the built-in exception a caller would naturally catch
+(`FileNotFoundError`, `ValueError`, `OSError`, ...), so both `except ApexError` and `except ValueError`
+work. Errors carry the facts that explain them as attributes (path, entry, expected/actual digest), and
+their messages say what to do about it. gRPC status codes and HTTP statuses are derived from these classes
+in exactly one place each (`backend.servicer.status_for`, `backend.api_server`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class ApexError(Exception):
+    """Base class of every error apexmtp raises on purpose."""
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+class ModelLoadError(ApexError):
+    """A model could not be loaded; the message says why."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """The model file does not exist."""
+
+    def __init__(self, path: str | Path, hint: str = "") -> None:
+        self.path = str(path)
+        super().__init__(f"model file not found: {self.path}" + (f" ({hint})" if hint else ""))
+
+    def __str__(self) -> str:  # FileNotFoundError would otherwise format (errno, strerror)
+        return self.args[0]
+
+
+class InvalidGGUFError(ModelLoadError, ValueError):
+    """The file is not a GGUF llama.cpp can read (bad magic, zero or corrupt header, truncated data)."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: not a valid GGUF file: {reason}")
+
+
+class UnsupportedArchitectureError(ModelLoadError, ValueError):
+    """The GGUF declares an architecture this llama.cpp build does not know."""
+
+    def __init__(self, path: str | Path, architecture: str) -> None:
+        self.path = str(path)
+        self.architecture = architecture
+        super().__init__(f"{self.path}: unsupported architecture {architecture!r}")
+
+
+class InsufficientMemoryError(ApexError, MemoryError):
+    """The model (or its context) does not fit in the memory available."""
+
+
+class NoModelLoadedError(ApexError, RuntimeError):
+    """A request needs a model and none is loaded (call LoadModel first)."""
+
+    def __init__(self, message: str = "no model loaded: call LoadModel first") -> None:
+        super().__init__(message)
+
+
+# ------------------------------------------------------------------------------------------- requests
+
+
+class InvalidRequestError(ApexError, ValueError):
+    """A request carries a value outside its domain (sampler values, options, messages)."""
+
+
+class InvalidOptionError(InvalidRequestError):
+    """A `key:value` model option is unknown or has a bad value."""
+
+
+class ContextOverflowError(InvalidRequestError):
+    """The prompt (plus requested tokens) does not fit the context window."""
+
+    def __init__(self, n_prompt: int, n_ctx: int) -> None:
+        self.n_prompt = n_prompt
+        self.n_ctx = n_ctx
+        super().__init__(
+            f"prompt is {n_prompt} tokens but the context window is {n_ctx} tokens; "
+            "shorten the prompt or load the model with a larger ContextSize"
+        )
+
+
+class CancelledError(ApexError):
+    """The client went away; generation stopped."""
+
+
+# -------------------------------------------------------------------------------------------- gallery
+
+
+class GalleryError(ApexError):
+    """Base class for gallery, resolution and download errors."""
+
+
+class SchemaError(GalleryError, ValueError):
+    """A YAML file does not follow its schema; names the file, entry and field."""
+
+    def __init__(self, source: str, entry: str, field: str, problem: str) -> None:
+        self.source = source
+        self.entry = entry
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{source}: entry {entry!r}, field {field!r}: {problem}")
+
+
+class EntryNotFoundError(GalleryError, LookupError):
+    """A model reference matched nothing (gallery name, tier or file)."""
+
+
+class UnsafePathError(GalleryError, ValueError):
+    """A path from a gallery entry would land outside the models directory."""
+
+    def __init__(self, path: str, root: str | Path) -> None:
+        self.path = path
+        self.root = str(root)
+        super().__init__(f"refusing path {path!r}: it escapes the models directory {self.root}")
+
+
+class DownloadError(GalleryError, OSError):
+    """A download failed; partial data is kept for resumption where possible."""
+
+
+class ChecksumMismatchError(DownloadError):
+    """Downloaded bytes do not hash to the pinned sha256; the file was not installed."""
+
+    def __init__(self, path: str | Path, expected: str, actual: str) -> None:
+        self.path = str(path)
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"sha256 mismatch for {self.path}: expected {expected}, got {actual}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+# ------------------------------------------------------------------------------------------ quantizer
+
+
+class QuantizerError(ApexError):
+    """Base class for quantizer errors."""
+
+
+class RecipeError(QuantizerError, ValueError):
+    """A tier recipe is unknown or malformed."""
+
+
+class PlanError(QuantizerError, ValueError):
+    """A tensor-type plan is incomplete or ambiguous (a tensor matched by zero or several rules)."""
+
+
+class MissingImatrixError(QuantizerError, ValueError):
+    """The plan asks for an IQ1/IQ2/IQ3_XXS type on a tensor that has no importance-matrix data."""

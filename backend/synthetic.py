@@ -22,8 +22,10 @@ stays right while it walks through tokens outside W; the first token of W breaks
 the chain is wrong too. With per-token head accuracy ``q = 1 - |W|/n_normal`` and W placed at random along the
 cycle, the number of accepted drafts per round of ``k`` drafts has mean ``q + q^2 + ... + q^k``, so the
 acceptance rate accepted/drafted is ``(q + ... + q^k) / k``. `write_model` solves that for ``q`` given the
-requested acceptance and ``n_draft`` (default 3, llama-server's ``--spec-draft-n-max``). Over short generations
-the realised rate scatters around it (W is random).
+requested acceptance and ``n_draft`` (default 3, llama-server's ``--spec-draft-n-max``). W is spread evenly
+along the cycle (random within each run of 16 tokens), so short generations stay within a few points of the
+mean. The file records the acceptance simulated over one full pass of the cycle (``expected_acceptance``), and
+`SynthInfo.speculate` gives the exact drafted/accepted counts of any greedy generation.
 
 The true maps are stored in the file (``apexmtp.synthetic.*`` keys, ignored by llama.cpp) and are read back
 with `read_synth_info`.
@@ -153,17 +155,17 @@ class SynthConfig:
 
 
 PRESETS: dict[str, SynthConfig] = {
-    # ~4 MB at f32: unit and integration tests.
+    # ~39 MB at f32, ~20 MB at f16: unit and integration tests.
     "tiny": SynthConfig(),
-    # ~70 MB at f32: demos, longer tests; still loads in well under a second.
+    # ~85 MB at f16 (~165 MB at f32): demos and longer tests; still loads in milliseconds (mmap).
     "small": SynthConfig(
-        n_embd=512, n_layer=8, n_head=8, n_head_kv=2, head_dim=64, n_expert=16, n_expert_used=4,
-        n_ff_exp=256, n_ff_shexp=512, ssm_state=64, ssm_groups=4, ssm_v_heads=8, n_vocab=2048,
+        n_embd=512, n_layer=8, n_head=8, n_head_kv=2, head_dim=64, n_expert=8, n_expert_used=2,
+        n_ff_exp=256, n_ff_shexp=256, ssm_state=64, ssm_groups=4, ssm_v_heads=8, n_vocab=2048,
     ),
-    # ~0.5 GB at f16: CPU benchmarks where a token costs several ms, so speculation can pay (mtp-engine.md §6).
+    # ~540 MB at f16: CPU benchmarks where a token costs several ms, so speculation can pay (mtp-engine.md §6).
     "bench": SynthConfig(
         n_embd=1024, n_layer=16, n_head=8, n_head_kv=2, head_dim=128, n_expert=16, n_expert_used=4,
-        n_ff_exp=512, n_ff_shexp=512, ssm_state=64, ssm_groups=4, ssm_v_heads=8, n_vocab=4096,
+        n_ff_exp=256, n_ff_shexp=256, ssm_state=64, ssm_groups=4, ssm_v_heads=8, n_vocab=4096,
     ),
 }
 
@@ -400,6 +402,7 @@ _RESIDUAL_WRITERS = ("attn_output.weight", "ssm_out.weight", "ffn_down_exps.weig
 class _Predictable:
     """The maps of a predictable model: trunk successor f, head successor g, and the weights that encode them."""
 
+    cycle: np.ndarray  # the normal tokens in the order f visits them
     successor: np.ndarray  # f, int64[V]
     head_successor: np.ndarray  # g, int64[V]
     embedding: np.ndarray  # float32[V, E], unit rows
@@ -415,6 +418,18 @@ def _rotate_rows(successor: np.ndarray, wrong: np.ndarray) -> np.ndarray:
     return g
 
 
+def _spread_along(cycle: np.ndarray, n_pick: int, rng: np.random.Generator, block: int = 16) -> np.ndarray:
+    """`n_pick` tokens of `cycle`, random within each run of `block` tokens but with the same share in every run.
+
+    Stratifying keeps the realised acceptance of short generations close to the calibrated mean (a plain random
+    choice scatters by +-8 points over 128 tokens).
+    """
+    edges = np.linspace(0, len(cycle), num=-(-len(cycle) // block) + 1).round().astype(int)
+    quota = np.diff(np.round(edges * n_pick / len(cycle)).astype(int))
+    picks = [rng.choice(np.arange(lo, hi), size=q, replace=False) for lo, hi, q in zip(edges, edges[1:], quota)]
+    return cycle[np.concatenate(picks)]
+
+
 def _predictable_maps(config: SynthConfig, rng: np.random.Generator, head_accuracy: float) -> _Predictable:
     vocab = build_vocab(config.n_vocab)
     V, E = config.n_vocab, config.n_embd
@@ -425,7 +440,7 @@ def _predictable_maps(config: SynthConfig, rng: np.random.Generator, head_accura
     f[cycle] = np.roll(cycle, -1)
     n_wrong = round((1.0 - head_accuracy) * len(normal))
     n_wrong = 0 if n_wrong == 0 else max(2, n_wrong)
-    g = _rotate_rows(f, rng.choice(normal, size=n_wrong, replace=False))
+    g = _rotate_rows(f, _spread_along(cycle, n_wrong, rng))
     emb = rng.standard_normal((V, E)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     out = np.empty_like(emb)
@@ -434,7 +449,7 @@ def _predictable_maps(config: SynthConfig, rng: np.random.Generator, head_accura
     if n_wrong:
         head = np.empty_like(emb)
         head[g] = emb
-    return _Predictable(f, g, emb, out, head)
+    return _Predictable(cycle, f, g, emb, out, head)
 
 
 def _tensor_values(
@@ -626,9 +641,11 @@ def write_model(
             at = next(i for i, (n, _) in enumerate(layout) if n.endswith("nextn.shared_head_norm.weight"))
             layout.insert(at + 1, (f"blk.{config.n_layer}.nextn.shared_head_head.weight", (config.n_embd, config.n_vocab)))
         meta[_KEY_PREFIX + "successor"] = (T.ARRAY, pred.successor.tolist(), T.UINT32)
-        meta[_KEY_PREFIX + "head_successor"] = (T.ARRAY, pred.head_successor.tolist(), T.UINT32)
-        meta[_KEY_PREFIX + "n_draft"] = (T.UINT32, n_draft)
-        meta[_KEY_PREFIX + "expected_acceptance"] = (T.FLOAT32, acceptance_for_accuracy(_head_accuracy(pred, config), n_draft))
+        if config.mtp:
+            drafted, accepted = simulate_speculation(pred.successor, pred.head_successor, int(pred.cycle[0]), len(pred.cycle), n_draft)
+            meta[_KEY_PREFIX + "head_successor"] = (T.ARRAY, pred.head_successor.tolist(), T.UINT32)
+            meta[_KEY_PREFIX + "n_draft"] = (T.UINT32, n_draft)
+            meta[_KEY_PREFIX + "expected_acceptance"] = (T.FLOAT32, accepted / drafted)
     typed = [(name, ne, _ggml_type_for(name, ne, dtype)) for name, ne in layout]
 
     def data() -> Iterator[np.ndarray]:
@@ -638,9 +655,30 @@ def write_model(
     return _write_gguf(Path(path), meta, typed, data)
 
 
-def _head_accuracy(pred: _Predictable, config: SynthConfig) -> float:
-    normal = np.setdiff1d(np.arange(config.n_vocab), build_vocab(config.n_vocab).control_ids)
-    return float(np.mean(pred.head_successor[normal] == pred.successor[normal]))
+def simulate_speculation(
+    successor: np.ndarray, head_successor: np.ndarray, start: int, n_tokens: int, n_draft: int
+) -> tuple[int, int]:
+    """`(drafted, accepted)` of greedy MTP speculation on a predictable model, computed from its maps.
+
+    Rounds as llama-server runs them: from the last emitted token x the head drafts `n_draft` tokens by
+    iterating g, the trunk keeps the longest prefix that matches f, then emits its own next token; a round
+    therefore emits accepted + 1 tokens. Stops once `n_tokens` tokens are emitted (the last round is not
+    shortened), so an engine's counts match exactly when it drafts `n_draft` every round.
+    """
+    x, emitted, drafted, accepted = start, 0, 0, 0
+    while emitted < n_tokens:
+        draft, d = [], x
+        for _ in range(n_draft):
+            d = int(head_successor[d])
+            draft.append(d)
+        n_ok = 0
+        for d in draft:
+            if successor[x] != d:
+                break
+            x, n_ok = d, n_ok + 1
+        x = int(successor[x])
+        drafted, accepted, emitted = drafted + n_draft, accepted + n_ok, emitted + n_ok + 1
+    return drafted, accepted
 
 
 # -------------------------------------------------------------------------------------------- reading
@@ -664,6 +702,22 @@ class SynthInfo:
             return None
         normal = np.setdiff1d(np.arange(len(self.successor)), self.control_ids)
         return float(np.mean(self.successor[normal] == self.head_successor[normal]))
+
+    def continuation(self, last_token: int, n: int) -> list[int]:
+        """The `n` tokens greedy decoding emits after `last_token` (the last prompt token)."""
+        if self.successor is None:
+            raise ValueError("not a predictable model: no successor map")
+        out, t = [], last_token
+        for _ in range(n):
+            t = int(self.successor[t])
+            out.append(t)
+        return out
+
+    def speculate(self, last_token: int, n_tokens: int, n_draft: int | None = None) -> tuple[int, int]:
+        """`(drafted, accepted)` an exact greedy MTP engine reaches generating `n_tokens` after `last_token`."""
+        if self.successor is None or self.head_successor is None:
+            raise ValueError("not a predictable model with an MTP head")
+        return simulate_speculation(self.successor, self.head_successor, last_token, n_tokens, n_draft or self.n_draft or 3)
 
 
 def read_synth_info(path: str | os.PathLike[str]) -> SynthInfo:

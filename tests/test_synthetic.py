@@ -27,6 +27,7 @@ from backend.synthetic import (
     main,
     model_metadata,
     read_synth_info,
+    simulate_speculation,
     tensor_layout,
     tensor_nbytes,
     write_model,
@@ -204,7 +205,7 @@ def test_predictable_greedy_follows_permutation(tiny_predictable_gguf: Path) -> 
         seq.append(tok)
         if len(seq) == 21:
             break
-    assert all(info.successor[a] == b for a, b in zip(seq, seq[1:]))
+    assert seq[1:] == info.continuation(seq[0], 20)
     # f is one cycle over the normal tokens and never reaches a control token (no early EOS).
     normal = [t for t in range(len(info.successor)) if t not in info.control_ids]
     assert sorted(info.successor[normal]) == normal
@@ -250,8 +251,22 @@ def test_acceptance_calibration(target: float, tmp_path: Path) -> None:
     assert acceptance_for_accuracy(q, 3) == pytest.approx(target, abs=1e-9)
     info = read_synth_info(write_model(tmp_path / "w.gguf", _WIDE_VOCAB, mode="predictable", acceptance=target))
     assert info.head_accuracy == pytest.approx(q, abs=0.001)
-    assert info.expected_acceptance == pytest.approx(target, abs=0.002)
+    assert info.expected_acceptance == pytest.approx(target, abs=0.03)
     assert info.n_draft == 3
+    # Short generations stay close to the target because the wrong tokens are spread along the cycle.
+    normal = [t for t in range(len(info.successor)) if t not in info.control_ids]
+    rates = [a / d for d, a in (info.speculate(t, 128) for t in normal[::97])]
+    assert np.mean(rates) == pytest.approx(target, abs=0.04)
+    assert np.percentile(rates, 90) - np.percentile(rates, 10) < 0.15
+
+
+def test_simulate_speculation_counts_rounds() -> None:
+    f = np.array([1, 2, 3, 4, 5, 0])
+    assert simulate_speculation(f, f, 0, 12, 3) == (9, 9)  # 3 rounds of 3 accepted + 1 own token
+    g = f.copy()
+    g[2] = 4  # the head is wrong after token 2
+    # round 1 from 0: drafts 1,2,4 -> accepts 1,2, emits 3; round 2 from 3: drafts 4,5,0 -> all accepted, emits 1
+    assert simulate_speculation(f, g, 0, 7, 3) == (6, 5)
 
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:
@@ -316,6 +331,6 @@ def test_cli_writes_no_mtp_predictable(tmp_path: Path, capsys: pytest.CaptureFix
     assert "wrote" in capsys.readouterr().out
     info = read_gguf(out)
     assert (info.nextn_layers, info.has_mtp_head, info.metadata["general.file_type"]) == (0, False, 1)
-    assert read_synth_info(out).head_successor is not None
+    assert read_synth_info(out).head_successor is None
     llm = _llama(out)
     assert llm.n_vocab() == replace(PRESETS["tiny"], mtp=False).n_vocab

@@ -24,7 +24,8 @@ cycle, the number of accepted drafts per round of ``k`` drafts has mean ``q + q^
 acceptance rate accepted/drafted is ``(q + ... + q^k) / k``. `write_model` solves that for ``q`` given the
 requested acceptance and ``n_draft`` (default 3, llama-server's ``--spec-draft-n-max``). W is spread evenly
 along the cycle (random within each run of 16 tokens), so short generations stay within a few points of the
-mean. The file records the acceptance simulated over one full pass of the cycle (``expected_acceptance``), and
+mean; of 8 such placements the one whose acceptance over a full pass of the cycle is closest to the target is
+kept. The file records that simulated acceptance (``expected_acceptance``), and
 `SynthInfo.speculate` gives the exact drafted/accepted counts of any greedy generation.
 
 The true maps are stored in the file (``apexmtp.synthetic.*`` keys, ignored by llama.cpp) and are read back
@@ -430,26 +431,40 @@ def _spread_along(cycle: np.ndarray, n_pick: int, rng: np.random.Generator, bloc
     return cycle[np.concatenate(picks)]
 
 
-def _predictable_maps(config: SynthConfig, rng: np.random.Generator, head_accuracy: float) -> _Predictable:
-    vocab = build_vocab(config.n_vocab)
+def _predictable_maps(config: SynthConfig, rng: np.random.Generator, acceptance: float, n_draft: int) -> _Predictable:
+    """Draw f (one cycle over the normal tokens) and a head g whose simulated acceptance is near `acceptance`.
+
+    The number of wrong tokens follows `accuracy_for_acceptance`; among a few random placements of them the
+    one whose acceptance over a full pass of the cycle is closest to the target wins, which removes most of the
+    luck of a small vocabulary.
+    """
     V, E = config.n_vocab, config.n_embd
-    control = np.array(vocab.control_ids)
-    normal = np.setdiff1d(np.arange(V), control)
+    normal = np.setdiff1d(np.arange(V), build_vocab(V).control_ids)
     cycle = rng.permutation(normal)
     f = np.arange(V)  # control tokens are fixed points: text never leads to them
     f[cycle] = np.roll(cycle, -1)
-    n_wrong = round((1.0 - head_accuracy) * len(normal))
-    n_wrong = 0 if n_wrong == 0 else max(2, n_wrong)
-    g = _rotate_rows(f, _spread_along(cycle, n_wrong, rng))
+    g = f
+    n_wrong = round((1.0 - accuracy_for_acceptance(acceptance, n_draft)) * len(normal)) if config.mtp else 0
+    if n_wrong:
+        candidates = [_rotate_rows(f, _spread_along(cycle, max(2, n_wrong), rng)) for _ in range(_PLACEMENT_TRIES)]
+        g = min(candidates, key=lambda c: abs(_full_pass_acceptance(f, c, cycle, n_draft) - acceptance))
     emb = rng.standard_normal((V, E)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     out = np.empty_like(emb)
     out[f] = emb
     head = None
-    if n_wrong:
+    if g is not f:
         head = np.empty_like(emb)
         head[g] = emb
     return _Predictable(cycle, f, g, emb, out, head)
+
+
+_PLACEMENT_TRIES = 8
+
+
+def _full_pass_acceptance(f: np.ndarray, g: np.ndarray, cycle: np.ndarray, n_draft: int) -> float:
+    drafted, accepted = simulate_speculation(f, g, int(cycle[0]), len(cycle), n_draft)
+    return accepted / drafted
 
 
 def _tensor_values(
@@ -635,17 +650,16 @@ def write_model(
     layout = tensor_layout(config)
     pred = None
     if mode == "predictable":
-        q = accuracy_for_acceptance(acceptance, n_draft) if config.mtp else 1.0
-        pred = _predictable_maps(config, rng, q)
+        pred = _predictable_maps(config, rng, acceptance, n_draft)
         if pred.head is not None:
             at = next(i for i, (n, _) in enumerate(layout) if n.endswith("nextn.shared_head_norm.weight"))
             layout.insert(at + 1, (f"blk.{config.n_layer}.nextn.shared_head_head.weight", (config.n_embd, config.n_vocab)))
         meta[_KEY_PREFIX + "successor"] = (T.ARRAY, pred.successor.tolist(), T.UINT32)
         if config.mtp:
-            drafted, accepted = simulate_speculation(pred.successor, pred.head_successor, int(pred.cycle[0]), len(pred.cycle), n_draft)
+            rate = _full_pass_acceptance(pred.successor, pred.head_successor, pred.cycle, n_draft)
             meta[_KEY_PREFIX + "head_successor"] = (T.ARRAY, pred.head_successor.tolist(), T.UINT32)
             meta[_KEY_PREFIX + "n_draft"] = (T.UINT32, n_draft)
-            meta[_KEY_PREFIX + "expected_acceptance"] = (T.FLOAT32, accepted / drafted)
+            meta[_KEY_PREFIX + "expected_acceptance"] = (T.FLOAT32, rate)
     typed = [(name, ne, _ggml_type_for(name, ne, dtype)) for name, ne in layout]
 
     def data() -> Iterator[np.ndarray]:

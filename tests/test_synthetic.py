@@ -251,7 +251,7 @@ def test_acceptance_calibration(target: float, tmp_path: Path) -> None:
     assert acceptance_for_accuracy(q, 3) == pytest.approx(target, abs=1e-9)
     info = read_synth_info(write_model(tmp_path / "w.gguf", _WIDE_VOCAB, mode="predictable", acceptance=target))
     assert info.head_accuracy == pytest.approx(q, abs=0.001)
-    assert info.expected_acceptance == pytest.approx(target, abs=0.03)
+    assert info.expected_acceptance == pytest.approx(target, abs=0.01)
     assert info.n_draft == 3
     # Short generations stay close to the target because the wrong tokens are spread along the cycle.
     normal = [t for t in range(len(info.successor)) if t not in info.control_ids]

@@ -1,0 +1,160 @@
+"""LocalAI `ModelOptions` -> what the engine needs, with one documented precedence.
+
+Typed proto fields come first; `Options` strings (`key:value`, a bare key means true) override them. Keys
+this backend owns are validated strictly (a typo gets a "did you mean"); unknown keys are logged and skipped,
+because LocalAI passes one option bag to every backend.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .engine import EngineConfig
+from .errors import InvalidOptionError, ModelNotFoundError
+from .gguf_file import GGUFInfo
+from .speculative import SpecConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 4096  # LocalAI's DefaultContextSize
+DEFAULT_N_MAX = 6  # LocalAI's gallery default for draft-mtp (spec_n_max:6)
+SPEC_TYPES = ("draft-mtp", "none")
+
+
+def _bool(v: str) -> bool:
+    s = v.strip().lower()
+    if s in ("1", "true", "yes", "on", ""):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true/false, got {v!r}")
+
+
+def _spec_type(v: str) -> str:
+    names = [n.strip().replace("_", "-") for n in v.split(",") if n.strip()]
+    for name in names:
+        if name in SPEC_TYPES:
+            return name
+    raise ValueError(f"supported spec types are {', '.join(SPEC_TYPES)}, got {v!r}")
+
+
+def _prob(v: str) -> float:
+    x = float(v)
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"must be in [0, 1], got {x}")
+    return x
+
+
+def _nonneg_int(v: str) -> int:
+    x = int(v)
+    if x < 0:
+        raise ValueError(f"must be >= 0, got {x}")
+    return x
+
+
+# option key -> (canonical name, parser). Aliases follow LocalAI's llama-cpp backend.
+OWNED: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "spec_type": ("spec_type", _spec_type),
+    "speculative_type": ("spec_type", _spec_type),
+    "spec_n_max": ("n_max", _nonneg_int),
+    "draft_max": ("n_max", _nonneg_int),
+    "spec_n_min": ("n_min", _nonneg_int),
+    "draft_min": ("n_min", _nonneg_int),
+    "spec_p_min": ("p_min", _prob),
+    "draft_p_min": ("p_min", _prob),
+    "spec_adaptive": ("adaptive", _bool),
+    "use_jinja": ("use_jinja", _bool),
+    "n_ubatch": ("n_ubatch", _nonneg_int),
+    "ubatch": ("n_ubatch", _nonneg_int),
+}
+
+
+def parse_options(options: list[str]) -> dict[str, Any]:
+    """`["spec_type:draft-mtp", "spec_n_max:6", "use_jinja"]` -> `{"spec_type": "draft-mtp", "n_max": 6, ...}`."""
+    out: dict[str, Any] = {}
+    for raw in options:
+        key, _, value = raw.partition(":")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if key not in OWNED:
+            close = difflib.get_close_matches(key, OWNED, n=1, cutoff=0.8)
+            if close:
+                raise InvalidOptionError(f"unknown option {key!r} (did you mean {close[0]!r}?)")
+            log.info("ignoring option %r (not used by this backend)", raw)
+            continue
+        name, parse = OWNED[key]
+        try:
+            out[name] = parse(value if value else "true") if parse is _bool else parse(value)
+        except ValueError as exc:
+            raise InvalidOptionError(f"option {key}: {exc}") from None
+    return out
+
+
+def resolve_model_path(model: str, model_file: str, model_path: str) -> Path:
+    """LocalAI sends ModelFile (absolute) and Model (relative to ModelPath); prefer the file that exists."""
+    candidates = [Path(model_file)] if model_file else []
+    if model:
+        p = Path(model)
+        candidates.append(p if p.is_absolute() or not model_path else Path(model_path) / p)
+    for c in candidates:
+        if c.exists():
+            return c
+    if not candidates:
+        raise ModelNotFoundError("", hint="LoadModel needs Model or ModelFile")
+    raise ModelNotFoundError(candidates[0], hint=f"also looked for {candidates[-1]}" if len(candidates) > 1 else "")
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Everything LoadModel decided: the file, engine settings, speculation and template use."""
+
+    path: Path
+    engine: EngineConfig
+    spec: SpecConfig
+    use_jinja: bool
+    mtp_reason: str  # why MTP is on or off, for the log and Status
+
+
+def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
+    """Turn a `ModelOptions` message and the file's header into a `LoadPlan`."""
+    opts = parse_options(list(req.Options))
+    has_head = info.has_mtp_head
+    spec_type = opts.get("spec_type", "draft-mtp" if has_head else "none")
+    n_max = opts.get("n_max", DEFAULT_N_MAX)
+    if spec_type == "draft-mtp" and not has_head:
+        mtp, reason = False, "MTP requested but the GGUF has no MTP head: decoding plainly"
+    elif spec_type == "draft-mtp" and n_max == 0:
+        mtp, reason = False, "spec_n_max is 0: decoding plainly"
+    elif spec_type == "draft-mtp":
+        mtp, reason = True, f"MTP self-speculation on (n_max={n_max}, adaptive={opts.get('adaptive', True)})"
+    else:
+        mtp, reason = False, "spec_type none: decoding plainly"
+    n_max = min(n_max, 16) if mtp else 0
+    n_batch = req.NBatch if req.NBatch > 0 else 512
+    cfg = EngineConfig(
+        n_ctx=req.ContextSize if req.ContextSize > 0 else DEFAULT_CONTEXT,
+        n_batch=n_batch,
+        n_ubatch=opts.get("n_ubatch") or n_batch,
+        n_threads=req.Threads if req.Threads > 0 else 0,
+        n_gpu_layers=-1 if req.NGPULayers >= 9_999_999 else req.NGPULayers,
+        use_mmap=req.MMap,
+        use_mlock=req.MLock,
+        flash_attn=_flash(req.FlashAttention),
+        type_k=(req.CacheTypeKey or "f16").lower(),
+        type_v=(req.CacheTypeValue or "f16").lower(),
+        mtp=mtp,
+        n_draft_max=n_max,
+        embeddings=req.Embeddings,
+    )
+    spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
+                      adaptive=opts.get("adaptive", True))
+    return LoadPlan(path=path, engine=cfg, spec=spec, use_jinja=opts.get("use_jinja", True), mtp_reason=reason)
+
+
+def _flash(value: str) -> str:
+    v = (value or "auto").strip().lower()
+    return {"true": "on", "enabled": "on", "1": "on", "false": "off", "disabled": "off", "0": "off"}.get(v, v)
+

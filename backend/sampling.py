@@ -1,0 +1,153 @@
+"""Samplers: a request's sampling settings as a frozen value, and the llama.cpp sampler chain built from it.
+
+Sampling runs inside llama.cpp (`llama_sampler_sample` on a context's logits row), so plain decoding and MTP
+verification draw from the very same chain and RNG: with a seed, speculative output equals plain output.
+
+Zero means "off" for every field, as in llama.cpp and LocalAI's proto3 wire format (a zero is never sent):
+temperature 0 = greedy, top_k 0 = no top-k, top_p 0 or 1 = no top-p, min_p 0 = no min-p, penalty 0 or 1 =
+no repeat penalty, repeat 0 = penalty window of 64 tokens (llama.cpp's default).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import llama_cpp.llama_cpp as L
+
+from .errors import InvalidRequestError
+
+DEFAULT_REPEAT_LAST_N = 64
+DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per request
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks tokens. Validated on construction (`InvalidRequestError` names the field)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.0
+    min_p: float = 0.0
+    repeat_penalty: float = 0.0
+    repeat_last_n: int = 0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    grammar: str = ""
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("temperature", self.temperature, math.isfinite(self.temperature) and self.temperature >= 0, ">= 0"),
+            ("top_k", self.top_k, self.top_k >= 0, ">= 0"),
+            ("top_p", self.top_p, 0 <= self.top_p <= 1, "in [0, 1]"),
+            ("min_p", self.min_p, 0 <= self.min_p <= 1, "in [0, 1]"),
+            ("repeat_penalty", self.repeat_penalty, math.isfinite(self.repeat_penalty) and self.repeat_penalty >= 0, ">= 0"),
+            ("repeat_last_n", self.repeat_last_n, self.repeat_last_n >= -1, ">= -1"),
+            ("frequency_penalty", self.frequency_penalty, math.isfinite(self.frequency_penalty), "finite"),
+            ("presence_penalty", self.presence_penalty, math.isfinite(self.presence_penalty), "finite"),
+        ]
+        for name, value, ok, want in checks:
+            if not ok:
+                raise InvalidRequestError(f"invalid {name}={value!r}: must be {want}")
+        for tok, bias in self.logit_bias.items():
+            if not math.isfinite(bias) and bias != -math.inf:
+                raise InvalidRequestError(f"invalid logit_bias for token {tok}: {bias!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+def parse_logit_bias(text: str, n_vocab: int) -> dict[int, float]:
+    """Parse LocalAI's `LogitBias` JSON map (`{"token_id": bias}`); `false`/-100 style bans are kept as given."""
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"LogitBias is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidRequestError("LogitBias must be a JSON object mapping token ids to biases")
+    out: dict[int, float] = {}
+    for key, value in raw.items():
+        try:
+            tok = int(key)
+            bias = -math.inf if value is False else float(value)
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"LogitBias entry {key!r}: {value!r} is not token-id: number") from None
+        if not 0 <= tok < n_vocab:
+            raise InvalidRequestError(f"LogitBias token id {tok} is outside the vocabulary (0..{n_vocab - 1})")
+        out[tok] = bias
+    return out
+
+
+class Sampler:
+    """A llama.cpp sampler chain for one request. Use as a context manager; `sample` also accepts the token."""
+
+    def __init__(self, params: SamplingParams, vocab: int, n_vocab: int) -> None:
+        self.params = params
+        self._chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        self._penalties = None
+        self._add_filters(params, vocab, n_vocab)
+        if params.greedy:
+            self._add(L.llama_sampler_init_greedy())
+        else:
+            self._add(L.llama_sampler_init_temp(params.temperature))
+            seed = DEFAULT_SEED if params.seed is None or params.seed < 0 else params.seed & 0xFFFFFFFF
+            self._add(L.llama_sampler_init_dist(seed))
+
+    def _add(self, smpl: int) -> int:
+        if not smpl:
+            raise InvalidRequestError("llama.cpp refused a sampler setting (see the log)")
+        L.llama_sampler_chain_add(self._chain, smpl)
+        return smpl
+
+    def _add_filters(self, p: SamplingParams, vocab: int, n_vocab: int) -> None:
+        if p.logit_bias:
+            arr = (L.llama_logit_bias * len(p.logit_bias))()
+            for i, (tok, bias) in enumerate(p.logit_bias.items()):
+                arr[i].token, arr[i].bias = tok, bias
+            self._add(L.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), arr))
+        if p.grammar:
+            smpl = L.llama_sampler_init_grammar(vocab, p.grammar.encode(), b"root")
+            if not smpl:
+                raise InvalidRequestError("grammar could not be parsed (GBNF expected, root rule 'root')")
+            self._add(smpl)
+        penalty = p.repeat_penalty if p.repeat_penalty > 0 else 1.0
+        if penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            last_n = p.repeat_last_n or DEFAULT_REPEAT_LAST_N
+            self._penalties = self._add(
+                L.llama_sampler_init_penalties(n_vocab, last_n, penalty, p.frequency_penalty, p.presence_penalty)
+            )
+        if p.greedy:
+            return  # truncation filters cannot change an argmax
+        if p.top_k > 0:
+            self._add(L.llama_sampler_init_top_k(p.top_k))
+        if 0 < p.top_p < 1:
+            self._add(L.llama_sampler_init_top_p(p.top_p, 1))
+        if p.min_p > 0:
+            self._add(L.llama_sampler_init_min_p(p.min_p, 1))
+
+    def observe_prompt(self, tokens: list[int]) -> None:
+        """Let the repetition penalties see the prompt (the grammar must not: it constrains output only)."""
+        if self._penalties is not None:
+            for tok in tokens:
+                L.llama_sampler_accept(self._penalties, tok)
+
+    def sample(self, ctx: int, idx: int) -> int:
+        """Pick a token from output row `idx` of `ctx`'s last decode and accept it into the chain."""
+        return int(L.llama_sampler_sample(self._chain, ctx, idx))
+
+    def close(self) -> None:
+        if self._chain:
+            L.llama_sampler_free(self._chain)
+            self._chain = None
+
+    def __enter__(self) -> "Sampler":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,212 @@
+"""The token loop: plain decoding and MTP self-speculative decoding, one code path.
+
+Each step the target decodes `[y, d1..dk]` (k = 0 for plain decoding) in one batch, the request's own sampler
+picks a token from every row in turn, and drafts are kept only while they equal the target's pick
+(exact-match verification, mtp-engine.md §1.8). Every emitted token is therefore the target's own choice and
+the sampler sees exactly the emitted tokens: greedy and seeded output keep the target's distribution.
+
+The draft length k is chosen per step by `DraftController`: fixed, or adaptive — the k that maximises
+expected emitted tokens per second, from the live acceptance rate and verify/draft costs timed on this
+machine (llama.cpp's draft-mtp uses a fixed n_max).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .engine import Engine
+from .sampling import Sampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculation settings (LocalAI options `spec_n_max`, `spec_n_min`, `spec_p_min`, `spec_adaptive`)."""
+
+    n_max: int = 0  # 0: plain decoding
+    n_min: int = 0  # drafts shorter than this are dropped
+    p_min: float = 0.0  # stop drafting when the head's top-1 probability falls below this
+    adaptive: bool = True
+
+
+@dataclass
+class SpecStats:
+    """Per-request speculation counters, as llama-server reports them (`draft_n`, `draft_n_accepted`)."""
+
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    k_hist: dict[int, int] = field(default_factory=dict)
+
+    def observe(self, k: int, a: int) -> None:
+        if k > 0:
+            self.drafted += k
+            self.accepted += a
+            self.verify_steps += 1
+            self.k_hist[k] = self.k_hist.get(k, 0) + 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verify step, the bonus token included (vLLM/llama.cpp convention)."""
+        return 1.0 + self.accepted / self.verify_steps if self.verify_steps else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"drafted": self.drafted, "accepted": self.accepted, "verify_steps": self.verify_steps,
+                "acceptance_rate": round(self.acceptance_rate, 4),
+                "mean_accepted_length": round(self.mean_accepted_length, 3)}
+
+
+class DraftController:
+    """Chooses the draft length k for each step, bounded by `n_max`.
+
+    Adaptive mode models acceptance as a per-position probability `alpha` (EMA over recent steps) and cost as
+    `t_verify(k) = a + b*k` plus `k * t_draft`, both timed here. Expected emitted tokens with k drafts is
+    `(1 - alpha^(k+1)) / (1 - alpha)`; the controller picks the k with the best tokens per second, and k = 0
+    (plain decoding) when speculation does not pay. It lives on the engine, so what it learns carries over
+    between requests of the same model.
+    """
+
+    def __init__(self, n_max: int, *, adaptive: bool = True, decay: float = 0.9) -> None:
+        self.n_max = n_max
+        self.adaptive = adaptive
+        self.decay = decay
+        self.alpha = 0.8  # optimistic start: try speculation before judging it
+        self._verify: dict[int, float] = {}  # k -> EMA seconds of a verify batch of k+1 tokens
+        self.t_draft = 0.0  # EMA seconds of one MTP draft step
+        self._steps = 0
+
+    def choose(self, remaining: int) -> int:
+        """k for the next step; never more than `remaining - 1` (the bonus token needs a slot)."""
+        cap = max(0, min(self.n_max, remaining - 1))
+        if not self.adaptive or cap == 0:
+            return cap
+        self._steps += 1
+        # Re-probe k = 1 now and then so a model that looked bad once can recover.
+        if self._steps % 64 == 0 and self.alpha < 0.3:
+            return 1
+        best_k, best_rate = 0, self._rate(0)
+        for k in range(1, cap + 1):
+            rate = self._rate(k)
+            if rate > best_rate * 1.0001:
+                best_k, best_rate = k, rate
+        return best_k
+
+    def _expected_tokens(self, k: int) -> float:
+        a = min(self.alpha, 0.999)
+        return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+    def _t_verify(self, k: int) -> float:
+        if k in self._verify:
+            return self._verify[k]
+        if not self._verify:
+            return 1.0 + 0.1 * k  # unit-free prior until something is timed
+        pts = sorted(self._verify.items())
+        if len(pts) == 1:
+            (k0, t0), = pts
+            return t0 * (1.0 + 0.08 * (k - k0))  # batched verify: extra rows are cheap relative to a step
+        (k0, t0), (k1, t1) = pts[0], pts[-1]
+        slope = max((t1 - t0) / (k1 - k0), 0.0)
+        return t0 + slope * (k - k0)
+
+    def _rate(self, k: int) -> float:
+        cost = self._t_verify(k) + k * (self.t_draft or 0.1 * self._t_verify(0))
+        return self._expected_tokens(k) / cost
+
+    def observe(self, k: int, accepted: int, t_verify: float, t_draft: float) -> None:
+        """Feed back one step: drafts proposed, how many the target kept, and the measured times."""
+        d = self.decay
+        prev = self._verify.get(k)
+        self._verify[k] = t_verify if prev is None else d * prev + (1 - d) * t_verify
+        if k > 0:
+            per = t_draft / k
+            self.t_draft = per if not self.t_draft else d * self.t_draft + (1 - d) * per
+            # Positions tried: the accepted ones plus the first rejection (if any).
+            tried = accepted + (1 if accepted < k else 0)
+            step_alpha = accepted / tried if tried else self.alpha
+            w = (1 - d) * tried
+            self.alpha = (self.alpha + w * step_alpha) / (1 + w)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One emitted token. `extra` holds whatever `inspect` returned for it (logprobs)."""
+
+    token: int
+    from_draft: bool
+    extra: object = None
+
+
+Inspect = Callable[[Engine, int, int], object]  # (engine, row index, token) -> per-token extra (e.g. logprobs)
+
+
+def generate_tokens(
+    engine: Engine,
+    sampler: Sampler,
+    prompt: list[int],
+    *,
+    max_tokens: int,
+    controller: DraftController | None = None,
+    n_draft_max: int | None = None,
+    spec: SpecConfig = SpecConfig(),
+    stats: SpecStats | None = None,
+    inspect: Inspect | None = None,
+) -> Iterator[TokenEvent]:
+    """Yield up to `max_tokens` tokens continuing `prompt`, stopping after an end-of-generation token.
+
+    Args:
+        controller: chooses k per step; None or an engine without MTP decodes plainly.
+        n_draft_max: per-request cap on k (LocalAI's `NDraft`), at most the engine's n_rs_seq.
+        spec: `n_min` and `p_min` of the drafts.
+        stats: filled in as the loop runs (drafted, accepted, verify steps).
+        inspect: called for each emitted token while its logits row is still valid.
+
+    The engine is consistent whenever this yields, so a consumer may stop at any token.
+    """
+    stats = stats if stats is not None else SpecStats()
+    speculate = controller is not None and engine.mtp_enabled
+    cap = engine.config.n_draft_max if n_draft_max is None else min(n_draft_max, engine.config.n_draft_max)
+    engine.prefill(prompt)
+    sampler.observe_prompt(prompt)
+    y = sampler.sample(engine.ctx, -1)
+    extra = inspect(engine, -1, y) if inspect else None
+    emitted = 0
+    while True:
+        yield TokenEvent(y, False, extra)
+        emitted += 1
+        if emitted >= max_tokens or engine.is_eog(y):
+            return
+        remaining = max_tokens - emitted
+        k = min(controller.choose(remaining), cap) if speculate else 0
+        t0 = time.perf_counter()
+        drafts = engine.draft(y, k, spec.p_min) if k > 0 else []
+        if len(drafts) < spec.n_min:
+            drafts = []
+        t1 = time.perf_counter()
+        batch = [y, *drafts]
+        engine.decode(batch, logits="all")
+        accepted: list[tuple[int, object]] = []
+        for i in range(len(batch)):
+            tok = sampler.sample(engine.ctx, i)
+            accepted.append((tok, inspect(engine, i, tok) if inspect else None))
+            if i == len(drafts) or tok != drafts[i] or engine.is_eog(tok):
+                break
+        n_acc = len(accepted) - 1
+        engine.rollback_verify(len(batch), n_acc + 1)
+        t2 = time.perf_counter()
+        stats.observe(len(drafts), n_acc)
+        if speculate:
+            controller.observe(len(drafts), n_acc, t2 - t1, t1 - t0)
+        for tok, ex in accepted[:-1]:
+            yield TokenEvent(tok, True, ex)
+            emitted += 1
+            if emitted >= max_tokens:
+                return
+        y, extra = accepted[-1]

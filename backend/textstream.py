@@ -1,0 +1,60 @@
+"""Token bytes -> text chunks that never split a UTF-8 character and never leak part of a stop string."""
+
+from __future__ import annotations
+
+import codecs
+
+
+class TextStream:
+    """Incremental detokenised text with stop-string handling.
+
+    `feed(b)` returns the text that is now safe to show; `stopped` turns True once a stop string appeared
+    (the stop string and everything after it are dropped); `flush()` returns what was held back.
+    """
+
+    def __init__(self, stops: tuple[str, ...] = ()) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._stops = tuple(s for s in stops if s)
+        self._held = ""
+        self.stopped: str | None = None
+        self.text = ""  # everything emitted so far
+
+    def feed(self, data: bytes) -> str:
+        if self.stopped is not None:
+            return ""
+        pending = self._held + self._decoder.decode(data)
+        cut = self._first_stop(pending)
+        if cut is not None:
+            pos, stop = cut
+            self.stopped = stop
+            self._held = ""
+            return self._emit(pending[:pos])
+        keep = self._longest_stop_prefix_suffix(pending)
+        self._held = pending[len(pending) - keep:] if keep else ""
+        return self._emit(pending[: len(pending) - keep])
+
+    def flush(self) -> str:
+        """End of generation: whatever was held back (a partial stop string that never completed)."""
+        if self.stopped is not None:
+            return ""
+        rest = self._held + self._decoder.decode(b"", final=True)
+        self._held = ""
+        return self._emit(rest)
+
+    def _emit(self, text: str) -> str:
+        self.text += text
+        return text
+
+    def _first_stop(self, text: str) -> tuple[int, str] | None:
+        found = [(text.find(s), s) for s in self._stops if s in text]
+        return min(found) if found else None
+
+    def _longest_stop_prefix_suffix(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+        best = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:n]):
+                    best = n
+                    break
+        return best

@@ -35,21 +35,22 @@ with `read_synth_info`.
 from __future__ import annotations
 
 import argparse
-import logging
+import itertools
 import math
 import os
 import re
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from .errors import ApexError, InvalidGGUFError, InvalidRequestError
 
 ARCH = "qwen35moe"
 Mode = Literal["random", "predictable"]
@@ -61,9 +62,15 @@ EOS_TOKEN, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 _CONTROL_TOKENS = (EOS_TOKEN, IM_START, IM_END)
 _TOKEN_NORMAL, _TOKEN_CONTROL = 1, 3  # llama.cpp LLAMA_TOKEN_TYPE_* values
 
+# ChatML; content may be a string, None, or a list of OpenAI content parts (only text parts are kept).
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- elif message['content'] is not none -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
@@ -134,8 +141,6 @@ class SynthConfig:
 
     def validate(self) -> None:
         """Raise `InvalidRequestError` for a config llama.cpp would refuse or abort on."""
-        from .errors import InvalidRequestError
-
         problems = []
         if min(asdict(self)[k] for k in asdict(self) if k != "mtp") <= 0:
             problems.append("every size must be positive")
@@ -155,20 +160,28 @@ class SynthConfig:
             raise InvalidRequestError("invalid SynthConfig: " + "; ".join(problems))
 
 
+# Tables, one model per row.
+# fmt: off
 PRESETS: dict[str, SynthConfig] = {
     # ~39 MB at f32, ~20 MB at f16: unit and integration tests.
     "tiny": SynthConfig(),
     # ~85 MB at f16 (~165 MB at f32): demos and longer tests; still loads in milliseconds (mmap).
-    "small": SynthConfig(
-        n_embd=512, n_layer=8, n_head=8, n_head_kv=2, head_dim=64, n_expert=8, n_expert_used=2,
-        n_ff_exp=256, n_ff_shexp=256, ssm_state=64, ssm_groups=4, ssm_v_heads=8, n_vocab=2048,
-    ),
+    "small": SynthConfig(n_embd=512, n_layer=8, n_head=8, n_head_kv=2, head_dim=64, n_expert=8, n_expert_used=2,
+                         n_ff_exp=256, n_ff_shexp=256, ssm_state=64, ssm_groups=4, ssm_v_heads=8, n_vocab=2048),
     # ~540 MB at f16: CPU benchmarks where a token costs several ms, so speculation can pay (mtp-engine.md §6).
-    "bench": SynthConfig(
-        n_embd=1024, n_layer=16, n_head=8, n_head_kv=2, head_dim=128, n_expert=16, n_expert_used=4,
-        n_ff_exp=256, n_ff_shexp=256, ssm_state=64, ssm_groups=4, ssm_v_heads=8, n_vocab=4096,
-    ),
+    "bench": SynthConfig(n_embd=1024, n_layer=16, n_head=8, n_head_kv=2, head_dim=128, n_expert=16, n_expert_used=4,
+                         n_ff_exp=256, n_ff_shexp=256, ssm_state=64, ssm_groups=4, ssm_v_heads=8, n_vocab=4096),
 }
+
+# Published architectures, for sparse real-size layouts only (`write_sparse_model`); values from
+# /work/shared/data/apex/architectures.yaml. Never pass these to `write_model`: that would write ~70 GB.
+REAL_CONFIGS: dict[str, SynthConfig] = {
+    "qwen35moe-35b-a3b": SynthConfig(
+        n_embd=2048, n_layer=40, n_head=16, n_head_kv=2, head_dim=256, n_expert=256, n_expert_used=8, n_ff_exp=512,
+        n_ff_shexp=512, ssm_state=128, ssm_groups=16, ssm_v_heads=32, ssm_conv_kernel=4, full_attention_interval=4,
+        n_vocab=248320, context_length=262144, mtp=True),
+}
+# fmt: on
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -235,7 +248,7 @@ def _learn_merges(n_merges: int) -> list[tuple[str, str]]:
     while len(merges) < n_merges:
         pairs: Counter[tuple[str, str]] = Counter()
         for word, count in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in itertools.pairwise(word):
                 pairs[pair] += count
         if not pairs:
             break
@@ -274,7 +287,9 @@ def build_vocab(n_vocab: int) -> Vocab:
 MetaValue = tuple[Any, ...]  # (GGUFValueType, value) or (GGUFValueType.ARRAY, list, item GGUFValueType)
 
 
-def model_metadata(config: SynthConfig, *, name: str = "apexmtp-synthetic", file_type: int = 0) -> dict[str, MetaValue]:
+def model_metadata(
+    config: SynthConfig, *, name: str = "apexmtp-synthetic", file_type: int = 0
+) -> dict[str, MetaValue]:
     """All GGUF keys llama.cpp's qwen35moe loader reads, with the exact value types it requires."""
     from gguf import GGUFValueType as T
 
@@ -431,6 +446,9 @@ def _spread_along(cycle: np.ndarray, n_pick: int, rng: np.random.Generator, bloc
     return cycle[np.concatenate(picks)]
 
 
+_PLACEMENT_TRIES = 8
+
+
 def _predictable_maps(config: SynthConfig, rng: np.random.Generator, acceptance: float, n_draft: int) -> _Predictable:
     """Draw f (one cycle over the normal tokens) and a head g whose simulated acceptance is near `acceptance`.
 
@@ -457,9 +475,6 @@ def _predictable_maps(config: SynthConfig, rng: np.random.Generator, acceptance:
         head = np.empty_like(emb)
         head[g] = emb
     return _Predictable(cycle, f, g, emb, out, head)
-
-
-_PLACEMENT_TRIES = 8
 
 
 def _full_pass_acceptance(f: np.ndarray, g: np.ndarray, cycle: np.ndarray, n_draft: int) -> float:
@@ -510,8 +525,6 @@ def tensor_nbytes(ne: Sequence[int], ggml_type: str) -> int:
     """
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from .errors import InvalidRequestError
-
     try:
         qtype = GGMLQuantizationType[ggml_type.upper()]
     except KeyError:
@@ -528,14 +541,15 @@ def _write_gguf(
     tensors: Sequence[tuple[str, tuple[int, ...], str]],
     data: Callable[[], Iterator[np.ndarray]] | None,
 ) -> Path:
-    """Write header, metadata, tensor table, then either the tensors `data()` yields (in order) or holes."""
+    """Write header, metadata, tensor table, then either the tensors `data()` yields (in order) or holes.
+
+    The file is written under a `.part` name and renamed when complete, so a reader never sees half a model.
+    """
     from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
-    from .errors import InvalidRequestError
-
     arch = metadata.get("general.architecture", (GGUFValueType.STRING, ARCH))[1]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = GGUFWriter(path, arch)
+    part = path.with_name(path.name + ".part")
+    writer = GGUFWriter(part, arch)
     for key, item in metadata.items():
         if key == "general.architecture":
             continue
@@ -546,20 +560,30 @@ def _write_gguf(
     total = 0
     for name, ne, type_name in tensors:
         nbytes = tensor_nbytes(ne, type_name)
-        writer.add_tensor_info(name, tuple(reversed(ne)), np.dtype(np.float32), nbytes, GGMLQuantizationType[type_name])
+        if any(name in shard for shard in writer.tensors):
+            raise InvalidRequestError(f"tensor {name!r} appears twice")
+        writer.add_tensor_info(
+            name, tuple(reversed(ne)), np.dtype(np.float32), nbytes, GGMLQuantizationType[type_name.upper()]
+        )
         total += writer.ggml_pad(nbytes, writer.data_alignment)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    fout = writer.fout[0]
-    start = writer.ggml_pad(fout.tell(), writer.data_alignment)
-    if data is None:
-        fout.truncate(start + total)  # the data region becomes a hole: no disk blocks, reads as zeros
-    else:
-        for array in data():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        fout = writer.fout[0]
+        start = writer.ggml_pad(fout.tell(), writer.data_alignment)
+        for array in data() if data is not None else ():
             writer.write_tensor_data(array)
-        fout.truncate(start + total)  # pads the last tensor
-    writer.close()
+        # Sets the exact size: pads the last tensor, or (no data) leaves the whole data region a hole that
+        # takes no disk blocks and reads as zeros.
+        fout.truncate(start + total)
+        writer.close()
+        os.replace(part, path)
+    except BaseException:
+        writer.close()
+        part.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -577,7 +601,7 @@ def write_sparse(
         path: output file (parent directories are created).
         metadata: key -> `(GGUFValueType, value)`; arrays as `(GGUFValueType.ARRAY, list, item_type)`.
             `general.architecture` names the architecture (default qwen35moe).
-        tensors: `(name, ne, ggml_type_name)` with `ne` in ggml order, e.g. `("output.weight", (2048, 248320), "Q6_K")`.
+        tensors: `(name, ne, ggml_type_name)`, `ne` in ggml order: `("output.weight", (2048, 248320), "Q6_K")`.
 
     Raises:
         InvalidRequestError: unknown type, a row not made of whole blocks, or an empty metadata array.
@@ -585,8 +609,23 @@ def write_sparse(
     return _write_gguf(Path(path), metadata, tensors, None)
 
 
-def _ggml_type_for(name: str, ne: tuple[int, ...], dtype: DType) -> str:
-    return "F32" if _keeps_f32(name, ne) else dtype.upper()
+def write_sparse_model(
+    path: str | os.PathLike[str], config: SynthConfig, ggml_type: str | Callable[[str, tuple[int, ...]], str] = "Q8_0"
+) -> Path:
+    """A sparse file with the full qwen35moe layout of `config` (e.g. `REAL_CONFIGS["qwen35moe-35b-a3b"]`).
+
+    Args:
+        ggml_type: the type of every quantizable matrix, or a function `(name, ne) -> type name` (a recipe);
+            1-D tensors, routers and the SSM conv stay F32 like in converted files.
+    """
+    config.validate()
+    type_of = ggml_type if callable(ggml_type) else (lambda _name, _ne: ggml_type)
+    tensors = [(n, ne, _ggml_type_for(n, ne, type_of(n, ne))) for n, ne in tensor_layout(config)]
+    return write_sparse(path, model_metadata(config, name="apexmtp-sparse-layout"), tensors)
+
+
+def _ggml_type_for(name: str, ne: tuple[int, ...], ggml_type: str) -> str:
+    return "F32" if _keeps_f32(name, ne) else ggml_type.upper()
 
 
 _FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32}  # llama_ftype ALL_F32, MOSTLY_F16, MOSTLY_BF16
@@ -634,15 +673,15 @@ def write_model(
     """
     from gguf import GGUFValueType as T
 
-    from .errors import InvalidRequestError
-
     config.validate()
     if mode not in ("random", "predictable"):
         raise InvalidRequestError(f"mode must be 'random' or 'predictable', got {mode!r}")
     if dtype not in _FILE_TYPES:
         raise InvalidRequestError(f"dtype must be one of {sorted(_FILE_TYPES)}, got {dtype!r}")
-    if not 0.0 <= acceptance <= 1.0 or n_draft < 1:
-        raise InvalidRequestError(f"need 0 <= acceptance <= 1 and n_draft >= 1, got {acceptance}, {n_draft}")
+    if not 0.0 <= acceptance <= 1.0 or n_draft < 1 or not 0 <= seed < 2**32:
+        raise InvalidRequestError(
+            f"need 0 <= acceptance <= 1, n_draft >= 1 and 0 <= seed < 2**32; got {acceptance}, {n_draft}, {seed}"
+        )
     rng = np.random.default_rng(seed)
     meta = model_metadata(config, name=f"apexmtp-synthetic-{mode}", file_type=_FILE_TYPES[dtype])
     meta[_KEY_PREFIX + "mode"] = (T.STRING, mode)
@@ -653,7 +692,9 @@ def write_model(
         pred = _predictable_maps(config, rng, acceptance, n_draft)
         if pred.head is not None:
             at = next(i for i, (n, _) in enumerate(layout) if n.endswith("nextn.shared_head_norm.weight"))
-            layout.insert(at + 1, (f"blk.{config.n_layer}.nextn.shared_head_head.weight", (config.n_embd, config.n_vocab)))
+            layout.insert(
+                at + 1, (f"blk.{config.n_layer}.nextn.shared_head_head.weight", (config.n_embd, config.n_vocab))
+            )
         meta[_KEY_PREFIX + "successor"] = (T.ARRAY, pred.successor.tolist(), T.UINT32)
         if config.mtp:
             rate = _full_pass_acceptance(pred.successor, pred.head_successor, pred.cycle, n_draft)
@@ -731,7 +772,9 @@ class SynthInfo:
         """`(drafted, accepted)` an exact greedy MTP engine reaches generating `n_tokens` after `last_token`."""
         if self.successor is None or self.head_successor is None:
             raise ValueError("not a predictable model with an MTP head")
-        return simulate_speculation(self.successor, self.head_successor, last_token, n_tokens, n_draft or self.n_draft or 3)
+        return simulate_speculation(
+            self.successor, self.head_successor, last_token, n_tokens, n_draft or self.n_draft or 3
+        )
 
 
 def read_synth_info(path: str | os.PathLike[str]) -> SynthInfo:
@@ -742,15 +785,14 @@ def read_synth_info(path: str | os.PathLike[str]) -> SynthInfo:
     """
     from gguf import GGUFReader
 
-    from .errors import InvalidGGUFError
     from .gguf_file import check_header
 
     check_header(path)
     reader = GGUFReader(os.fspath(path), "r")
-    fields = {k[len(_KEY_PREFIX):]: f.contents() for k, f in reader.fields.items() if k.startswith(_KEY_PREFIX)}
-    types = reader.fields["tokenizer.ggml.token_type"].contents()
-    if "mode" not in fields:
+    fields = {k[len(_KEY_PREFIX) :]: f.contents() for k, f in reader.fields.items() if k.startswith(_KEY_PREFIX)}
+    if "mode" not in fields or "tokenizer.ggml.token_type" not in reader.fields:
         raise InvalidGGUFError(path, "no apexmtp.synthetic.mode key: not written by backend.synthetic")
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
 
     def array(key: str) -> np.ndarray | None:
         return np.asarray(fields[key], dtype=np.int64) if key in fields else None
@@ -770,7 +812,9 @@ def read_synth_info(path: str | os.PathLike[str]) -> SynthInfo:
 
 def main(argv: list[str]) -> int:
     """`apexmtp synth OUT.gguf [--preset tiny] [--mode predictable --acceptance 0.75] [--dtype f16] ...`"""
-    parser = argparse.ArgumentParser(prog="apexmtp synth", description="Write a synthetic qwen35moe GGUF with an MTP head.")
+    parser = argparse.ArgumentParser(
+        prog="apexmtp synth", description="Write a synthetic qwen35moe GGUF with an MTP head."
+    )
     parser.add_argument("out", type=Path, help="output .gguf path")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model size (default: tiny)")
     parser.add_argument("--mode", choices=["random", "predictable"], default="random")
@@ -780,14 +824,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-mtp", action="store_true", help="write the trunk only (no MTP block)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    config = PRESETS[args.preset]
-    if args.no_mtp:
-        config = SynthConfig(**{**asdict(config), "mtp": False})
+    config = replace(PRESETS[args.preset], mtp=not args.no_mtp)
     t0 = time.perf_counter()
-    out = write_model(
-        args.out, config, mode=args.mode, acceptance=args.acceptance, dtype=args.dtype, seed=args.seed,
-        n_draft=args.n_draft,
-    )
-    size = out.stat().st_size
-    print(f"wrote {out} ({size / 2**20:.1f} MiB, {args.preset}, {args.mode}, {args.dtype}) in {time.perf_counter() - t0:.1f} s")
+    options = {k: getattr(args, k) for k in ("mode", "acceptance", "dtype", "seed", "n_draft")}
+    try:
+        out = write_model(args.out, config, **options)
+    except ApexError as exc:
+        print(f"apexmtp synth: {exc}", file=sys.stderr)
+        return 2
+    size_mib, elapsed = out.stat().st_size / 2**20, time.perf_counter() - t0
+    print(f"wrote {out} ({size_mib:.1f} MiB, {args.preset}, {args.mode}, {args.dtype}) in {elapsed:.1f} s")
     return 0

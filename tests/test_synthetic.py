@@ -6,20 +6,22 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 import llama_cpp
 import llama_cpp._logger
 import llama_cpp.llama_cpp_ext as ext
+import numpy as np
+import pytest
+
 from backend.errors import InvalidGGUFError, InvalidRequestError
-from backend.gguf_file import read_gguf
+from backend.gguf_file import check_header, read_gguf
 from backend.synthetic import (
     PRESETS,
+    REAL_CONFIGS,
     SynthConfig,
     acceptance_for_accuracy,
     accuracy_for_acceptance,
@@ -32,8 +34,8 @@ from backend.synthetic import (
     tensor_nbytes,
     write_model,
     write_sparse,
+    write_sparse_model,
 )
-from synth_models import synth_model, tiny_nomtp_gguf, tiny_predictable_gguf, tiny_random_gguf  # noqa: F401
 
 llama_cpp._logger.set_verbose(False)  # route llama.cpp's log through the quiet callback
 
@@ -100,7 +102,9 @@ def _decode(ctx, tokens: list[int], rows: np.ndarray | None, all_logits: bool) -
 
 
 def _argmax_rows(ctx, n: int, n_vocab: int) -> np.ndarray:
-    return np.array([np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), (n_vocab,))) for i in range(n)])
+    return np.array(
+        [np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), (n_vocab,))) for i in range(n)]
+    )
 
 
 def _mtp_head_predictions(path: Path, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +173,8 @@ def test_header_matches_loader_contract(tiny_random_gguf: Path) -> None:
 
 def test_tokenizer_round_trips_real_text(tiny_random_gguf: Path) -> None:
     llm = _llama(tiny_random_gguf)
-    for text in ["The quick brown fox jumps over the lazy dog.", "héllo wörld — 日本語 🙂\n\ttabs  and  spaces"]:
+    texts = ["The quick brown fox jumps over the lazy dog.", "héllo wörld — 日本語 🙂\n\ttabs  and  spaces"]
+    for text in texts:
         tokens = llm.tokenize(text.encode(), add_bos=False)
         assert llm.detokenize(tokens).decode() == text
     english = llm.tokenize(b"the model and the token", add_bos=False)
@@ -182,7 +187,14 @@ def test_chat_template_works(tiny_random_gguf: Path) -> None:
     llm = _llama(tiny_random_gguf)
     reply = llm.create_chat_completion(messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
     assert reply["choices"][0]["message"]["role"] == "assistant"
-    assert reply["usage"]["prompt_tokens"] >= 6  # <|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n
+    # <|im_start|> user \n hi <|im_end|> \n <|im_start|> assistant \n: the control tokens are single tokens
+    n_prompt = reply["usage"]["prompt_tokens"]
+    tokens = llm.tokenize(b"<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", False, True)
+    assert n_prompt == len(tokens)
+    im_start = build_vocab(PRESETS["tiny"].n_vocab).id_of("<|im_start|>")
+    assert tokens.count(im_start) == 2
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert llm.create_chat_completion(messages=parts, max_tokens=1)["usage"]["prompt_tokens"] == n_prompt
 
 
 def test_vocab_any_size() -> None:
@@ -235,13 +247,23 @@ def test_half_precision_keeps_margins(dtype: str, synth_model) -> None:
     llm = _llama(path)
     prompt = llm.tokenize(b"The", add_bos=False)
     seq = [prompt[-1]] + [t for t, _ in zip(llm.generate(prompt, temp=0.0), range(8))]
-    assert all(info.successor[a] == b for a, b in zip(seq, seq[1:]))
+    assert all(info.successor[a] == b for a, b in itertools.pairwise(seq))
 
 
 # Tiny layers, large vocabulary: rounding the number of wrong tokens costs little.
 _WIDE_VOCAB = SynthConfig(
-    n_embd=64, n_head=2, n_head_kv=1, head_dim=16, n_expert=2, n_expert_used=1, n_ff_exp=64, n_ff_shexp=64,
-    ssm_state=16, ssm_groups=1, ssm_v_heads=2, n_vocab=4096,
+    n_embd=64,
+    n_head=2,
+    n_head_kv=1,
+    head_dim=16,
+    n_expert=2,
+    n_expert_used=1,
+    n_ff_exp=64,
+    n_ff_shexp=64,
+    ssm_state=16,
+    ssm_groups=1,
+    ssm_v_heads=2,
+    n_vocab=4096,
 )
 
 
@@ -271,7 +293,9 @@ def test_simulate_speculation_counts_rounds() -> None:
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:
     digests = {
-        hashlib.sha256(write_model(tmp_path / f"{i}.gguf", mode="predictable", acceptance=0.5, seed=7).read_bytes()).hexdigest()
+        hashlib.sha256(
+            write_model(tmp_path / f"{i}.gguf", mode="predictable", acceptance=0.5, seed=7).read_bytes()
+        ).hexdigest()
         for i in range(2)
     }
     assert len(digests) == 1
@@ -325,12 +349,39 @@ def test_tensor_nbytes_checks_blocks() -> None:
 # ----------------------------------------------------------------------------------------------- CLI
 
 
+def test_cli_reports_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path / "x.gguf"), "--mode", "predictable", "--acceptance", "2"]) == 2
+    assert "acceptance" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_cli_writes_no_mtp_predictable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli.gguf"
-    assert main([str(out), "--preset", "tiny", "--mode", "predictable", "--no-mtp", "--dtype", "f16", "--seed", "3"]) == 0
+    assert (
+        main([str(out), "--preset", "tiny", "--mode", "predictable", "--no-mtp", "--dtype", "f16", "--seed", "3"]) == 0
+    )
     assert "wrote" in capsys.readouterr().out
     info = read_gguf(out)
     assert (info.nextn_layers, info.has_mtp_head, info.metadata["general.file_type"]) == (0, False, 1)
     assert read_synth_info(out).head_successor is None
     llm = _llama(out)
     assert llm.n_vocab() == replace(PRESETS["tiny"], mtp=False).n_vocab
+
+
+def test_sparse_real_35b_layout(tmp_path: Path) -> None:
+    config = REAL_CONFIGS["qwen35moe-35b-a3b"]
+    path = write_sparse_model(tmp_path / "a3b.gguf", config, "Q4_K")
+    _, n_tensors, _ = check_header(path)
+    assert n_tensors == 753  # 733 trunk tensors + 20 in blk.40 (tensor-inventory.yaml)
+    assert path.stat().st_size > 18 * 2**30 and path.stat().st_blocks * 512 < 32 * 2**20
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert llm.n_vocab() == 248320
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_sparse_rejects_duplicates_and_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequestError, match="twice"):
+        write_sparse(
+            tmp_path / "d.gguf", model_metadata(PRESETS["tiny"]), [("a", (256,), "F32"), ("a", (256,), "F32")]
+        )
+    assert not list(tmp_path.iterdir())

@@ -715,24 +715,21 @@ def simulate_speculation(
 ) -> tuple[int, int]:
     """`(drafted, accepted)` of greedy MTP speculation on a predictable model, computed from its maps.
 
-    Rounds as llama-server runs them: from the last emitted token x the head drafts `n_draft` tokens by
-    iterating g, the trunk keeps the longest prefix that matches f, then emits its own next token; a round
-    therefore emits accepted + 1 tokens. Stops once `n_tokens` tokens are emitted (the last round is not
-    shortened), so an engine's counts match exactly when it drafts `n_draft` every round.
+    Rounds as llama-server runs them: from the last emitted token x the head drafts k tokens by iterating g,
+    the trunk keeps the longest prefix that matches f, then emits its own next token, so a round emits
+    accepted + 1 tokens. k is `n_draft`, capped at one less than the tokens still to emit (the bonus token
+    needs a slot; k = 0 is a plain step). Stops once `n_tokens` tokens are emitted.
     """
     x, emitted, drafted, accepted = start, 0, 0, 0
     while emitted < n_tokens:
-        draft, d = [], x
-        for _ in range(n_draft):
-            d = int(head_successor[d])
-            draft.append(d)
+        k = min(n_draft, n_tokens - emitted - 1)
         n_ok = 0
-        for d in draft:
-            if successor[x] != d:
+        for _ in range(k):  # while drafts are accepted the draft chain and the emitted tokens coincide
+            if head_successor[x] != successor[x]:
                 break
-            x, n_ok = d, n_ok + 1
+            x, n_ok = int(successor[x]), n_ok + 1
         x = int(successor[x])
-        drafted, accepted, emitted = drafted + n_draft, accepted + n_ok, emitted + n_ok + 1
+        drafted, accepted, emitted = drafted + k, accepted + n_ok, emitted + n_ok + 1
     return drafted, accepted
 
 
@@ -769,12 +766,13 @@ class SynthInfo:
         return out
 
     def speculate(self, last_token: int, n_tokens: int, n_draft: int | None = None) -> tuple[int, int]:
-        """`(drafted, accepted)` an exact greedy MTP engine reaches generating `n_tokens` after `last_token`."""
+        """`(drafted, accepted)` of an exact greedy MTP engine generating `n_tokens` after a prompt ending in
+        `last_token`: the first token comes from the prompt's own decode, the others from draft rounds."""
         if self.successor is None or self.head_successor is None:
             raise ValueError("not a predictable model with an MTP head")
-        return simulate_speculation(
-            self.successor, self.head_successor, last_token, n_tokens, n_draft or self.n_draft or 3
-        )
+        first = int(self.successor[last_token])
+        k = n_draft or self.n_draft or 3
+        return simulate_speculation(self.successor, self.head_successor, first, n_tokens - 1, k)
 
 
 def read_synth_info(path: str | os.PathLike[str]) -> SynthInfo:

@@ -289,6 +289,9 @@ def test_simulate_speculation_counts_rounds() -> None:
     g[2] = 4  # the head is wrong after token 2
     # round 1 from 0: drafts 1,2,4 -> accepts 1,2, emits 3; round 2 from 3: drafts 4,5,0 -> all accepted, emits 1
     assert simulate_speculation(f, g, 0, 7, 3) == (6, 5)
+    # the last round drafts at most (tokens left - 1): 5 tokens = 4 (3 drafts + bonus) + 1 plain step
+    assert simulate_speculation(f, f, 0, 5, 3) == (3, 3)
+    assert simulate_speculation(f, f, 0, 6, 3) == (4, 4)
 
 
 def test_same_seed_same_bytes(tmp_path: Path) -> None:

@@ -147,6 +147,18 @@ def test_low_level_mtp_contexts(fixture: str, request: pytest.FixtureRequest) ->
             assert dft
 
 
+def test_mtp_file_loads_trunk_only_without_load_mtp(tiny_predictable_gguf: Path) -> None:
+    """load_mtp=False skips the blk.N tensors; the trunk still decodes (what a plain `Llama` does)."""
+    info = read_synth_info(tiny_predictable_gguf)
+    with _model(tiny_predictable_gguf, load_mtp=False) as model:
+        ctx = llama_cpp.llama_init_from_model(model, _context_params(64))
+        try:
+            _decode(ctx, [72, 101], None, all_logits=True)
+            assert list(_argmax_rows(ctx, 2, PRESETS["tiny"].n_vocab)) == list(info.successor[[72, 101]])
+        finally:
+            llama_cpp.llama_free(ctx)
+
+
 def test_no_mtp_model_has_no_head(tiny_nomtp_gguf: Path) -> None:
     info = read_gguf(tiny_nomtp_gguf)
     assert (info.nextn_layers, info.block_count, info.has_mtp_head) == (0, PRESETS["tiny"].n_layer, False)

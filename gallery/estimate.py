@@ -1,0 +1,317 @@
+"""Memory model for qwen35moe GGUFs (and plain transformers), per tier, context and runtime options.
+
+What llama.cpp allocates, component by component (hardware-fit.md §5, §9; checked against llama.cpp's own
+`no_alloc` dry run in tests/test_gallery_estimate.py and bench/bench_estimate.py):
+
+* weights, split by tensor role: `token_embd` (llama.cpp keeps the input embedding in host memory), routed experts
+  (`ffn_*_exps`, which `--n-cpu-moe` can leave in RAM), the MTP layer (loaded only with MTP on), everything else;
+* KV cache only for full-attention layers (10 of 40 on Qwen3.5/3.6-35B-A3B): cells x per-layer K and V row bytes of
+  the cache type (q8_0 = 34 bytes per 32 values);
+* the recurrent state of the Gated-DeltaNet layers, f32, per sequence, times (1 + n_rs_seq) when MTP keeps rollback
+  snapshots (n_rs_seq = spec_n_max);
+* the compute buffer: the largest of the graph's phases. With this vocabulary the logits phase dominates
+  (n_ubatch x (4 x n_vocab + 12 x n_embd) bytes, exact on the real layout); the in-layer phases (attention with its
+  f16 mask of n_ctx x n_ubatch, MoE, DeltaNet) are linear in n_ubatch with coefficients fitted to llama.cpp's dry
+  runs on synthetic layouts (CPU backend, flash attention on);
+* the MTP draft context: its own one-layer KV (f16 by default) and compute buffer;
+* logits output buffers, an optional mmproj, and the margins the selector adds.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from backend.errors import InvalidRequestError
+
+from .catalog import WeightBytes
+from .units import gib
+
+# ggml block sizes: (values per block, bytes per block) for KV cache types.
+CACHE_TYPES: dict[str, tuple[int, int]] = {
+    "f32": (1, 4),
+    "f16": (1, 2),
+    "bf16": (1, 2),
+    "q8_0": (32, 34),
+    "q5_1": (32, 24),
+    "q5_0": (32, 22),
+    "q4_1": (32, 20),
+    "q4_0": (32, 18),
+    "iq4_nl": (32, 18),
+}
+KV_CELL_PAD = 256  # llama.cpp pads the context to a multiple of 256 cells
+_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.")
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    """The hyperparameters the memory model reads, from a GGUF header or from architectures.yaml."""
+
+    architecture: str
+    n_layer: int  # trunk layers (block_count minus nextn)
+    n_nextn: int
+    n_embd: int
+    n_vocab: int
+    n_ctx_train: int
+    attn_kv_elems: tuple[int, ...]  # per full-attention trunk layer: n_head_kv * (key_length + value_length)
+    mtp_kv_elems: int  # the MTP layer's KV elements per token (0 without one)
+    n_recurrent: int  # DeltaNet / SSM layers
+    rs_elems: int  # recurrent state per layer and sequence: n_embd_r + n_embd_s (f32)
+    q_elems: int  # n_head * key_length (attention width, for the compute phases)
+    conv_dim: int  # DeltaNet conv channels: 2 * state * groups + inner
+    ssm_inner: int
+    ssm_s2r: int  # state_size^2 * time_step_rank
+    ff_used: int  # expert_feed_forward_length * expert_used_count (dense: feed_forward_length)
+    experts_used: int
+    ff_shared: int
+
+    @classmethod
+    def from_keys(cls, arch: str, get: Any, n_vocab: int) -> ArchFacts:
+        """Build from a key getter `get(key, default)` over `<arch>.`-less GGUF keys."""
+        block_count = int(get("block_count", 0))
+        nextn = int(get("nextn_predict_layers", 0) or 0)
+        n_layer = block_count - nextn
+        n_embd = int(get("embedding_length", 0))
+        n_head = _per_layer(get("attention.head_count", 0), block_count)
+        n_head_kv = _per_layer(get("attention.head_count_kv", None) or n_head, block_count)
+        k_len = int(get("attention.key_length", 0) or (n_embd // max(n_head[0], 1)))
+        v_len = int(get("attention.value_length", 0) or k_len)
+        s, g, inner = int(get("ssm.state_size", 0) or 0), int(get("ssm.group_count", 0) or 0), int(get("ssm.inner_size", 0) or 0)
+        rank, kc = int(get("ssm.time_step_rank", 0) or 0), int(get("ssm.conv_kernel", 0) or 0)
+        # hybrid models: every `interval`-th layer is full attention (llama.cpp default 4); plain ones have no SSM
+        interval = int(get("full_attention_interval", 4) or 4)
+        recurrent = [il for il in range(n_layer) if inner and (il + 1) % interval != 0]
+        attn = [il for il in range(n_layer) if il not in set(recurrent)]
+        experts_used = int(get("expert_used_count", 0) or 0)
+        ff = int(get("expert_feed_forward_length", 0) or 0) if experts_used else int(get("feed_forward_length", 0) or 0)
+        return cls(
+            architecture=arch,
+            n_layer=n_layer,
+            n_nextn=nextn,
+            n_embd=n_embd,
+            n_vocab=n_vocab,
+            n_ctx_train=int(get("context_length", 0) or 0),
+            attn_kv_elems=tuple(n_head_kv[il] * (k_len + v_len) for il in attn),
+            mtp_kv_elems=n_head_kv[n_layer] * (k_len + v_len) if nextn else 0,
+            n_recurrent=len(recurrent),
+            rs_elems=((kc - 1) * (inner + 2 * g * s) + s * inner) if recurrent else 0,
+            q_elems=n_head[0] * k_len,
+            conv_dim=2 * s * g + inner,
+            ssm_inner=inner,
+            ssm_s2r=s * s * rank,
+            ff_used=ff * max(experts_used, 1),
+            experts_used=max(experts_used, 1),
+            ff_shared=int(get("expert_shared_feed_forward_length", 0) or 0),
+        )
+
+    @classmethod
+    def from_gguf(cls, info: Any) -> ArchFacts:
+        """From a `backend.gguf_file.GGUFInfo`; the vocabulary is the row count of `token_embd`."""
+        embd = next((t for t in info.tensors if t.name == "token_embd.weight"), None)
+        tokens = info.metadata.get("tokenizer.ggml.tokens")
+        n_vocab = embd.ne[1] if embd is not None else (tokens or {}).get("array_len", 0)
+        return cls.from_keys(info.architecture, lambda k, d=None: info.arch_key(k, d), int(n_vocab))
+
+    @classmethod
+    def from_table(cls, facts: dict[str, Any], *, nextn: int) -> ArchFacts:
+        """From an architectures.yaml entry; `nextn` is the file's MTP layer count (block_count grows by it)."""
+        keys = dict(facts, nextn_predict_layers=nextn, block_count=facts["block_count"] + nextn)
+        return cls.from_keys(facts["general.architecture"], lambda k, d=None: keys.get(k, d), facts["vocab_size"])
+
+    @property
+    def kv_elems_per_token(self) -> int:
+        return sum(self.attn_kv_elems)
+
+
+def _per_layer(value: Any, n: int) -> list[int]:
+    """A GGUF per-layer key (scalar or array) as a list of `n` ints."""
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value] + [int(value[-1])] * (n - len(value))
+    return [int(value or 0)] * max(n, 1)
+
+
+def weights_from_gguf(info: Any, arch: ArchFacts) -> WeightBytes:
+    """Tensor bytes of a GGUF split by role (token_embd / routed experts / MTP layer / rest)."""
+    embd = experts = mtp = 0
+    for t in info.tensors:
+        layer = _LAYER_RE.match(t.name)
+        if t.name == "token_embd.weight":
+            embd += t.n_bytes
+        elif layer and int(layer.group(1)) >= arch.n_layer:
+            mtp += t.n_bytes
+        elif _EXPERT_RE.match(t.name):
+            experts += t.n_bytes
+    return WeightBytes(total=sum(t.n_bytes for t in info.tensors), token_embd=embd, routed_experts=experts, mtp=mtp)
+
+
+def cache_bytes(n_elems: int, cache_type: str) -> int:
+    """Bytes of `n_elems` values (one row) in a KV cache of `cache_type`."""
+    if cache_type not in CACHE_TYPES:
+        raise InvalidRequestError(f"unknown KV cache type {cache_type!r} (known: {', '.join(CACHE_TYPES)})")
+    per_block, block_bytes = CACHE_TYPES[cache_type]
+    return -(-n_elems // per_block) * block_bytes
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Runtime options that change memory: context, micro-batch, parallel sequences, KV types, MTP, mmproj."""
+
+    n_ctx: int
+    n_ubatch: int = 512
+    n_seq: int = 1
+    cache_type_k: str = "q8_0"
+    cache_type_v: str = "q8_0"
+    mtp: bool = False
+    spec_n_max: int = 0  # MTP draft length; the target keeps this many recurrent-state snapshots
+    draft_cache_type: str = "f16"
+    mmproj_bytes: int = 0
+
+    @property
+    def n_cells(self) -> int:
+        return -(-self.n_ctx // KV_CELL_PAD) * KV_CELL_PAD
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Estimated bytes per component for one model + RunConfig."""
+
+    token_embd: int
+    experts: int
+    mtp_weights: int
+    other_weights: int
+    kv: int
+    rs: int
+    compute: int
+    output: int
+    mtp_kv: int
+    mtp_compute: int
+    mtp_output: int
+    mmproj: int
+    expert_layers: int = field(default=1)  # trunk layers that hold routed experts (for --n-cpu-moe)
+
+    @property
+    def weights(self) -> int:
+        return self.token_embd + self.experts + self.mtp_weights + self.other_weights
+
+    @property
+    def mtp_total(self) -> int:
+        """Everything MTP adds: head weights, draft context, and the extra rollback snapshots are in `rs`."""
+        return self.mtp_weights + self.mtp_kv + self.mtp_compute + self.mtp_output
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self) if f.name != "expert_layers")
+
+    def expert_bytes(self, n_layers: int) -> int:
+        """Routed-expert bytes of `n_layers` trunk layers (average per layer; APEX edge layers are larger, so
+        moving the first layers frees at least this much)."""
+        return self.experts * min(n_layers, self.expert_layers) // max(self.expert_layers, 1)
+
+
+def target_compute(arch: ArchFacts, run: RunConfig) -> int:
+    """Compute buffer of the target context: the largest graph phase (see module doc), bytes."""
+    t, e = run.n_ubatch, arch.n_embd
+    logits = t * (4 * arch.n_vocab + 12 * e)
+    mask = run.n_cells * t * 2 if arch.attn_kv_elems else 0
+    kv_width = max(arch.attn_kv_elems, default=0) // 2
+    attn = t * (16 * arch.q_elems + 8 * kv_width + 23 * e) if arch.attn_kv_elems else 0
+    moe = t * (12 * arch.ff_used + arch.experts_used * e + 4 * e + 9 * arch.ff_shared)
+    gdn = t * (9 * arch.conv_dim + 3 * arch.ssm_inner + 18 * e) + 20 * arch.ssm_s2r if arch.n_recurrent else 0
+    return max(logits, mask + max(attn, moe, gdn))
+
+
+def mtp_compute(arch: ArchFacts, run: RunConfig) -> int:
+    """Compute buffer of the MTP draft context (one full-attention MoE layer, one output row)."""
+    t, e = run.n_ubatch, arch.n_embd
+    mask = run.n_cells * t * 2
+    kv_width = arch.mtp_kv_elems // 2
+    attention = mask + t * max(16 * arch.q_elems + 8 * kv_width + 6 * e, 16 * e)
+    moe = t * max(8 * arch.experts_used * e + e, 12 * arch.ff_used + 20 * e, 24 * e)
+    return max(attention, moe)
+
+
+def estimate(arch: ArchFacts, weights: WeightBytes, run: RunConfig) -> Breakdown:
+    """Estimate every memory component of `weights` run with `run` (bytes).
+
+    Raises:
+        InvalidRequestError: MTP asked of a model without an MTP layer, or an unknown cache type.
+    """
+    if run.mtp and not arch.n_nextn:
+        raise InvalidRequestError("MTP requested but the model has no MTP layer (nextn_predict_layers = 0)")
+    cells = run.n_cells
+    kv = cells * sum(cache_bytes(n // 2, run.cache_type_k) + cache_bytes(n // 2, run.cache_type_v)
+                     for n in arch.attn_kv_elems)
+    snapshots = 1 + (run.spec_n_max if run.mtp else 0)
+    rs = run.n_seq * snapshots * arch.n_recurrent * arch.rs_elems * 4
+    output = run.n_seq * arch.n_vocab * 4
+    mtp_kv = mtp_comp = mtp_out = 0
+    if run.mtp:
+        half = arch.mtp_kv_elems // 2
+        mtp_kv = cells * 2 * cache_bytes(half, run.draft_cache_type)
+        mtp_comp = mtp_compute(arch, run)
+        mtp_out = output
+    return Breakdown(
+        token_embd=weights.token_embd,
+        experts=weights.routed_experts,
+        mtp_weights=weights.mtp if run.mtp else 0,
+        other_weights=weights.other,
+        kv=kv,
+        rs=rs,
+        compute=target_compute(arch, run),
+        output=output,
+        mtp_kv=mtp_kv,
+        mtp_compute=mtp_comp,
+        mtp_output=mtp_out,
+        mmproj=run.mmproj_bytes,
+        expert_layers=arch.n_layer,
+    )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a Breakdown lives: on the GPU (`device`) and in system RAM (`host`), bytes without margins."""
+
+    mode: str  # "gpu" (everything offloaded), "gpu+ram" (routed experts of n_cpu_moe layers in RAM), "cpu"
+    n_cpu_moe: int
+    device: int
+    host: int
+
+
+def place(b: Breakdown, mode: str, n_cpu_moe: int = 0, *, arch: ArchFacts | None = None,
+          n_ubatch: int = 512) -> Placement:
+    """Split `b` between GPU and host for a placement mode.
+
+    On the GPU: every layer's weights except `token_embd` (llama.cpp keeps the input embedding on the host) and,
+    in `gpu+ram`, the routed experts of the first `n_cpu_moe` layers; KV, recurrent state, compute buffers, the
+    MTP context and the mmproj. On the host: token_embd, logits buffers, moved experts and, when experts run on
+    the CPU, a CPU compute buffer for their MoE phase.
+    """
+    if mode == "cpu":
+        return Placement("cpu", 0, 0, b.total)
+    moved = b.expert_bytes(n_cpu_moe) if mode == "gpu+ram" else 0
+    device = b.total - b.token_embd - b.output - b.mtp_output - moved
+    host = b.token_embd + b.output + b.mtp_output + moved
+    if moved and arch is not None:
+        host += n_ubatch * (12 * arch.ff_used + arch.experts_used * arch.n_embd + 4 * arch.n_embd)
+    return Placement(mode, n_cpu_moe if mode == "gpu+ram" else 0, device, host)
+
+
+def describe(b: Breakdown, run: RunConfig, arch: ArchFacts) -> list[tuple[str, int]]:
+    """Human labels for the non-zero parts of `b`, in the order the explanations print them."""
+    kv_label = f"KV @ {run.n_ctx // 1024}k {run.cache_type_k}" if run.n_ctx % 1024 == 0 else f"KV @ {run.n_ctx} {run.cache_type_k}"
+    parts = [
+        ("weights", b.weights - b.mtp_weights),
+        (kv_label, b.kv),
+        (f"recurrent state x{1 + (run.spec_n_max if run.mtp else 0)}", b.rs),
+        (f"compute (ubatch {run.n_ubatch})", b.compute + b.output),
+        ("MTP head + draft context", b.mtp_total),
+        ("mmproj", b.mmproj),
+    ]
+    return [(label, n) for label, n in parts if n > 0 and (arch.n_recurrent or not label.startswith("recurrent"))]
+
+
+def summary(b: Breakdown, run: RunConfig, arch: ArchFacts) -> str:
+    """One line: `15.8 GiB weights + 2.7 GiB KV @ 256k q8_0 + ...` (no total, the selector adds it)."""
+    return " + ".join(f"{gib(n)} {label}" for label, n in describe(b, run, arch))

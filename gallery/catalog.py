@@ -201,6 +201,12 @@ def load_catalog(data_dir: Path | str | None = None) -> Catalog:
     return _load_catalog(Path(data_dir or DATA_DIR).resolve())
 
 
+def reload_catalog(data_dir: Path | str | None = None) -> Catalog:
+    """Like `load_catalog`, after dropping cached copies (the YAML files changed on disk)."""
+    _load_catalog.cache_clear()
+    return load_catalog(data_dir)
+
+
 @lru_cache(maxsize=8)
 def _load_catalog(data_dir: Path) -> Catalog:
     paths = {name: data_dir / f"{name}.yaml" for name in ("index", "architectures", "hardware")}

@@ -215,10 +215,13 @@ def fetch(file: HubFile, destination: str, *, models_dir: Path, sha256: str | No
         actual = sha256_file(partial.data)
         if actual != expected:
             partial.discard()
+            partial.lock.unlink(missing_ok=True)  # nothing left to resume
             raise ChecksumMismatchError(dest, expected, actual)
         os.replace(partial.data, dest)
         partial.state.unlink(missing_ok=True)
         _fsync_dir(dest.parent)
+    # Safe once the destination exists: a process still waiting on this lock finds the file and returns.
+    # An interrupted download keeps its lock next to its partial.
     partial.lock.unlink(missing_ok=True)
     return FetchResult(dest, expected, dest.stat().st_size, transferred, reused=False)
 

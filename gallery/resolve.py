@@ -148,10 +148,13 @@ def _hub_repo_files(repo: str) -> list[str]:
     import os
 
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     from backend.errors import DownloadError
 
     try:
         return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).list_repo_files(repo)
+    except RepositoryNotFoundError:
+        raise EntryNotFoundError(f"repository {repo} not found on the hub") from None
     except Exception as exc:  # huggingface_hub raises many HTTP/network types; all mean "cannot list"
         raise DownloadError(f"cannot list files of {repo} on the hub: {exc}") from exc

@@ -176,7 +176,7 @@ class Plan:
         return sorted(((*k, n, b) for k, (n, b) in acc.items()), key=lambda r: -r[4])
 
 
-def _requested(tier: Tier, layout: ModelLayout, role: TensorRole, tied: bool) -> tuple[str | None, str]:
+def _requested(tier: Tier, layout: ModelLayout, role: TensorRole, tied: bool, dense: bool) -> tuple[str | None, str]:
     """(band, requested type) for a classified tensor."""
     if role.layer is None:
         # A tied embedding is also the LM head: give it the output type, as llama.cpp's own mixtures do.
@@ -184,10 +184,10 @@ def _requested(tier: Tier, layout: ModelLayout, role: TensorRole, tied: bool) ->
         return None, typ
     if role.mtp:
         return "mtp", tier.mtp[role.role]
-    return tier.trunk_type(role.role, role.layer, layout.trunk_layers)
+    return tier.trunk_type(role.role, role.layer, layout.trunk_layers, dense=dense)
 
 
-def _plan_tensor(tier: Tier, layout: ModelLayout, spec: TensorSpec, tied: bool) -> PlannedTensor | str:
+def _plan_tensor(tier: Tier, layout: ModelLayout, spec: TensorSpec, tied: bool, dense: bool) -> PlannedTensor | str:
     """Plan one tensor; returns its name when it is quantizable but no role rule knows it."""
     facts = llama_quant_facts()
     layer_m = _BLOCK.match(spec.name)
@@ -197,7 +197,7 @@ def _plan_tensor(tier: Tier, layout: ModelLayout, spec: TensorSpec, tied: bool) 
     role = classify(spec.name, layout.trunk_layers)
     if role is None:
         return spec.name
-    band, requested = _requested(tier, layout, role, tied)
+    band, requested = _requested(tier, layout, role, tied, dense)
     target = gt.fallback_type(requested, spec.ne[0], facts["fallback"])
     needs = target in facts["requires_imatrix"] and spec.name not in facts["imatrix_exempt"]
     return PlannedTensor(spec.name, spec.ne, spec.type_name, role.role, layer, band, requested, target, True, needs)
@@ -215,7 +215,9 @@ def build_plan(layout: ModelLayout, tier: Tier) -> Plan:
             f"{layout.name}: block_count {layout.block_count} / nextn_predict_layers {layout.nextn_layers} are inconsistent"
         )
     tied = not any(t.name == "output.weight" for t in layout.tensors)
-    planned = [_plan_tensor(tier, layout, spec, tied) for spec in layout.tensors]
+    roles = (classify(t.name, layout.trunk_layers) for t in layout.tensors)
+    dense = not any(r is not None and r.role == "routed" for r in roles)
+    planned = [_plan_tensor(tier, layout, spec, tied, dense) for spec in layout.tensors]
     unknown = [p for p in planned if isinstance(p, str)]
     if unknown:
         shown = ", ".join(unknown[:8]) + (" ..." if len(unknown) > 8 else "")

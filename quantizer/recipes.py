@@ -69,9 +69,12 @@ class Tier:
             return self.widths.scaled(n_layers, self.reference_layers)
         return self.widths
 
-    def band(self, role: str, layer: int, n_layers: int) -> str:
-        """Band name of trunk `layer` (0-based) for a banded `role`: edge/near/mid or edge/rest."""
-        family = _config()["band_family"][role]
+    def band(self, role: str, layer: int, n_layers: int, *, dense: bool = False) -> str:
+        """Band name of trunk `layer` (0-based) for a banded `role`: edge/near/mid or edge/rest.
+
+        `dense`: the model has no routed experts (see `dense_model` in recipes.yaml).
+        """
+        family = _role_map("band_family", dense)[role]
         w = self.widths_for(n_layers)
         dist = min(layer, n_layers - 1 - layer)  # distance to the nearer end of the trunk
         if family == "routed":
@@ -81,10 +84,16 @@ class Tier:
         edge = w.shared_edge if family == "shared" else w.attn_edge
         return "edge" if dist < edge else "rest"
 
-    def trunk_type(self, role: str, layer: int, n_layers: int) -> tuple[str, str]:
+    def trunk_type(self, role: str, layer: int, n_layers: int, *, dense: bool = False) -> tuple[str, str]:
         """`(band, ggml type)` for a banded role in trunk `layer`."""
-        band = self.band(role, layer, n_layers)
-        return band, self.band_types[_config()["types_from"].get(role, role)][band]
+        band = self.band(role, layer, n_layers, dense=dense)
+        return band, self.band_types[_role_map("types_from", dense).get(role, role)][band]
+
+
+def _role_map(key: str, dense: bool) -> dict[str, str]:
+    """`band_family` or `types_from`, with the dense-model overrides applied when `dense`."""
+    cfg = _config()
+    return {**cfg[key], **(cfg["dense_model"].get(key, {}) if dense else {})}
 
 
 @lru_cache(maxsize=4)

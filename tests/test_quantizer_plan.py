@@ -222,10 +222,21 @@ def test_shape_fallback_and_tied_embeddings() -> None:
     plan = build_plan(layout, get_tier("I-Micro"))
     assert plan.type_of("token_embd.weight") == "Q5_1"  # output Q5_K -> Q5_1
     assert plan.type_of("blk.0.attn_q.weight") == "Q5_0"  # Q4_K -> Q5_0
-    assert plan.type_of("blk.0.ffn_down.weight") == "Q5_K"  # 1536 = 6 blocks: no fallback (shared edge)
-    assert plan.type_of("blk.0.ffn_up.weight") == "Q5_1"
+    # a dense model's FFN takes the routed-expert types (edge Q3_K); 1536 = 6 blocks: no fallback
+    assert plan.type_of("blk.0.ffn_down.weight") == "Q3_K"
+    assert plan.type_of("blk.0.ffn_up.weight") == "Q4_0"
     assert plan.type_of("blk.0.attn_k.weight") == "F16"  # 100 is not a multiple of 32 either
     assert not plan.imatrix_tensors
+
+
+def test_dense_ffn_types_depend_on_whether_the_model_has_experts() -> None:
+    """Leading dense layers of an MoE take the shared-expert types (upstream); a dense model's FFN the routed ones."""
+    dense_ffn = TensorSpec("blk.0.ffn_up.weight", (256, 512), "F16")
+    moe = ModelLayout("m", "x", 2, 0, (dense_ffn, TensorSpec("blk.1.ffn_up_exps.weight", (256, 512, 4), "F16")))
+    dense = ModelLayout("d", "x", 2, 0, (dense_ffn,))
+    tier = get_tier("Quality")
+    assert build_plan(moe, tier).type_of("blk.0.ffn_up.weight") == "Q8_0"
+    assert build_plan(dense, tier).type_of("blk.0.ffn_up.weight") == "Q6_K"
 
 
 def test_tier_names() -> None:

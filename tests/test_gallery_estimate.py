@@ -1,0 +1,154 @@
+"""The memory estimator against llama.cpp's own numbers: the published 35B-A3B figures (hardware-fit.md §9), and
+llama.cpp's no_alloc dry run (`gallery.measure`) on a tiny synthetic qwen35moe and on a sparse file with the real
+35B-A3B shapes and APEX-like tensor types."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from backend.errors import InvalidRequestError
+from backend.gguf_file import read_gguf
+from backend.synthetic import PRESETS, SynthConfig, model_metadata, tensor_layout, write_model, write_sparse
+from gallery.catalog import WeightBytes, load_catalog
+from gallery.estimate import ArchFacts, RunConfig, cache_bytes, estimate, place, weights_from_gguf
+from gallery.measure import ContextSpec, measure
+
+MiB = 1024 * 1024
+REAL = SynthConfig(n_embd=2048, n_layer=40, n_head=16, n_head_kv=2, head_dim=256, n_expert=256, n_expert_used=8,
+                   n_ff_exp=512, n_ff_shexp=512, ssm_state=128, ssm_groups=16, ssm_v_heads=32, ssm_conv_kernel=4,
+                   full_attention_interval=4, n_vocab=248320, context_length=262144, mtp=True)
+LOG_ROUNDING = 6 * 1024  # llama.cpp logs MiB with two decimals
+
+
+def apex_like_type(name: str, ne: tuple[int, ...]) -> str:
+    """An I-Compact-like assignment: edge-layer experts Q4_K, middle Q3_K, shared Q6_K, projections Q4_K, MTP Q8_0."""
+    if len(ne) == 1 or "ffn_gate_inp" in name or "ssm_conv1d" in name:
+        return "F32"
+    if name == "output.weight":
+        return "Q6_K"
+    layer = re.match(r"blk\.(\d+)\.", name)
+    if layer and int(layer.group(1)) >= REAL.n_layer:
+        return "Q8_0"
+    if "_exps" in name:
+        return "Q4_K" if int(layer.group(1)) < 5 or int(layer.group(1)) >= 35 else "Q3_K"
+    return "Q6_K" if "shexp" in name else "Q4_K"
+
+
+@pytest.fixture(scope="module")
+def real_sparse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("real") / "qwen35moe-35b-a3b-sparse.gguf"
+    tensors = [(n, ne, apex_like_type(n, ne)) for n, ne in tensor_layout(REAL)]
+    return write_sparse(path, model_metadata(REAL), tensors)
+
+
+@pytest.fixture(scope="module")
+def real_info(real_sparse: Path):  # noqa: ANN201 - GGUFInfo; parsing a 248k-token vocabulary takes a while, once
+    return read_gguf(real_sparse)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("tiny") / "tiny.gguf", replace(PRESETS["tiny"], mtp=True), dtype="f16")
+
+
+def _table_facts(nextn: int = 1) -> ArchFacts:
+    return ArchFacts.from_table(load_catalog().architectures["qwen35moe-35b-a3b"], nextn=nextn)
+
+
+def test_published_35b_figures_from_the_table_alone() -> None:
+    """hardware-fit.md §9: KV 20,480 B/token f16 and 10,880 q8_0 (10 layers), RS 62.81 MiB x (1+n_rs_seq),
+    compute 497 MiB at ubatch 512 / 1988 MiB at 2048, MTP context 8 + 65 MiB at 4k and 512 + 296 MiB at 262k."""
+    arch = _table_facts()
+    w = WeightBytes(total=10**9, token_embd=0, routed_experts=0, mtp=10**8)
+    assert arch.n_layer == 40 and arch.n_recurrent == 30 and len(arch.attn_kv_elems) == 10
+    f16 = estimate(arch, w, RunConfig(n_ctx=4096, cache_type_k="f16", cache_type_v="f16"))
+    assert f16.kv == 80 * MiB and f16.rs == 65_863_680 and f16.compute == 497 * MiB
+    q8 = estimate(arch, w, RunConfig(n_ctx=262144))
+    assert q8.kv == 2720 * MiB
+    assert estimate(arch, w, RunConfig(n_ctx=4096, n_ubatch=2048)).compute == 1988 * MiB
+    mtp = estimate(arch, w, RunConfig(n_ctx=262144, cache_type_k="f16", cache_type_v="f16", mtp=True, spec_n_max=3))
+    assert mtp.rs == 4 * 65_863_680 and mtp.mtp_kv == 512 * MiB and mtp.mtp_weights == 10**8
+    assert abs(mtp.mtp_compute - 296.02 * MiB) < 0.001 * mtp.mtp_compute
+    assert mtp.output == mtp.mtp_output == 248320 * 4
+    small = estimate(arch, w, RunConfig(n_ctx=4096, cache_type_k="f16", cache_type_v="f16", mtp=True, spec_n_max=3))
+    assert small.mtp_kv == 8 * MiB and abs(small.mtp_compute - 65.02 * MiB) / (65.02 * MiB) < 0.03
+
+
+def test_cache_row_sizes() -> None:
+    assert cache_bytes(512, "f16") == 1024 and cache_bytes(512, "q8_0") == 544 and cache_bytes(512, "q4_0") == 288
+    with pytest.raises(InvalidRequestError, match="unknown KV cache type"):
+        cache_bytes(512, "q3_k")
+
+
+def test_gguf_facts_equal_the_table_and_weights_split_by_role(real_info) -> None:  # noqa: ANN001
+    info = real_info
+    arch = ArchFacts.from_gguf(info)
+    assert arch == _table_facts(nextn=1)
+    w = weights_from_gguf(info, arch)
+    assert w.total == info.tensor_bytes
+    mtp = sum(t.n_bytes for t in info.tensors if t.name.startswith("blk.40."))
+    experts = sum(t.n_bytes for t in info.tensors if "_exps" in t.name and not t.name.startswith("blk.40."))
+    assert (w.mtp, w.routed_experts) == (mtp, experts)
+    assert w.token_embd == 2048 * 248320 * 144 // 256  # Q4_K
+
+
+def test_plain_transformer_facts(tiny: Path) -> None:
+    """A model without SSM keys gets KV on every layer and no recurrent state (SmolLM2-like)."""
+    keys = {"block_count": 30, "embedding_length": 576, "attention.head_count": 9, "attention.head_count_kv": 3,
+            "context_length": 8192, "feed_forward_length": 1536}
+    arch = ArchFacts.from_keys("llama", lambda k, d=None: keys.get(k, d), 49152)
+    assert (len(arch.attn_kv_elems), arch.n_recurrent, arch.rs_elems) == (30, 0, 0)
+    assert arch.kv_elems_per_token == 30 * 3 * 128
+
+
+def test_estimate_matches_llama_cpp_on_the_real_layout(real_sparse: Path, real_info) -> None:  # noqa: ANN001
+    arch = ArchFacts.from_gguf(real_info)
+    w = weights_from_gguf(real_info, arch)
+    specs = [ContextSpec(n_ctx, type_k="q8_0", type_v="q8_0", mtp=True, n_rs_seq=6) for n_ctx in (4096, 32768, 262144)]
+    for m in measure(real_sparse, specs):
+        b = estimate(arch, w, RunConfig(n_ctx=m.spec.n_ctx, mtp=True, spec_n_max=6))
+        assert abs(b.kv - m.kv) < LOG_ROUNDING and abs(b.rs - m.rs) < LOG_ROUNDING, m.spec
+        assert abs(b.mtp_kv - m.mtp_kv) < LOG_ROUNDING, m.spec
+        assert abs(b.compute - m.compute) / m.compute < 0.02, m.spec
+        assert abs(b.mtp_compute - m.mtp_compute) / m.mtp_compute < 0.08, m.spec
+        measured = w.total + m.kv + m.rs + m.compute + m.mtp_kv + m.mtp_compute + b.output + b.mtp_output
+        assert abs(b.total - measured) / measured < 0.002, m.spec
+
+
+def test_estimate_matches_llama_cpp_on_a_tiny_model(tiny: Path) -> None:
+    info = read_gguf(tiny)
+    arch = ArchFacts.from_gguf(info)
+    w = weights_from_gguf(info, arch)
+    specs = [ContextSpec(c, n_ubatch=u, type_k=k, type_v=k, mtp=mtp, n_rs_seq=3 if mtp else 0)
+             for c, u, k, mtp in ((4096, 512, "f16", True), (4096, 128, "q8_0", False), (65536, 512, "q8_0", True))]
+    for m in measure(tiny, specs, alloc=True):
+        s = m.spec
+        b = estimate(arch, w, RunConfig(n_ctx=s.n_ctx, n_ubatch=s.n_ubatch, cache_type_k=s.type_k,
+                                        cache_type_v=s.type_v, mtp=s.mtp, spec_n_max=s.n_rs_seq))
+        assert abs(b.kv - m.kv) < LOG_ROUNDING and abs(b.rs - m.rs) < LOG_ROUNDING, s
+        assert abs(b.compute - m.compute) / m.compute < 0.10, s
+        if s.mtp:
+            assert abs(b.mtp_kv - m.mtp_kv) < LOG_ROUNDING and abs(b.mtp_compute - m.mtp_compute) / m.mtp_compute < 0.10
+        # with real allocation the weights are one mmapped CPU buffer holding every tensor (MTP layer included)
+        assert abs(m.model_buffers - w.total) < max(LOG_ROUNDING, 0.002 * w.total), s
+
+
+def test_placement_splits_gpu_and_host() -> None:
+    arch = _table_facts(nextn=0)
+    w = WeightBytes(total=20 * 1024 * MiB, token_embd=400 * MiB, routed_experts=18 * 1024 * MiB, mtp=0)
+    b = estimate(arch, w, RunConfig(n_ctx=32768))
+    gpu = place(b, "gpu", arch=arch)
+    assert gpu.device + gpu.host == b.total and gpu.host == b.token_embd + b.output
+    part = place(b, "gpu+ram", 10, arch=arch)
+    assert part.device == gpu.device - b.expert_bytes(10) and b.expert_bytes(10) == w.routed_experts // 4
+    assert part.host > gpu.host + b.expert_bytes(10)  # plus a CPU compute buffer for the moved experts
+    assert place(b, "cpu").host == b.total
+
+
+def test_mtp_on_a_model_without_head_is_refused() -> None:
+    with pytest.raises(InvalidRequestError, match="no MTP layer"):
+        estimate(_table_facts(nextn=0), WeightBytes(1, 0, 0, 0), RunConfig(n_ctx=4096, mtp=True))

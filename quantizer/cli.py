@@ -55,6 +55,8 @@ def plan_main(argv: list[str]) -> int:
     p.add_argument("--json", type=Path, help="also write the full per-tensor plan as JSON")
     p.add_argument("--check", type=Path, metavar="TYPE_FILE",
                    help="compare an existing tensor-type file (first match wins, as llama-quantize) with the plan")
+    p.add_argument("--verify", action="store_true",
+                   help="also run llama.cpp's quantizer in dry-run mode and check it picks every planned type")
     return _run(_plan, p, argv)
 
 
@@ -82,6 +84,15 @@ def _plan(args: argparse.Namespace) -> int:
                  "type": t.target_type, "bytes": t.n_bytes, "needs_imatrix": t.needs_imatrix} for t in plan.tensors]
         args.json.write_text(json.dumps({"tier": plan.tier.name, "predicted_bytes": plan.predicted_bytes(),
                                          "rules": [str(r) for r in plan.rules], "tensors": rows}, indent=1) + "\n")
+    if args.verify:
+        from .quantize import llama_dry_run
+
+        chosen = llama_dry_run(args.source, plan)
+        wrong = [t.name for t in plan.tensors if chosen.get(t.name) != t.target_type]
+        print(f"# llama.cpp dry run: {len(plan.tensors) - len(wrong)}/{len(plan.tensors)} tensors as planned"
+              + (f"; differs: {', '.join(wrong[:5])}" if wrong else ""), file=err)
+        if wrong:
+            return 1
     if args.check:
         theirs = first_match_types(layout, parse_type_file(args.check.read_text()))
         diff = [(n, t, plan.type_of(n)) for n, t in theirs.items() if t != plan.type_of(n)]

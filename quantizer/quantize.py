@@ -180,8 +180,34 @@ def _run_llama_quantize(source: Path, tmp: Path, params: _Params, predicted: int
             size = tmp.stat().st_size if tmp.exists() else 0
             progress("quantizing", min(0.99, size / max(1, predicted)), tmp.name)
     if result.get("rc") != 0:
-        reason = next((e for e in reversed(errors) if "failed to quantize" in e), errors[-1] if errors else "")
+        lines = "".join(errors).splitlines()
+        reason = next((e for e in reversed(lines) if "failed to quantize" in e), lines[-1] if lines else "")
         raise QuantizerError(f"llama_model_quantize failed for {source.name}: {reason or 'no reason logged'}")
+
+
+_DRY_RUN_LINE = re.compile(r"\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S+), size =[^(\n]*(?:\((\S+)\))?")
+
+
+def llama_dry_run(source: str | Path, plan: Plan) -> dict[str, str]:
+    """Ask llama.cpp itself which type each tensor would get under the plan's rules (`dry_run`: nothing is
+    written, no tensor data is read), so a plan can be checked against the real quantizer on any header,
+    including sparse real-size layouts.
+
+    Raises:
+        QuantizerError: llama.cpp refused, or its log could not be parsed.
+    """
+    import llama_cpp as lc
+
+    from .llama_glue import GGML_LOG_LEVEL_INFO, capture_llama_log
+
+    params = _Params(plan, {}, [], 1, allow_requantize=True)
+    params.params.dry_run = True
+    with capture_llama_log(GGML_LOG_LEVEL_INFO) as text:
+        rc = lc.llama_model_quantize(os.fsencode(source), os.fsencode(os.devnull), ctypes.byref(params.params))
+    found = {m.group(1): gt.check_type(m.group(3) or m.group(2)) for m in _DRY_RUN_LINE.finditer("".join(text))}
+    if rc != 0 or len(found) != len(plan.tensors):
+        raise QuantizerError(f"llama.cpp dry run failed (rc {rc}, {len(found)}/{len(plan.tensors)} tensors reported)")
+    return found
 
 
 def verify_output(path: Path, plan: Plan) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -55,8 +56,9 @@ def test_quantize_cli_refuses_plain_mini(built: tuple[Path, Path], tmp_path: Pat
 def test_plan_cli_prints_rules_and_checks_a_file(built: tuple[Path, Path], tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     src, _ = built
-    assert main(["plan", str(src), "--tier", "I-Compact", "--json", str(tmp_path / "p.json")]) == 0
+    assert main(["plan", str(src), "--tier", "I-Compact", "--json", str(tmp_path / "p.json"), "--verify"]) == 0
     out = capsys.readouterr()
+    assert re.search(r"llama.cpp dry run: (\d+)/\1 tensors as planned", out.err)
     rules = parse_type_file(out.out)
     assert rules and all(r.pattern.startswith("^") and r.pattern.endswith("$") for r in rules)
     assert "predicted size" in out.err and "MTP layers" in out.err

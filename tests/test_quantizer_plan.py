@@ -1,5 +1,6 @@
 """Plans from metadata alone: the real Qwen3.6-35B-A3B layout against the upstream APEX tables, tensor by tensor,
-plus classification, bands, fallbacks and the tensor-type-file format. No llama.cpp, no model files."""
+plus classification, bands, fallbacks and the tensor-type-file format. No model data: the one llama.cpp check
+runs its quantizer in dry-run mode on a sparse (all-holes) GGUF of the real layout."""
 
 from __future__ import annotations
 
@@ -159,6 +160,28 @@ def test_size_prediction_matches_inventory_crosscheck(inventory: dict) -> None:
     for key, tier in (("quality", "Quality"), ("balanced", "Balanced"), ("compact", "Compact"), ("i-mini", "I-Mini")):
         gib = build_plan(layout, get_tier(tier)).tensor_data_bytes / 2**30
         assert gib == pytest.approx(computed[key], abs=0.006), tier
+
+
+@pytest.fixture(scope="module")
+def sparse_real_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from backend.synthetic import REAL_CONFIGS, write_sparse_model
+
+    return write_sparse_model(tmp_path_factory.mktemp("sparse") / "Qwen3.6-35B-A3B-BF16.gguf",
+                              REAL_CONFIGS["qwen35moe-35b-a3b"], "BF16")
+
+
+@pytest.mark.parametrize("tier", ["Quality", "I-Balanced", "Compact", "I-Mini", "I-Nano", "I-Micro"])
+def test_llama_cpp_dry_run_applies_the_plan_on_the_real_layout(inventory: dict, sparse_real_model: Path,
+                                                               tier: str) -> None:
+    """llama.cpp's own quantizer, given our rules as tt_overrides, picks exactly the planned type for all 753
+    tensors of the 35B-A3B + MTP layout (dry run: no data read, nothing written)."""
+    from quantizer.quantize import llama_dry_run
+
+    plan = build_plan(qwen36_layout(inventory, mtp=True), get_tier(tier))
+    chosen = llama_dry_run(sparse_real_model, plan)
+    assert set(chosen) == {t.name for t in plan.tensors}
+    wrong = [(t.name, chosen[t.name], t.target_type) for t in plan.quantized if chosen[t.name] != t.target_type]
+    assert not wrong
 
 
 def test_type_file_is_anchored_escaped_and_comment_free(inventory: dict) -> None:

@@ -53,7 +53,9 @@ def hub_sizes(repo: str, endpoint: str | None = None) -> HubSizes:
     """`{path: (size, lfs_sha256)}` for every file of `repo`, from the hub's model API."""
     from huggingface_hub import HfApi
 
-    info = HfApi(endpoint=endpoint).model_info(repo, files_metadata=True)
+    from .download import hub_endpoint
+
+    info = HfApi(endpoint=hub_endpoint(endpoint)).model_info(repo, files_metadata=True)
     return {s.rfilename: (int(s.size or 0), getattr(s.lfs, "sha256", None) if s.lfs else None) for s in info.siblings}
 
 

@@ -71,7 +71,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _endpoint(endpoint: str | None) -> str:
+def hub_endpoint(endpoint: str | None = None) -> str:
+    """The hub URL: `endpoint`, else HF_ENDPOINT as set now (huggingface_hub reads it once, at import), else its
+    default."""
     from huggingface_hub import constants
 
     return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
@@ -187,7 +189,7 @@ def fetch(file: HubFile, destination: str, *, models_dir: Path, sha256: str | No
     dest = safe_join(models_dir, destination)
     if dest.is_file():
         return FetchResult(dest, sha256 or "", dest.stat().st_size, 0, reused=True)
-    endpoint = _endpoint(endpoint)
+    endpoint = hub_endpoint(endpoint)
     url, meta = _metadata(file, endpoint, token)
     hub_sha = _hub_sha256(file, meta.etag, endpoint, token)
     if sha256 and hub_sha and sha256 != hub_sha:

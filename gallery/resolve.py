@@ -145,15 +145,15 @@ def _resolve_repo_at(ref: str, repo: str, right: str, catalog: Catalog,
 
 
 def _hub_repo_files(repo: str) -> list[str]:
-    import os
-
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
 
     from backend.errors import DownloadError
 
+    from .download import hub_endpoint
+
     try:
-        return HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None).list_repo_files(repo)
+        return HfApi(endpoint=hub_endpoint()).list_repo_files(repo)
     except RepositoryNotFoundError:
         raise EntryNotFoundError(f"repository {repo} not found on the hub") from None
     except Exception as exc:  # huggingface_hub raises many HTTP/network types; all mean "cannot list"

@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+# huggingface_hub reads HF_ENDPOINT once, at import: import it here, before any test points HF_ENDPOINT at a
+# FakeHub, so a later test never inherits a stale fake endpoint.
+import huggingface_hub  # noqa: F401,E402
+
 COMMIT = "c0ffee" + "0" * 34
 
 

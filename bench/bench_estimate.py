@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backend.gguf_file import read_gguf  # noqa: E402
-from backend.synthetic import PRESETS, SynthConfig, model_metadata, tensor_layout, write_model, write_sparse  # noqa: E402
-from gallery.estimate import ArchFacts, RunConfig, estimate, weights_from_gguf  # noqa: E402
-from gallery.measure import ContextSpec, measure  # noqa: E402
+from backend.gguf_file import read_gguf
+from backend.synthetic import PRESETS, SynthConfig, model_metadata, tensor_layout, write_model, write_sparse
+from gallery.estimate import ArchFacts, RunConfig, estimate, weights_from_gguf
+from gallery.measure import ContextSpec, measure
 
 MiB = 1024 * 1024
 REAL = SynthConfig(n_embd=2048, n_layer=40, n_head=16, n_head_kv=2, head_dim=256, n_expert=256, n_expert_used=8,

@@ -210,7 +210,7 @@ def reload_catalog(data_dir: Path | str | None = None) -> Catalog:
 @lru_cache(maxsize=8)
 def _load_catalog(data_dir: Path) -> Catalog:
     paths = {name: data_dir / f"{name}.yaml" for name in ("index", "architectures", "hardware")}
-    for name, path in paths.items():
+    for path in paths.values():
         if not path.is_file():
             raise SchemaError(path.name, "-", "(file)", f"missing: {path}")
     hardware = load_yaml(paths["hardware"])

@@ -79,7 +79,7 @@ def hub_endpoint(endpoint: str | None = None) -> str:
     return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
-def _metadata(file: HubFile, endpoint: str, token: str | None):  # noqa: ANN202 - huggingface_hub.HfFileMetadata
+def _metadata(file: HubFile, endpoint: str, token: str | None):
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -105,6 +105,17 @@ def _hub_sha256(file: HubFile, etag: str | None, endpoint: str, token: str | Non
         return None
     lfs = getattr(infos[0], "lfs", None) if infos else None
     return getattr(lfs, "sha256", None)
+
+
+def _expected_sha256(file: HubFile, pinned: str | None, hub_sha: str | None) -> str:
+    """The digest to verify against: the pin, else the hub's; a pin the hub contradicts is refused."""
+    if pinned and hub_sha and pinned != hub_sha:
+        raise DownloadError(f"{file.uri}: the gallery pins sha256 {pinned} but the hub now serves {hub_sha}; "
+                            "run `apexmtp gallery refresh` (maintainers) or pull a pinned revision")
+    if not (pinned or hub_sha):
+        raise DownloadError(f"{file.uri}: no sha256 known (no gallery pin, no LFS sha256 on the hub); refusing to "
+                            "install a file that cannot be verified")
+    return pinned or hub_sha  # type: ignore[return-value]
 
 
 class _Partial:
@@ -133,7 +144,7 @@ class _Partial:
             p.unlink(missing_ok=True)
 
 
-def _silent_tqdm():  # noqa: ANN202 - a tqdm subclass
+def _silent_tqdm():
     from huggingface_hub.utils import tqdm
 
     class Silent(tqdm):
@@ -191,14 +202,7 @@ def fetch(file: HubFile, destination: str, *, models_dir: Path, sha256: str | No
         return FetchResult(dest, sha256 or "", dest.stat().st_size, 0, reused=True)
     endpoint = hub_endpoint(endpoint)
     url, meta = _metadata(file, endpoint, token)
-    hub_sha = _hub_sha256(file, meta.etag, endpoint, token)
-    if sha256 and hub_sha and sha256 != hub_sha:
-        raise DownloadError(f"{file.uri}: the gallery pins sha256 {sha256} but the hub now serves {hub_sha}; "
-                            "run `apexmtp gallery refresh` (maintainers) or pull a pinned revision")
-    expected = sha256 or hub_sha
-    if not expected:
-        raise DownloadError(f"{file.uri}: no sha256 known (no gallery pin, no LFS sha256 on the hub); refusing to "
-                            "install a file that cannot be verified")
+    expected = _expected_sha256(file, sha256, _hub_sha256(file, meta.etag, endpoint, token))
     dest.parent.mkdir(parents=True, exist_ok=True)
     headers = build_hf_headers(token=token)
     download_url = meta.location or url

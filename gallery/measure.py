@@ -101,7 +101,7 @@ class _Log:
         return "".join(self.lines[mark:])
 
 
-def _context(lib, model, spec: ContextSpec, *, mtp_of=None):  # noqa: ANN001, ANN202 - ctypes handles
+def _context(lib, model, spec: ContextSpec, *, mtp_of=None):
     cp = lib.llama_context_default_params()
     cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = spec.n_ctx, spec.n_batch, spec.n_ubatch, spec.n_seq
     cp.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -144,7 +144,7 @@ def _measure_in_process(path: str, specs: list[ContextSpec], alloc: bool) -> lis
     return results
 
 
-def _measure_spec(lib, log: _Log, model, spec: ContextSpec, model_buffers: int | None) -> Measured:  # noqa: ANN001
+def _measure_spec(lib, log: _Log, model, spec: ContextSpec, model_buffers: int | None) -> Measured:
     mark = len(log.lines)
     ctx = _context(lib, model, spec)
     target = log.since(mark)
@@ -187,7 +187,7 @@ def measure(path: str | os.PathLike[str], specs: list[ContextSpec], *, alloc: bo
     payload = json.dumps({"path": os.fspath(path), "alloc": alloc, "specs": [asdict(s) for s in specs]})
     proc = subprocess.run(
         [sys.executable, "-m", "gallery.measure", "--json-in", payload],
-        capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parent.parent, check=False,
     )
     if proc.returncode != 0:
         raise ModelLoadError(f"measuring {path} failed (exit {proc.returncode}): {proc.stderr.strip()[-600:]}")

@@ -32,7 +32,7 @@ _FACTORS = {
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_size(text: str | int | float) -> int:
+def parse_size(text: str | float) -> int:
     """Parse a memory size into bytes: `24GiB`, `24G`, `16 GB`, `1.5TiB`, `0`, or a plain byte count.
 
     Raises:
@@ -49,12 +49,12 @@ def parse_size(text: str | int | float) -> int:
     return int(float(m.group(1)) * _FACTORS[unit])
 
 
-def gib(n_bytes: int | float) -> str:
+def gib(n_bytes: float) -> str:
     """`n_bytes` as GiB with one decimal, e.g. `15.8 GiB` (the precision the explanations need)."""
     return f"{n_bytes / GiB:.1f} GiB"
 
 
-def human(n_bytes: int | float) -> str:
+def human(n_bytes: float) -> str:
     """`n_bytes` with a binary unit that keeps 1-3 integer digits (`820 MiB`, `15.8 GiB`)."""
     value = float(n_bytes)
     for unit in ("B", "KiB", "MiB", "GiB"):

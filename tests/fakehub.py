@@ -17,11 +17,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 # huggingface_hub reads HF_ENDPOINT once, at import: import it here, before any test points HF_ENDPOINT at a
 # FakeHub, so a later test never inherits a stale fake endpoint.
-import huggingface_hub  # noqa: F401,E402
+import huggingface_hub  # noqa: F401
 
 COMMIT = "c0ffee" + "0" * 34
 
@@ -45,7 +46,7 @@ class FakeHub:
     serve_instead: dict[str, bytes] = field(default_factory=dict)  # path -> body sent instead of the real bytes
     log: list[Logged] = field(default_factory=list)
 
-    def start(self) -> FakeHub:
+    def start(self) -> Self:
         hub = self
 
         class Handler(_Handler):
@@ -72,7 +73,7 @@ class FakeHub:
         """Logged GETs of files whose URL path ends with `path_suffix`."""
         return [r for r in self.log if r.method == "GET" and r.path.endswith(path_suffix)]
 
-    def __enter__(self) -> FakeHub:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -111,10 +112,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(entry, 404, {"X-Error-Code": code, "X-Repo-Commit": COMMIT, "Content-Type": "application/json"},
                    json.dumps({"error": code}).encode())
 
-    def do_HEAD(self) -> None:  # noqa: N802 - http.server naming
+    def do_HEAD(self) -> None:
         self.do_GET()
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         entry = self._entry()
         m = _RESOLVE.match(entry.path)
         if m:
@@ -124,7 +125,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._api(entry, m.group(1), m.group(2))
         self._not_found(entry, "RepoNotFound")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         entry = self._entry()
         length = int(self.headers.get("Content-Length") or 0)
         form = parse_qs(self.rfile.read(length).decode())

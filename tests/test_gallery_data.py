@@ -24,7 +24,7 @@ def data_copy(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _edit_index(data_dir: Path, edit) -> None:  # noqa: ANN001 - a callable over the parsed list
+def _edit_index(data_dir: Path, edit) -> None:
     path = data_dir / "index.yaml"
     entries = yaml.safe_load(path.read_text())
     edit(entries)
@@ -88,7 +88,7 @@ def test_tags_rule_helper() -> None:
          "apexmtp.architecture"),
     ],
 )
-def test_schema_errors_name_file_entry_and_field(data_copy: Path, edit, entry: str, field: str) -> None:  # noqa: ANN001
+def test_schema_errors_name_file_entry_and_field(data_copy: Path, edit, entry: str, field: str) -> None:
     _edit_index(data_copy, edit)
     with pytest.raises(SchemaError) as err:
         reload_catalog(data_copy)

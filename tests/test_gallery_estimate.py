@@ -46,7 +46,7 @@ def real_sparse(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def real_info(real_sparse: Path):  # noqa: ANN201 - GGUFInfo; parsing a 248k-token vocabulary takes a while, once
+def real_info(real_sparse: Path):
     return read_gguf(real_sparse)
 
 
@@ -84,7 +84,7 @@ def test_cache_row_sizes() -> None:
         cache_bytes(512, "q3_k")
 
 
-def test_gguf_facts_equal_the_table_and_weights_split_by_role(real_info) -> None:  # noqa: ANN001
+def test_gguf_facts_equal_the_table_and_weights_split_by_role(real_info) -> None:
     info = real_info
     arch = ArchFacts.from_gguf(info)
     assert arch == _table_facts(nextn=1)
@@ -105,7 +105,7 @@ def test_plain_transformer_facts(tiny: Path) -> None:
     assert arch.kv_elems_per_token == 30 * 3 * 128
 
 
-def test_estimate_matches_llama_cpp_on_the_real_layout(real_sparse: Path, real_info) -> None:  # noqa: ANN001
+def test_estimate_matches_llama_cpp_on_the_real_layout(real_sparse: Path, real_info) -> None:
     arch = ArchFacts.from_gguf(real_info)
     w = weights_from_gguf(real_info, arch)
     specs = [ContextSpec(n_ctx, type_k="q8_0", type_v="q8_0", mtp=True, n_rs_seq=6) for n_ctx in (4096, 32768, 262144)]

@@ -77,7 +77,7 @@ def gallery_dir(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path
 
 
 @pytest.fixture()
-def hub(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def hub(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
     files = {f"Tiny-APEX-MTP-{t}.gguf": p.read_bytes() for t, p in models.items()}
     with FakeHub({REPO: files}) as h:
         monkeypatch.setenv("HF_ENDPOINT", h.url)

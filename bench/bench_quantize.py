@@ -38,12 +38,14 @@ def main() -> None:
             times[mtp] = time.perf_counter() - t0
         tokens = args.chunks * args.ctx
         print(f"imatrix, {tokens} tokens: trunk only {times[False]:.2f} s ({tokens / times[False]:.0f} tok/s), "
-              f"with MTP head {times[True]:.2f} s ({tokens / times[True]:.0f} tok/s), ratio {times[True] / times[False]:.2f}x")
+              f"with MTP head {times[True]:.2f} s ({tokens / times[True]:.0f} tok/s), "
+              f"ratio {times[True] / times[False]:.2f}x")
         print(f"{'tier':<11} {'MiB':>8} {'pred. err':>10} {'seconds':>8} {'MiB/s in':>9}")
         for tier in parse_tiers(args.tiers, "scaled"):
             r = quantize_tier(src, tier, Path(d) / "out", im)
             rate = src.stat().st_size / 2**20 / r.seconds
-            print(f"{r.tier:<11} {r.size_bytes / 2**20:8.2f} {100 * r.prediction_error:+9.4f}% {r.seconds:8.2f} {rate:9.1f}")
+            print(f"{r.tier:<11} {r.size_bytes / 2**20:8.2f} {100 * r.prediction_error:+9.4f}% "
+                  f"{r.seconds:8.2f} {rate:9.1f}")
 
 
 if __name__ == "__main__":

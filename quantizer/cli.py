@@ -12,10 +12,14 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backend.errors import ApexError
 
 from .evaluate import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT
+
+if TYPE_CHECKING:
+    from .imatrix_file import Imatrix
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +133,7 @@ def _add_collect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (default: physical cores)")
 
 
-def _collect(source: Path, calibration: Path, args: argparse.Namespace, out: Path):  # noqa: ANN202
+def _collect(source: Path, calibration: Path, args: argparse.Namespace, out: Path) -> Imatrix:
     from tqdm import tqdm
 
     from .imatrix import collect_imatrix
@@ -206,7 +210,7 @@ def quantize_main(argv: list[str]) -> int:
     return _run(_quantize, p, argv)
 
 
-def _progress_fn(mode: str, tier: str):  # noqa: ANN202
+def _progress_fn(mode: str, tier: str) -> tuple[Callable[[str, float, str], None], Callable[[], None]]:
     from tqdm import tqdm
 
     if mode == "json":

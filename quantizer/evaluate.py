@@ -96,22 +96,6 @@ class _Scorer:
         self.engine.close()
 
 
-def eval_chunks(source: str | Path, text: str, n_ctx: int, n_chunks: int | None) -> list[list[int]]:
-    """The source model's tokens of `text` in `n_ctx` chunks, BOS first when the model adds one."""
-    import llama_cpp.llama_cpp as L
-
-    from backend.engine import Engine, EngineConfig
-
-    from .imatrix import chunk_tokens
-
-    engine = Engine(source, EngineConfig(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx))
-    try:
-        bos = int(L.llama_vocab_bos(engine.vocab)) if L.llama_vocab_get_add_bos(engine.vocab) else None
-        return chunk_tokens(engine.tokenize(text, add_special=False, parse_special=False), n_ctx, bos, n_chunks)
-    finally:
-        engine.close()
-
-
 def mtp_acceptance(path: str | Path, prompts: Sequence[list[int]], ks: Sequence[int] = (1, 2, 3, 4),
                    max_tokens: int = 48, n_threads: int = 0) -> dict[int, float]:
     """Accepted/drafted of greedy MTP self-speculation with a fixed draft length k, for each k.
@@ -163,14 +147,14 @@ def evaluate(
     Raises:
         QuantizerError: the text is shorter than one chunk, or a candidate's vocabulary differs.
     """
-    from .quantize import model_stem
+    from .imatrix import text_chunks
 
-    chunks = eval_chunks(source, text, n_ctx, n_chunks)
-    first = n_ctx // 2
-    prompts = [c[:64] for c in chunks[:mtp_prompts]]
     ref = _Scorer(source, n_ctx, n_threads)
     results = []
     try:
+        chunks = text_chunks(ref.engine, text, n_ctx, n_chunks)
+        first = n_ctx // 2
+        prompts = [c[:64] for c in chunks[:mtp_prompts]]
         for cand in candidates:
             acc = _Accumulator()
             scorer = ref if Path(cand).resolve() == Path(source).resolve() else _Scorer(cand, n_ctx, n_threads)
@@ -182,10 +166,11 @@ def evaluate(
                     base = ref.logits(chunk)[first:-1]
                     logits = base if scorer is ref else scorer.logits(chunk)[first:-1]
                     acc.add(base, logits, np.asarray(chunk[first + 1:]))
+                tier = "source" if scorer is ref else _tier_of(cand, scorer.engine.meta("apexmtp.tier"))
             finally:
                 if scorer is not ref:
                     scorer.close()
-            res = acc.result(str(cand), _tier_of(cand, model_stem(source)), Path(cand).stat().st_size)
+            res = acc.result(str(cand), tier, Path(cand).stat().st_size)
             if mtp_ks:
                 res.mtp_acceptance = mtp_acceptance(cand, prompts, mtp_ks, n_threads=n_threads)
             results.append(res)
@@ -196,19 +181,16 @@ def evaluate(
     return results
 
 
-def _tier_of(path: str | Path, stem: str) -> str:
-    """Tier label of a file: the GGUF's `apexmtp.tier` key, else the name after `-APEX-`, else "source"."""
-    from backend.gguf_file import read_gguf
-
-    tier = read_gguf(path).metadata.get("apexmtp.tier")
-    if tier:
-        return str(tier)
+def _tier_of(path: str | Path, tier_key: str | None) -> str:
+    """Tier label of a candidate: its `apexmtp.tier` key, else the name after `-APEX-`, else the file name."""
+    if tier_key:
+        return tier_key
     name = Path(path).name.removesuffix(".gguf")
-    return name.split("-APEX-", 1)[1].removeprefix("MTP-") if "-APEX-" in name else "source"
+    return name.split("-APEX-", 1)[1].removeprefix("MTP-") if "-APEX-" in name else name
 
 
 def to_json(results: Sequence[EvalResult], path: str | Path, meta: dict[str, object]) -> Path:
-    """Write results as JSON: `{"meta": {...}, "results": [...]}` (keys follow APEX's benchmark JSON where one exists)."""
+    """Write results as JSON `{"meta": {...}, "results": [...]}`, keys as in APEX's benchmark JSON where possible."""
     rows = [{**asdict(r), "size_gib": round(r.size_gib, 4),
              "mtp_acceptance": {str(k): round(v, 4) for k, v in r.mtp_acceptance.items()}} for r in results]
     p = Path(path)
@@ -265,7 +247,7 @@ def plot(results: Sequence[EvalResult], path: str | Path, title: str = "") -> Pa
         xs = [r.size_bytes / 2**20 for r in group]
         ys = [max(r.kl_mean, 1e-6) for r in group]
         ax.plot(xs, ys, marker, label=label)
-        for r, x, y in zip(group, xs, ys):
+        for r, x, y in zip(group, xs, ys, strict=True):
             ax.annotate(r.tier, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.legend(fontsize=8)
     ax.set_yscale("log")

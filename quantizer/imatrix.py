@@ -15,6 +15,7 @@ import ctypes
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from backend.errors import QuantizerError
 
 from .imatrix_file import Imatrix, ImatrixEntry
 from .llama_glue import GGMLTensor, op_ids, tensor_f32, tensor_i32, weight_name
+
+if TYPE_CHECKING:
+    from backend.engine import Engine
 
 log = logging.getLogger(__name__)
 GGML_TYPE_F32 = 0
@@ -124,6 +128,14 @@ def chunk_tokens(tokens: list[int], n_ctx: int, bos: int | None, n_chunks: int |
     return [([bos] + c[1:]) if bos is not None else c for c in chunks]
 
 
+def text_chunks(engine: Engine, text: str, n_ctx: int, n_chunks: int | None = None) -> list[list[int]]:
+    """`text` tokenized by the engine's model and cut by `chunk_tokens` (BOS first when the model adds one)."""
+    import llama_cpp.llama_cpp as L
+
+    bos = int(L.llama_vocab_bos(engine.vocab)) if L.llama_vocab_get_add_bos(engine.vocab) else None
+    return chunk_tokens(engine.tokenize(text, add_special=False, parse_special=False), n_ctx, bos, n_chunks)
+
+
 def collect_imatrix(
     model: str | Path,
     text: str,
@@ -153,8 +165,6 @@ def collect_imatrix(
         QuantizerError: text too short, or a failure inside the eval callback.
         ModelLoadError and friends from the engine.
     """
-    import llama_cpp.llama_cpp as L
-
     from backend.engine import Engine, EngineConfig
     from backend.gguf_file import read_gguf
 
@@ -164,8 +174,7 @@ def collect_imatrix(
                        n_draft_max=1 if use_mtp else 0)
     engine = Engine(model, cfg, eval_callback=collector.callback)
     try:
-        bos = int(L.llama_vocab_bos(engine.vocab)) if L.llama_vocab_get_add_bos(engine.vocab) else None
-        chunks = chunk_tokens(engine.tokenize(text, add_special=False, parse_special=False), n_ctx, bos, n_chunks)
+        chunks = text_chunks(engine, text, n_ctx, n_chunks)
         for i, chunk in enumerate(chunks):
             engine.reset()
             # All logits, like llama-imatrix: otherwise the last layer skips the rows of non-output tokens.

@@ -57,7 +57,8 @@ def _ggml() -> ctypes.CDLL:
     lib.ggml_nbytes.restype = ctypes.c_size_t
     lib.ggml_nbytes.argtypes = [ctypes.POINTER(GGMLTensor)]
     lib.ggml_backend_tensor_get.restype = None
-    lib.ggml_backend_tensor_get.argtypes = [ctypes.POINTER(GGMLTensor), ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.POINTER(GGMLTensor), ctypes.c_void_p, ctypes.c_size_t,
+                                            ctypes.c_size_t]
     return lib
 
 
@@ -71,9 +72,6 @@ def op_ids() -> dict[str, int]:
             break
         out[name.decode()] = i
     return out
-
-
-GGML_TYPE_F32 = 0
 
 
 def _tensor_array(t: GGMLTensor, dtype: type) -> np.ndarray:

@@ -212,7 +212,8 @@ def build_plan(layout: ModelLayout, tier: Tier) -> Plan:
     """
     if layout.block_count <= 0 or not 0 <= layout.nextn_layers < layout.block_count:
         raise PlanError(
-            f"{layout.name}: block_count {layout.block_count} / nextn_predict_layers {layout.nextn_layers} are inconsistent"
+            f"{layout.name}: block_count {layout.block_count} and nextn_predict_layers {layout.nextn_layers} "
+            "are inconsistent"
         )
     tied = not any(t.name == "output.weight" for t in layout.tensors)
     roles = (classify(t.name, layout.trunk_layers) for t in layout.tensors)

@@ -237,7 +237,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--architecture", help="gallery architecture id (default: matched in gallery/architectures.yaml)")
     p.add_argument("--no-mtp-options", action="store_true", help="do not enable draft-mtp in the gallery entries")
     p.add_argument("--private", action="store_true")
-    p.add_argument("--dry-run", action="store_true", help="write card and gallery.yaml, print the hub calls, upload nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="write card and gallery.yaml, print the hub calls, upload nothing")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -137,7 +137,7 @@ class _Params:
         self.params.allow_requantize = allow_requantize
         self._patterns = [r.pattern.encode() for r in plan.rules]
         tt = (lc.llama_model_tensor_override * (len(plan.rules) + 1))()
-        for i, (r, pat) in enumerate(zip(plan.rules, self._patterns)):
+        for i, (r, pat) in enumerate(zip(plan.rules, self._patterns, strict=True)):
             tt[i].pattern, tt[i].type = pat, gt.ggml_type_id(r.type_name)
         tt[len(plan.rules)].pattern = None  # terminator
         self.params.tt_overrides = ctypes.cast(tt, ctypes.POINTER(lc.llama_model_tensor_override))

@@ -73,7 +73,8 @@ def test_iq_types_really_used(source: Path) -> None:
     plan = build_plan(ModelLayout.from_gguf(source), get_tier("I-Micro", "scaled"))
     assert {t.target_type for t in plan.imatrix_tensors} == {"IQ1_M", "IQ2_XS"}
     assert plan.type_of("blk.6.nextn.eh_proj.weight") == "Q4_K"
-    assert build_plan(ModelLayout.from_gguf(source), get_tier("I-Balanced")).type_of("blk.6.nextn.eh_proj.weight") == "Q8_0"
+    balanced = build_plan(ModelLayout.from_gguf(source), get_tier("I-Balanced"))
+    assert balanced.type_of("blk.6.nextn.eh_proj.weight") == "Q8_0"
 
 
 def test_imatrix_covers_the_mtp_head(source: Path, imatrix: Imatrix) -> None:
@@ -97,11 +98,12 @@ def test_imatrix_values_match_numpy(source: Path, imatrix: Imatrix) -> None:
     from quantizer.imatrix import chunk_tokens
 
     r = GGUFReader(str(source))
-    w = {t.name: np.array(t.data, dtype=np.float64) for t in r.tensors if t.name in ("token_embd.weight", "blk.0.attn_norm.weight")}
+    wanted = ("token_embd.weight", "blk.0.attn_norm.weight")
+    w = {t.name: np.array(t.data, dtype=np.float64) for t in r.tensors if t.name in wanted}
     eps = float(r.fields["qwen35moe.attention.layer_norm_rms_epsilon"].contents())
     engine = Engine(source, EngineConfig(n_ctx=N_CTX))
-    tokens = chunk_tokens(engine.tokenize(DEFAULT_CALIBRATION_TEXT.read_text(), add_special=False, parse_special=False),
-                          N_CTX, None, 4)
+    text = DEFAULT_CALIBRATION_TEXT.read_text()
+    tokens = chunk_tokens(engine.tokenize(text, add_special=False, parse_special=False), N_CTX, None, 4)
     engine.close()
     x = w["token_embd.weight"][np.concatenate(tokens)]
     x = x / np.sqrt((x * x).mean(axis=1, keepdims=True) + eps) * w["blk.0.attn_norm.weight"]

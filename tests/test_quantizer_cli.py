@@ -34,7 +34,8 @@ def test_quantize_cli_writes_tiers_and_imatrix(built: tuple[Path, Path]) -> None
     assert names == ["Tiny-APEX-MTP-Compact.gguf", "Tiny-APEX-MTP-I-Balanced.gguf", "Tiny.imatrix.gguf"]
 
 
-def test_quantize_cli_json_progress(built: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_quantize_cli_json_progress(built: tuple[Path, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
     src, out = built
     rc = main(["quantize", str(src), "--tier", "I-Nano", "-o", str(tmp_path), "--bands", "scaled",
                "--imatrix", str(out / "Tiny.imatrix.gguf"), "--progress", "json"])
@@ -83,7 +84,8 @@ def test_imatrix_cli_reports_mtp_coverage(built: tuple[Path, Path], tmp_path: Pa
     assert out.exists() and "MTP head: 11/12" in text and "I-Nano: 12/12 IQ tensors covered" in text
 
 
-def test_eval_cli_table_json_plot(built: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_eval_cli_table_json_plot(built: tuple[Path, Path], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
     src, out = built
     rc = main(["eval", str(src), str(out / "Tiny-APEX-MTP-Compact.gguf"), "--ctx", "128", "--chunks", "2",
                "--mtp-k", "1", "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "e.png")])

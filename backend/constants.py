@@ -39,5 +39,5 @@ MODELS_DIR: Path = Path(os.path.expanduser(os.environ.get("APEXMTP_MODELS_DIR", 
 # Where the demo's synthetic models and other generated artefacts are cached.
 CACHE_DIR: Path = Path(os.path.expanduser(os.environ.get("APEXMTP_CACHE_DIR", "~/.cache/apexmtp")))
 
-# Verbosity of llama.cpp's own log (forwarded to Python logging): 0 errors only, 1 warnings, 2 info.
+# Verbosity of llama.cpp's own log (forwarded to Python logging): 0 warnings and errors, 1 info, 2 debug.
 LLAMA_LOG_LEVEL: int = _as_int(os.environ.get("APEXMTP_LLAMA_LOG"), 0)

@@ -22,6 +22,7 @@ import numpy as np
 import llama_cpp.llama_cpp as L
 import llama_cpp.llama_cpp_ext as X
 
+from . import constants
 from .errors import InvalidRequestError, ModelLoadError, UnsupportedArchitectureError
 from .gguf_file import GGUFInfo, read_gguf
 
@@ -53,6 +54,8 @@ class _LlamaLog:
         self._cb = L.llama_log_callback(self._on_log)  # keep a reference: ctypes must not free it
         self._installed = False
         self._logger = logging.getLogger("llama.cpp")
+        # llama.cpp is chatty at INFO (every load prints ~150 lines): warnings only unless asked for more.
+        self._logger.setLevel({0: logging.WARNING, 1: logging.INFO}.get(constants.LLAMA_LOG_LEVEL, logging.DEBUG))
 
     def install(self) -> None:
         if not self._installed:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import threading
 from typing import Any, Iterator
 
@@ -133,20 +134,22 @@ class BackendServicer(pb_grpc.BackendServicer):
         try:
             model = self._loaded(request)
             req, tools = self._request(model, request)
-            result = Result()
-            stream = model.stream(req, result)
-            try:
-                for chunk in stream:
-                    if not context.is_active():
-                        log.info("client cancelled the stream after %d tokens", result.n_tokens)
-                        return
-                    if chunk.content or chunk.reasoning:
-                        yield _chunk_reply(chunk, result)
-            finally:
-                stream.close()  # releases the model lock at once
-            yield _final_reply(result, [], tools, with_text=False)
         except Exception as exc:
             _abort(context, exc)
+        result = Result()
+        cancel = threading.Event()
+        # gRPC stops pulling a cancelled stream; the callback is what tells the producer to stop.
+        context.add_callback(cancel.set)
+        try:
+            for chunk in pump(model.stream(req, result), cancel):
+                if chunk.content or chunk.reasoning:
+                    yield _chunk_reply(chunk, result)
+        except Exception as exc:
+            _abort(context, exc)
+        if cancel.is_set():
+            log.info("client cancelled the stream after %d tokens", result.n_tokens)
+            return
+        yield _final_reply(result, [], tools, with_text=False)
 
     def _request(self, model: Model, r: pb.PredictOptions) -> tuple[GenerationRequest, bool]:
         engine = model.engine
@@ -292,6 +295,46 @@ class BackendServicer(pb_grpc.BackendServicer):
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+_DONE = object()
+
+
+def pump(chunks: Iterator[Chunk], cancel: threading.Event) -> Iterator[Chunk]:
+    """Run `chunks` on its own thread and hand them over through a queue.
+
+    The generator holds the model lock while it runs; driving it from a thread that checks `cancel` after every
+    chunk means a client that goes away (and a gRPC stream nobody pulls any more) frees the model at once.
+    """
+    q: queue.SimpleQueue = queue.SimpleQueue()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if cancel.is_set():
+                    break
+                q.put(chunk)
+        except BaseException as exc:  # re-raised on the consumer side
+            q.put(exc)
+        finally:
+            chunks.close()
+            q.put(_DONE)
+
+    threading.Thread(target=produce, name="generate", daemon=True).start()
+    finished = False
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                finished = True
+                return
+            if isinstance(item, BaseException):
+                finished = True
+                raise item
+            yield item
+    finally:
+        if not finished:  # the consumer stopped early: stop the producer too
+            cancel.set()
 
 
 def _template(engine: Engine, info) -> ChatTemplate | None:

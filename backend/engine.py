@@ -72,6 +72,8 @@ class _LlamaLog:
             if self._capture is not None:
                 self._capture.extend(lines)
         pylevel = self._LEVELS.get(level, logging.DEBUG)
+        if pylevel == logging.WARNING and "unused tensor" in msg:
+            pylevel = logging.DEBUG  # expected for MTP tensors when the head is not loaded
         if self._logger.isEnabledFor(pylevel):
             for line in lines:
                 self._logger.log(pylevel, "%s", line)
@@ -146,6 +148,7 @@ class EngineConfig:
     mtp: bool = False
     n_draft_max: int = 0
     embeddings: bool = False
+    n_cpu_moe: int = 0  # keep the routed experts of the first N trunk layers in system RAM (-1: all layers)
 
     def __post_init__(self) -> None:
         if self.n_ctx < 8:
@@ -159,6 +162,32 @@ class EngineConfig:
             raise InvalidRequestError(f"flash_attention must be one of {sorted(FLASH_ATTN)}, not {self.flash_attn!r}")
         if self.mtp and not 1 <= self.n_draft_max <= 16:
             raise InvalidRequestError(f"spec_n_max must be in 1..16 with MTP, not {self.n_draft_max}")
+
+
+class _BuftOverride(ctypes.Structure):
+    """llama.h `llama_model_tensor_buft_override` (the binding leaves the field an untyped pointer)."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _cpu_buffer_type() -> int:
+    lib = ctypes.CDLL(str(Path(L.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+    return lib.ggml_backend_cpu_buffer_type()
+
+
+def expert_pattern(n_cpu_moe: int, n_layers: int) -> str:
+    """Regex for the routed-expert tensors of the first `n_cpu_moe` trunk layers (all when -1)."""
+    layers = range(n_layers if n_cpu_moe < 0 else min(n_cpu_moe, n_layers))
+    return r"^blk\.(" + "|".join(map(str, layers)) + r")\.ffn_(up|down|gate|gate_up)_exps\.weight$"
+
+
+def _expert_overrides(n_cpu_moe: int, n_layers: int) -> ctypes.Array:
+    """A NULL-terminated override array keeping those experts in a CPU buffer (llama.cpp's --n-cpu-moe)."""
+    arr = (_BuftOverride * 2)()
+    arr[0].pattern = expert_pattern(n_cpu_moe, n_layers).encode()
+    arr[0].buft = _cpu_buffer_type()
+    return arr
 
 
 def default_threads() -> int:
@@ -247,6 +276,9 @@ class Engine:
             mode = L.LLAMA_LOAD_MODE_MMAP_MLOCK if cfg.use_mmap else L.LLAMA_LOAD_MODE_MLOCK
         mp.load_mode = mode
         mp.load_mtp = cfg.mtp
+        overrides = _expert_overrides(cfg.n_cpu_moe, self.info.trunk_layers) if cfg.n_cpu_moe else None
+        if overrides is not None:
+            mp.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         with LLAMA_LOG.capture() as lines:
             self._model = L.llama_model_load_from_file(self.path.encode(), mp)
         if not self._model:
@@ -275,6 +307,9 @@ class Engine:
         self.tokens: list[int] = []  # what the target's memory holds, position by position
         self._pending_h = np.zeros(self.n_embd, dtype=np.float32)
         self._verify_h: np.ndarray | None = None
+        # The MTP context already holds (y, pending_h) at the next position from the last draft step, which is
+        # exactly the first row the next mirror would write; the mirror skips it (llama.cpp re-evaluates it).
+        self._dctx_ahead: tuple[int, int] | None = None
 
     def _new_context(self, cfg: EngineConfig, *, mtp: bool, embeddings: bool = False) -> int:
         cp = L.llama_context_default_params()
@@ -375,6 +410,7 @@ class Engine:
             L.llama_memory_clear(L.llama_get_memory(self._dctx), True)
         self.tokens = []
         self._pending_h = np.zeros(self.n_embd, dtype=np.float32)
+        self._dctx_ahead = None
 
     def _truncate(self, n_keep: int) -> None:
         """Drop positions >= n_keep from both contexts, or everything when the target cannot."""
@@ -383,6 +419,7 @@ class Engine:
         if n_keep > 0 and L.llama_memory_seq_rm(L.llama_get_memory(self._ctx), 0, n_keep, -1):
             if self._dctx:
                 L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), 0, n_keep, -1)
+                self._dctx_ahead = None
             del self.tokens[n_keep:]
         else:
             self.reset()
@@ -438,13 +475,21 @@ class Engine:
         ptr = X.llama_get_embeddings_nextn(self._ctx)
         # Copy at once: the next decode overwrites the output buffer.
         h = np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(n, self.n_embd).copy()
-        db = self._dbatch
-        db.clear()
-        for i, tok in enumerate(tokens):
-            db.add(tok, p0 + i, embd=self._pending_h if i == 0 else h[i - 1])
-        rc = L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr)
-        if rc != 0:
-            raise RuntimeError(f"llama.cpp MTP mirror decode failed ({rc}) at position {p0}")
+        first = 0
+        if self._dctx_ahead is not None:
+            if self._dctx_ahead == (p0, tokens[0]):
+                first = 1
+            else:  # not the step it was drafted for: drop the stale entry
+                L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), 0, self._dctx_ahead[0], -1)
+            self._dctx_ahead = None
+        if first < n:
+            db = self._dbatch
+            db.clear()
+            for i in range(first, n):
+                db.add(tokens[i], p0 + i, embd=self._pending_h if i == 0 else h[i - 1])
+            rc = L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr)
+            if rc != 0:
+                raise RuntimeError(f"llama.cpp MTP mirror decode failed ({rc}) at position {p0}")
         self._verify_h = h
         self._pending_h = h[-1].copy()
 
@@ -463,7 +508,8 @@ class Engine:
         """Draft up to `n` tokens after `token` (sampled, not yet decoded) with the MTP head.
 
         Greedy top-1 of the head's top-10 softmax; stops early when its probability is below `p_min`.
-        Leaves the MTP context exactly as it was.
+        Afterwards the MTP context holds only its first step, `(token, pending_h)` at the next position,
+        which is exactly the first row the next mirror would write (so the mirror skips it).
         """
         if not self._dctx or n <= 0:
             return []
@@ -472,24 +518,26 @@ class Engine:
         out: list[int] = []
         h, tok = self._pending_h, token
         db = self._dbatch
+        kept_first = False
         for step in range(n):
             db.clear()
             idx = db.add(tok, pos0 + step, output=True, embd=h)
             if L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr) != 0:
                 break
+            kept_first = True
             row = np.ctypeslib.as_array(L.llama_get_logits_ith(self._dctx, idx), shape=(self.n_vocab,))
             top = np.argpartition(row, -_DRAFT_TOP_K)[-_DRAFT_TOP_K:]
             vals = row[top]
             best = int(np.argmax(vals))
-            p = 1.0 / float(np.exp(vals - vals[best]).sum())
-            if p < p_min:
+            if 1.0 / float(np.exp(vals - vals[best]).sum()) < p_min:
                 break
             out.append(int(top[best]))
             if len(out) >= n:
                 break
             h = np.ctypeslib.as_array(X.llama_get_embeddings_nextn_ith(self._dctx, idx), shape=(self.n_embd,)).copy()
             tok = out[-1]
-        L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), 0, pos0, -1)
+        L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), 0, pos0 + (1 if kept_first else 0), -1)
+        self._dctx_ahead = (pos0, token) if kept_first else None
         return out
 
     def rollback_verify(self, n_batch: int, n_kept: int) -> None:

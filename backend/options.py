@@ -69,6 +69,8 @@ OWNED: dict[str, tuple[str, Callable[[str], Any]]] = {
     "spec_adaptive": ("adaptive", _bool),
     "use_jinja": ("use_jinja", _bool),
     "n_ubatch": ("n_ubatch", _nonneg_int),
+    "n_cpu_moe": ("n_cpu_moe", _nonneg_int),
+    "cpu_moe": ("cpu_moe", _bool),
     "ubatch": ("n_ubatch", _nonneg_int),
 }
 
@@ -148,6 +150,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         mtp=mtp,
         n_draft_max=n_max,
         embeddings=req.Embeddings,
+        n_cpu_moe=-1 if opts.get("cpu_moe") else opts.get("n_cpu_moe", 0),
     )
     spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
                       adaptive=opts.get("adaptive", True))

@@ -203,3 +203,18 @@ def test_grpc_default_enables_mtp_when_head_present(mtp_backend, p95, tiny_nomtp
     res = stub.LoadModel(_opts(tiny_nomtp_gguf, ["spec_type:draft-mtp"]))
     assert res.success and "no MTP head" in res.message  # falls back, never reaches llama.cpp's assert
     assert stub.Predict(pb.PredictOptions(Prompt="still works", Tokens=8)).tokens == 8
+
+
+def test_expert_offload_option_loads_and_matches(mtp_backend, p50):
+    """`n_cpu_moe:N` (what the selector emits for experts-in-RAM picks) keeps those experts in a CPU buffer."""
+    from backend.engine import expert_pattern
+
+    assert expert_pattern(2, 40) == r"^blk\.(0|1)\.ffn_(up|down|gate|gate_up)_exps\.weight$"
+    stub = mtp_backend.stub
+    req = dict(Prompt="experts in RAM", Tokens=32)
+    assert stub.LoadModel(_opts(p50, ["spec_type:none"])).success
+    plain = stub.Predict(pb.PredictOptions(**req)).message
+    for opt in ("n_cpu_moe:2", "cpu_moe"):
+        res = stub.LoadModel(_opts(p50, ["spec_n_max:3", opt]))
+        assert res.success, res.message
+        assert stub.Predict(pb.PredictOptions(**req)).message == plain

@@ -37,10 +37,15 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.ne:
-            n *= d
-        return n
+        return n_elements(self.ne)
+
+
+def n_elements(ne: tuple[int, ...]) -> int:
+    """Number of elements of a tensor with dims `ne`."""
+    n = 1
+    for d in ne:
+        n *= d
+    return n
 
 
 @dataclass(frozen=True)
@@ -194,9 +199,7 @@ def _tensor_nbytes(ne: tuple[int, ...], type_id: int, path: Path, name: str) -> 
     except ValueError:
         raise InvalidGGUFError(path, f"tensor {name!r} has unknown ggml type {type_id}") from None
     block, size = GGML_QUANT_SIZES[qtype]
-    n = 1
-    for d in ne:
-        n *= d
+    n = n_elements(ne)
     if ne and ne[0] % block:
         raise InvalidGGUFError(path, f"tensor {name!r}: row of {ne[0]} is not whole {qtype.name} blocks of {block}")
     return qtype.name, n // block * size

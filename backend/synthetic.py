@@ -609,6 +609,24 @@ def write_sparse(
     return _write_gguf(Path(path), metadata, tensors, None)
 
 
+def apex_like_type(name: str, ne: tuple[int, ...], n_layer: int = 40) -> str:
+    """An I-Compact-like type per tensor for sparse real-layout files (memory checks, not a real recipe).
+
+    Edge-layer (first/last 5 of `n_layer`) experts Q4_K, middle Q3_K, shared experts Q6_K, projections Q4_K,
+    output Q6_K, MTP layer Q8_0; 1-D tensors, routers and the SSM conv F32.
+    """
+    if len(ne) == 1 or "ffn_gate_inp" in name or "ssm_conv1d" in name:
+        return "F32"
+    if name == "output.weight":
+        return "Q6_K"
+    layer = re.match(r"blk\.(\d+)\.", name)
+    if layer and int(layer.group(1)) >= n_layer:
+        return "Q8_0"
+    if "_exps" in name:
+        return "Q4_K" if int(layer.group(1)) < 5 or int(layer.group(1)) >= n_layer - 5 else "Q3_K"
+    return "Q6_K" if "shexp" in name else "Q4_K"
+
+
 def write_sparse_model(
     path: str | os.PathLike[str], config: SynthConfig, ggml_type: str | Callable[[str, tuple[int, ...]], str] = "Q8_0"
 ) -> Path:

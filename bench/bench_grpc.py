@@ -53,9 +53,8 @@ def start_backend() -> tuple[subprocess.Popen, pb_grpc.BackendStub]:
 
 
 def grpc_tps(stub: pb_grpc.BackendStub, tokens: int) -> float:
-    start = first = None
+    first = None
     n = 0
-    start = time.perf_counter()
     for reply in stub.PredictStream(pb.PredictOptions(Prompt=PROMPT, Tokens=tokens, IgnoreEOS=True)):
         if reply.message and first is None:
             first = time.perf_counter()

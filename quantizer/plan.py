@@ -17,6 +17,7 @@ from functools import cached_property
 from pathlib import Path
 
 from backend.errors import PlanError
+from backend.gguf_file import n_elements
 
 from . import types as gt
 from .recipes import Tier, llama_quant_facts
@@ -37,10 +38,7 @@ class TensorSpec:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.ne:
-            n *= d
-        return n
+        return n_elements(self.ne)
 
 
 @dataclass(frozen=True)

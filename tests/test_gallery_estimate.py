@@ -4,7 +4,6 @@ llama.cpp's no_alloc dry run (`gallery.measure`) on a tiny synthetic qwen35moe a
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,30 +11,16 @@ import pytest
 
 from backend.errors import InvalidRequestError
 from backend.gguf_file import read_gguf
-from backend.synthetic import PRESETS, SynthConfig, model_metadata, tensor_layout, write_model, write_sparse
+from backend.synthetic import (PRESETS, REAL_CONFIGS, apex_like_type, model_metadata, tensor_layout,
+                               write_model, write_sparse)
 from gallery.catalog import WeightBytes, load_catalog
 from gallery.estimate import ArchFacts, RunConfig, cache_bytes, estimate, place, weights_from_gguf
 from gallery.measure import ContextSpec, measure
 
 MiB = 1024 * 1024
-REAL = SynthConfig(n_embd=2048, n_layer=40, n_head=16, n_head_kv=2, head_dim=256, n_expert=256, n_expert_used=8,
-                   n_ff_exp=512, n_ff_shexp=512, ssm_state=128, ssm_groups=16, ssm_v_heads=32, ssm_conv_kernel=4,
-                   full_attention_interval=4, n_vocab=248320, context_length=262144, mtp=True)
+REAL = REAL_CONFIGS["qwen35moe-35b-a3b"]
 LOG_ROUNDING = 6 * 1024  # llama.cpp logs MiB with two decimals
 
-
-def apex_like_type(name: str, ne: tuple[int, ...]) -> str:
-    """An I-Compact-like assignment: edge-layer experts Q4_K, middle Q3_K, shared Q6_K, projections Q4_K, MTP Q8_0."""
-    if len(ne) == 1 or "ffn_gate_inp" in name or "ssm_conv1d" in name:
-        return "F32"
-    if name == "output.weight":
-        return "Q6_K"
-    layer = re.match(r"blk\.(\d+)\.", name)
-    if layer and int(layer.group(1)) >= REAL.n_layer:
-        return "Q8_0"
-    if "_exps" in name:
-        return "Q4_K" if int(layer.group(1)) < 5 or int(layer.group(1)) >= 35 else "Q3_K"
-    return "Q6_K" if "shexp" in name else "Q4_K"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """The committed stubs are exactly what grpcio-tools generates from proto/backend.proto."""
 
-from pathlib import Path
 
 from proto.generate import PROTO_DIR, generate
 

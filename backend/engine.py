@@ -23,7 +23,7 @@ import llama_cpp.llama_cpp as L
 import llama_cpp.llama_cpp_ext as X
 
 from . import constants
-from .errors import InvalidRequestError, ModelLoadError, UnsupportedArchitectureError
+from .errors import InsufficientMemoryError, InvalidRequestError, ModelLoadError, UnsupportedArchitectureError
 from .gguf_file import GGUFInfo, read_gguf
 
 log = logging.getLogger(__name__)
@@ -339,8 +339,11 @@ class Engine:
         with LLAMA_LOG.capture() as lines:
             ctx = L.llama_init_from_model(self._model, cp)
         if not ctx:
-            raise ModelLoadError(f"{self.path}: llama.cpp could not create the {name} context (n_ctx={cfg.n_ctx}); "
-                                 "it may not fit in memory")
+            failed = next((ln.strip() for ln in lines if "failed to allocate" in ln), "")
+            if failed:
+                raise InsufficientMemoryError(f"{self.path}: the {name} context (n_ctx={cfg.n_ctx}) does not fit in "
+                                              f"memory ({failed}); lower ContextSize or use a smaller KV cache type")
+            raise ModelLoadError(f"{self.path}: llama.cpp could not create the {name} context (n_ctx={cfg.n_ctx})")
         for kind, n in parse_memory_lines(lines).items():
             self.memory[f"{name}_{kind}"] = n
         return ctx

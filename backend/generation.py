@@ -7,6 +7,7 @@ token counts, timings and speculation statistics.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -22,6 +23,8 @@ from .errors import ContextOverflowError, InvalidRequestError
 from .sampling import Sampler, SamplingParams
 from .speculative import DraftController, SpecConfig, SpecStats, generate_tokens
 from .textstream import TextStream
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,8 +71,10 @@ class Result:
 class Model:
     """A loaded model ready to serve: engine + template + speculation policy, one request at a time."""
 
-    def __init__(self, engine: Engine, *, name: str, spec: SpecConfig, template: ChatTemplate | None) -> None:
+    def __init__(self, engine: Engine, *, name: str, spec: SpecConfig, template: ChatTemplate | None,
+                 default_seed: int | None = None) -> None:
         self.engine = engine
+        self.default_seed = default_seed  # ModelOptions.Seed: used by requests that set none
         self.name = name
         self.spec = spec
         self.template = template
@@ -91,6 +96,8 @@ class Model:
             raise ContextOverflowError(len(req.prompt), self.engine.n_ctx)
         max_tokens = min(req.max_tokens, self.engine.n_ctx - len(req.prompt))
         sampling = req.sampling
+        if sampling.seed is None and self.default_seed is not None:
+            sampling = SamplingParams(**{**sampling.__dict__, "seed": self.default_seed})
         if req.ignore_eos:
             bias = dict(sampling.logit_bias)
             bias.update({t: -math.inf for t in self.eog_tokens})
@@ -102,6 +109,9 @@ class Model:
                 yield from self._run(req, max_tokens, sampler, inspect, result)
             finally:
                 self.last = result
+                log.info("%s: %d prompt + %d generated tokens, %.1f tok/s, finish=%s%s", self.name, result.n_prompt,
+                         result.n_tokens, result.tokens_per_second, result.finish_reason,
+                         f", speculation {result.stats.as_dict()}" if result.stats.verify_steps else "")
 
     def _run(self, req, max_tokens, sampler, inspect, result: Result) -> Iterator[Chunk]:
         text = TextStream(req.stop)

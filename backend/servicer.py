@@ -78,7 +78,8 @@ class BackendServicer(pb_grpc.BackendServicer):
                 self._free()
                 engine = Engine(path, plan.engine)
                 template = _template(engine, info) if plan.use_jinja else None
-                self._model = Model(engine, name=request.Model or path.name, spec=plan.spec, template=template)
+                self._model = Model(engine, name=request.Model or path.name, spec=plan.spec, template=template,
+                                    default_seed=request.Seed if request.Seed > 0 else None)
                 self._model_name = request.Model
             except ApexError as exc:
                 log.warning("LoadModel failed: %s", exc)

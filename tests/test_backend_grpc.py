@@ -123,6 +123,13 @@ def test_unsupported_architecture(backend, tmp_path):
     assert backend.stub.Health(pb.HealthMessage()).message == b"OK"
 
 
+def test_context_that_does_not_fit(backend, smollm2_path):
+    res = backend.stub.LoadModel(smollm2_options(smollm2_path, ContextSize=1 << 28))
+    assert not res.success and "does not fit in memory" in res.message, res.message
+    assert backend.stub.Health(pb.HealthMessage()).message == b"OK"
+    assert backend.stub.LoadModel(smollm2_options(smollm2_path)).success
+
+
 def test_model_relative_to_model_path(backend, smollm2_path):
     res = backend.stub.LoadModel(pb.ModelOptions(Model=smollm2_path.name, ModelPath=str(smollm2_path.parent),
                                                  ContextSize=512, Threads=2, NBatch=128))
@@ -195,6 +202,13 @@ def test_stream_chunks_are_whole_utf8(smol_backend):
 def test_seeded_sampling_reproducible(smol_backend):
     kw = dict(Prompt="Once upon a time", Tokens=24, Temperature=1.0, TopK=40, TopP=0.95, MinP=0.05, Seed=1234)
     assert predict_text(smol_backend.stub, **kw) == predict_text(smol_backend.stub, **kw)
+
+
+def test_model_seed_is_the_default_request_seed(backend, smollm2_path):
+    assert backend.stub.LoadModel(smollm2_options(smollm2_path, Seed=42)).success
+    kw = dict(Prompt="Once upon a time", Tokens=24, Temperature=1.0)
+    assert predict_text(backend.stub, **kw) == predict_text(backend.stub, **kw)
+    assert backend.stub.LoadModel(smollm2_options(smollm2_path)).success
 
 
 def test_penalties_and_ignore_eos(smol_backend):

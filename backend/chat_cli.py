@@ -15,7 +15,8 @@ import json
 import logging
 import signal
 import sys
-from typing import Any, Iterator, TextIO
+from collections.abc import Iterator
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from .errors import ApexError
@@ -179,7 +180,8 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="apexmtp chat", description=__doc__.splitlines()[0])
     add_run_arguments(parser)
-    parser.add_argument("--url", help="use a running `apexmtp run` (e.g. http://127.0.0.1:8080) instead of starting one")
+    parser.add_argument("--url", help="attach to a running `apexmtp run` (e.g. http://127.0.0.1:8080) "
+                        "instead of starting one")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
     parser.add_argument("--max-tokens", type=int, help="longest answer in tokens")

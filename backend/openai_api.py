@@ -1,0 +1,404 @@
+"""OpenAI's HTTP JSON <-> LocalAI's proto messages, as pure functions (no I/O): the translation `apexmtp run` does.
+
+Requests become `PredictOptions` (chat messages for the backend to render with the GGUF's template, sampling with
+the model config's defaults beneath the request's values); Replies become `chat.completion`/`text_completion`
+objects and stream chunks carrying llama-server's `timings` (with `draft_n`, `draft_n_accepted`); errors, ours and
+the backend's gRPC statuses, become an HTTP status and an OpenAI error body in one place (`http_error`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from proto import backend_pb2 as pb
+
+from .errors import ContextOverflowError, InvalidRequestError, ModelLoadError, NoModelLoadedError
+
+INT32_MAX = 2**31 - 1
+
+# Request defaults below the model config's `parameters` and the request itself (llama-server's defaults).
+DEFAULT_SAMPLING: dict[str, float] = {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05}
+# OpenAI (and llama-server) body key -> (PredictOptions field, type).
+SAMPLING_FIELDS: dict[str, tuple[str, type]] = {
+    "temperature": ("Temperature", float),
+    "top_p": ("TopP", float),
+    "top_k": ("TopK", int),
+    "min_p": ("MinP", float),
+    "presence_penalty": ("PresencePenalty", float),
+    "frequency_penalty": ("FrequencyPenalty", float),
+    "repeat_penalty": ("Penalty", float),
+    "repeat_last_n": ("Repeat", int),
+}
+# The backend's gRPC status -> (HTTP status, OpenAI error type); anything else is a 500 server_error.
+GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (503, "unavailable_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "unavailable_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "unavailable_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "invalid_request_error"),
+}
+
+
+# ------------------------------------------------------------------------------- the model being served
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the HTTP layer knows about the loaded model: names, limits and request defaults."""
+
+    name: str
+    aliases: frozenset[str]  # other names a request may use for it (the REF, file name, "demo")
+    context_size: int
+    identity: str  # ModelOptions.Model, echoed as PredictOptions.ModelIdentity as LocalAI does
+    embeddings: bool
+    mtp: bool
+    defaults: dict[str, Any] = field(default_factory=dict)  # the config's `parameters` (temperature, top_k...)
+
+    def matches(self, name: str | None) -> bool:
+        return not name or name == self.name or name in self.aliases
+
+
+# ---------------------------------------------------------------------------- OpenAI JSON -> PredictOptions
+
+
+def invalid(param: str | None, message: str) -> InvalidRequestError:
+    """An InvalidRequestError (HTTP 400) that names the offending field, as OpenAI errors do."""
+    err = InvalidRequestError(message)
+    err.param = param
+    return err
+
+
+def _number(body: dict[str, Any], key: str, kind: type) -> Any:
+    v = body.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+        raise invalid(key, f"{key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+    return kind(v)
+
+
+def _stop(value: Any) -> list[str]:
+    if value is None:
+        return []
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise invalid("stop", "stop must be a string or an array of strings")
+    return [s for s in stops if s]
+
+
+def generation_fields(body: dict[str, Any], model: ServedModel) -> dict[str, Any]:
+    """PredictOptions fields shared by chat and text completions: sampling, length, stop, seed."""
+    given = {k: v for k, v in body.items() if v is not None}
+    merged = {**DEFAULT_SAMPLING, **model.defaults, **given}
+    fields: dict[str, Any] = {}
+    for key, (name, kind) in SAMPLING_FIELDS.items():
+        value = _number(merged, key, kind)
+        if value is not None:
+            fields[name] = value
+    key = "max_completion_tokens" if "max_completion_tokens" in given else "max_tokens"
+    max_tokens = _number({**model.defaults, **given}, key, int)
+    if max_tokens is not None and max_tokens <= 0:
+        raise invalid(key, f"{key} must be at least 1, got {max_tokens}")
+    # No limit means "until the context is full": the backend clamps to what the context has left.
+    fields["Tokens"] = min(max_tokens or model.context_size, INT32_MAX)
+    seed = _number(merged, "seed", int)
+    if seed is not None and seed > INT32_MAX:
+        raise invalid("seed", f"seed must be at most {INT32_MAX}, got {seed}")
+    if seed is not None and seed >= 0:
+        # On the wire 0 means "unset" (random); a client asking for seed 0 wants it fixed, so send another constant.
+        fields["Seed"] = seed or INT32_MAX
+    if _number(given, "n", int) not in (None, 1):
+        raise invalid("n", "only n=1 is supported")
+    fields["StopPrompts"] = _stop(given.get("stop"))
+    fields["IgnoreEOS"] = bool(given.get("ignore_eos", False))
+    if not isinstance(given.get("grammar", ""), str):
+        raise invalid("grammar", "grammar must be a GBNF string")
+    fields["Grammar"] = given.get("grammar", "")
+    return fields
+
+
+def _content_text(content: Any, index: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise invalid(f"messages[{index}].content", "only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise invalid(f"messages[{index}].content", "content must be a string or an array of text parts")
+
+
+def _message(m: Any, index: int) -> pb.Message:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise invalid(f"messages[{index}]", "each message must be an object with a string role")
+    calls = m.get("tool_calls")
+    return pb.Message(
+        role=m["role"], content=_content_text(m.get("content"), index), name=str(m.get("name") or ""),
+        tool_call_id=str(m.get("tool_call_id") or ""), reasoning_content=str(m.get("reasoning_content") or ""),
+        tool_calls=json.dumps(calls) if calls else "",
+    )
+
+
+def _chat_metadata(body: dict[str, Any]) -> dict[str, str]:
+    """The chat-template switches LocalAI passes as Metadata (thinking on/off, reasoning effort, extra kwargs)."""
+    meta: dict[str, str] = {}
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise invalid("chat_template_kwargs", "chat_template_kwargs must be an object")
+        meta["chat_template_kwargs"] = json.dumps(kwargs)
+    if body.get("enable_thinking") is not None:
+        meta["enable_thinking"] = "true" if body["enable_thinking"] else "false"
+    if body.get("reasoning_effort"):
+        meta["reasoning_effort"] = str(body["reasoning_effort"])
+    return meta
+
+
+def chat_request(body: dict[str, Any], model: ServedModel) -> pb.PredictOptions:
+    """`/v1/chat/completions` body -> PredictOptions (the backend renders the GGUF's chat template)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages", "messages must be a non-empty array")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise invalid("response_format", "only response_format {\"type\": \"text\"} is supported (use grammar)")
+    top = _number(body, "top_logprobs", int)
+    if top is not None and not body.get("logprobs"):
+        raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None and not isinstance(tools, list):
+        raise invalid("tools", "tools must be an array")
+    if choice == "none":
+        tools = None  # the model must not call tools: do not show it any
+    return pb.PredictOptions(
+        Messages=[_message(m, i) for i, m in enumerate(messages)], UseTokenizerTemplate=True,
+        Tools=json.dumps(tools) if tools else "",
+        ToolChoice=(choice if isinstance(choice, str) else json.dumps(choice)) if choice is not None else "",
+        Logprobs=1 if body.get("logprobs") else 0, TopLogprobs=top or 0,
+        Metadata=_chat_metadata(body), ModelIdentity=model.identity, **generation_fields(body, model),
+    )
+
+
+def completion_request(body: dict[str, Any], model: ServedModel) -> pb.PredictOptions:
+    """`/v1/completions` body -> PredictOptions (the prompt goes to the model verbatim)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise invalid("prompt", "prompt must be a non-empty string (or an array holding one)")
+    if body.get("echo") or body.get("suffix"):
+        raise invalid("echo" if body.get("echo") else "suffix", "echo and suffix are not supported")
+    top = _number(body, "logprobs", int)
+    if top is not None and not 0 <= top <= 20:
+        raise invalid("logprobs", f"logprobs must be between 0 and 20, got {top}")
+    return pb.PredictOptions(Prompt=prompt, Logprobs=1 if top is not None else 0, TopLogprobs=top or 0,
+                             ModelIdentity=model.identity, **generation_fields(body, model))
+
+
+# ---------------------------------------------------------------------------- Reply -> OpenAI JSON
+
+
+def timings(reply: pb.Reply) -> dict[str, float | int]:
+    """llama-server's `timings` object from a final Reply.
+
+    The backend's generation time runs from the first token to the last, so the rate counts the n-1 tokens after
+    the first one (the first token's cost is in `prompt_ms`, as in llama-server).
+    """
+    pn, gn = reply.prompt_tokens, reply.tokens
+    pms, gms = reply.timing_prompt_processing, reply.timing_token_generation
+    steps = max(gn - 1, 0)
+    return {
+        "prompt_n": pn, "prompt_ms": pms,
+        "prompt_per_token_ms": pms / pn if pn else 0.0, "prompt_per_second": 1000.0 * pn / pms if pms > 0 else 0.0,
+        "predicted_n": gn, "predicted_ms": gms,
+        "predicted_per_token_ms": gms / steps if steps else 0.0,
+        "predicted_per_second": 1000.0 * steps / gms if gms > 0 else 0.0,
+        "draft_n": reply.draft_n, "draft_n_accepted": reply.draft_n_accepted,
+    }
+
+
+def usage(reply: pb.Reply) -> dict[str, int]:
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.tokens,
+            "total_tokens": reply.prompt_tokens + reply.tokens}
+
+
+def finish_reason(reply: pb.Reply, request: pb.PredictOptions, context_size: int, tool_calls: bool) -> str:
+    """"tool_calls", "length" (the token limit or the context ran out) or "stop" (EOS or a stop string)."""
+    if tool_calls:
+        return "tool_calls"
+    limit = min(request.Tokens, context_size - reply.prompt_tokens)
+    return "length" if reply.tokens >= limit else "stop"
+
+
+def _tool_calls(delta: pb.ChatDelta | None) -> list[dict[str, Any]]:
+    if delta is None:
+        return []
+    return [{"index": tc.index, "id": tc.id, "type": "function",
+             "function": {"name": tc.name, "arguments": tc.arguments}} for tc in delta.tool_calls]
+
+
+def _logprob_items(raw: bytes) -> list[dict[str, Any]]:
+    return json.loads(raw)["content"] if raw else []
+
+
+def legacy_logprobs(items: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
+    """Chat-format logprob items -> the `/v1/completions` shape (tokens, token_logprobs, top_logprobs, offsets)."""
+    offsets, pos = [], offset
+    for item in items:
+        offsets.append(pos)
+        pos += len(item["token"])
+    return {
+        "tokens": [i["token"] for i in items], "token_logprobs": [i["logprob"] for i in items],
+        "top_logprobs": [{t["token"]: t["logprob"] for t in i.get("top_logprobs", [])} for i in items],
+        "text_offset": offsets,
+    }
+
+
+@dataclass
+class Job:
+    """One completion in flight: its kind, the proto request and the envelope of every response object."""
+
+    kind: str  # "chat" or "text"
+    request: pb.PredictOptions
+    model: ServedModel
+    stream: bool = False
+    include_usage: bool = False
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.id = self.id or f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = self.created or int(time.time())
+
+    def envelope(self, chunk: bool = False) -> dict[str, Any]:
+        obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name}
+
+    def finish(self, reply: pb.Reply, calls: bool) -> str:
+        return finish_reason(reply, self.request, self.model.context_size, calls)
+
+
+def completion_response(job: Job, reply: pb.Reply) -> dict[str, Any]:
+    """A non-streamed `chat.completion` or `text_completion` from Predict's Reply."""
+    delta = reply.chat_deltas[0] if reply.chat_deltas else None
+    text = delta.content if delta else reply.message.decode("utf-8", "replace")
+    calls = _tool_calls(delta)
+    items = _logprob_items(reply.logprobs)
+    if job.kind == "chat":
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+        if delta and delta.reasoning_content:
+            message["reasoning_content"] = delta.reasoning_content
+        if calls:
+            message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+        choice = {"index": 0, "message": message, "logprobs": {"content": items} if job.request.Logprobs else None}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": legacy_logprobs(items) if job.request.Logprobs else None}
+    choice["finish_reason"] = job.finish(reply, bool(calls))
+    return {**job.envelope(), "choices": [choice], "usage": usage(reply), "timings": timings(reply)}
+
+
+class StreamFormatter:
+    """Turns the Replies of one PredictStream into OpenAI stream chunks (`chat.completion.chunk` / text)."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.offset = 0  # text offset for legacy logprobs
+
+    def _chunk(self, payload: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
+        key = "delta" if self.job.kind == "chat" else "text"
+        return {**self.job.envelope(chunk=True),
+                "choices": [{"index": 0, key: payload, "logprobs": logprobs, "finish_reason": finish}]}
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [self._chunk({"role": "assistant", "content": ""})] if self.job.kind == "chat" else []
+
+    def delta(self, reply: pb.Reply) -> dict[str, Any] | None:
+        d = reply.chat_deltas[0] if reply.chat_deltas else None
+        content = d.content if d else reply.message.decode("utf-8", "replace")
+        reasoning = d.reasoning_content if d else ""
+        if not content and not reasoning:
+            return None
+        items = _logprob_items(reply.logprobs)
+        if self.job.kind == "text":
+            lp = legacy_logprobs(items, self.offset) if self.job.request.Logprobs else None
+            self.offset += len(content)
+            return self._chunk(content, logprobs=lp)  # type: ignore[arg-type]
+        payload = {"content": content} if content else {}
+        if reasoning:
+            payload["reasoning_content"] = reasoning
+        return self._chunk(payload, logprobs={"content": items} if self.job.request.Logprobs else None)
+
+    def closing(self, final: pb.Reply) -> list[dict[str, Any]]:
+        """Tool calls (if any), the chunk with finish_reason + usage + timings, and the usage-only chunk if asked."""
+        calls = _tool_calls(final.chat_deltas[0] if final.chat_deltas else None)
+        out = [self._chunk({"tool_calls": calls})] if calls else []
+        last = self._chunk({} if self.job.kind == "chat" else "", finish=self.job.finish(final, bool(calls)))
+        out.append({**last, "usage": usage(final), "timings": timings(final)})
+        if self.job.include_usage:
+            out.append({**self.job.envelope(chunk=True), "choices": [], "usage": usage(final),
+                        "timings": timings(final)})
+        return out
+
+
+def embeddings_request(body: dict[str, Any], model: ServedModel) -> list[pb.PredictOptions]:
+    """One Embedding call per input (a string, an array of strings, or token arrays)."""
+    inputs = body.get("input")
+    if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and all(isinstance(t, int) for t in inputs)):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs:
+        raise invalid("input", "input must be a non-empty string or array")
+    if body.get("encoding_format", "float") not in ("float", "base64"):
+        raise invalid("encoding_format", "encoding_format must be 'float' or 'base64'")
+    out = []
+    for i, item in enumerate(inputs):
+        if isinstance(item, str) and item:
+            out.append(pb.PredictOptions(Embeddings=item, ModelIdentity=model.identity))
+        elif isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            out.append(pb.PredictOptions(EmbeddingTokens=item, ModelIdentity=model.identity))
+        else:
+            raise invalid(f"input[{i}]", "each input must be a non-empty string or array of token ids")
+    return out
+
+
+def embeddings_response(results: list[pb.EmbeddingResult], model: ServedModel, encoding: str) -> dict[str, Any]:
+    def vector(r: pb.EmbeddingResult) -> Any:
+        if encoding == "base64":  # little-endian float32, what the openai client decodes by default
+            return base64.b64encode(struct.pack(f"<{len(r.embeddings)}f", *r.embeddings)).decode()
+        return list(r.embeddings)
+
+    n = sum(r.prompt_tokens or r.tokens for r in results)
+    return {"object": "list", "model": model.name, "usage": {"prompt_tokens": n, "total_tokens": n},
+            "data": [{"object": "embedding", "index": i, "embedding": vector(r)} for i, r in enumerate(results)]}
+
+
+def http_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """The one mapping from errors (ours and the backend's gRPC statuses) to an HTTP status and OpenAI error body."""
+    code, param = None, getattr(exc, "param", None)
+    if isinstance(exc, grpc.RpcError):
+        message = exc.details() or str(exc.code())
+        status, kind = GRPC_TO_HTTP.get(exc.code(), (500, "server_error"))
+        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "context window" in message:
+            code = "context_length_exceeded"
+    elif isinstance(exc, ContextOverflowError):
+        status, kind, code, message = 400, "invalid_request_error", "context_length_exceeded", str(exc)
+    elif isinstance(exc, InvalidRequestError):
+        status, kind, message = 400, "invalid_request_error", str(exc)
+    elif isinstance(exc, LookupError):
+        status, kind, code, message = 404, "invalid_request_error", "model_not_found", str(exc)
+    elif isinstance(exc, (NoModelLoadedError, ModelLoadError)):
+        status, kind, message = 503, "unavailable_error", str(exc)
+    else:
+        status, kind, message = 500, "server_error", f"{type(exc).__name__}: {exc}"
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}

@@ -1,0 +1,116 @@
+"""apexmtp's engine vs llama-server's draft-mtp on the same GGUF and machine, interleaved rounds.
+
+llama-server is not shipped with llama-cpp-python; build it from the same vendored llama.cpp
+(`cmake -B build -DLLAMA_CURL=OFF && cmake --build build --target llama-server`) and pass its path.
+
+    python bench/bench_llama_server.py --server PATH/llama-server [--model F.gguf] [--k 4] [--tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mtp import model_file  # noqa: E402
+from common import machine, median  # noqa: E402
+
+from backend.engine import Engine, EngineConfig
+from backend.generation import GenerationRequest, Model, collect
+from backend.speculative import SpecConfig
+
+PROMPT = "Benchmarking speculative decoding on a synthetic model. " * 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LlamaServer:
+    def __init__(self, binary: Path, model: Path, threads: int, k: int | None) -> None:
+        self.port = free_port()
+        cmd = [str(binary), "-m", str(model), "--port", str(self.port), "--host", "127.0.0.1", "-t", str(threads),
+               "-tb", str(threads), "-c", "2048", "-b", "256", "-np", "1", "--no-webui"]
+        if k:
+            cmd += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(k)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1)
+                return
+            except Exception:
+                time.sleep(0.1)
+        raise SystemExit("llama-server did not start")
+
+    def tps(self, tokens: int) -> tuple[float, float]:
+        body = json.dumps({"prompt": PROMPT, "n_predict": tokens, "temperature": 0, "ignore_eos": True,
+                           "cache_prompt": False}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", body,
+                                     {"Content-Type": "application/json"})
+        t = json.load(urllib.request.urlopen(req))["timings"]
+        acc = t.get("draft_n_accepted", 0) / t["draft_n"] if t.get("draft_n") else 0.0
+        return t["predicted_per_second"], acc
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def ours(model: Model, tokens: int) -> tuple[float, float]:
+    model.engine.reset()
+    r = collect(model, GenerationRequest(prompt=model.engine.tokenize(PROMPT), max_tokens=tokens, ignore_eos=True))
+    return r.tokens_per_second, r.stats.acceptance_rate
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--server", type=Path, required=True)
+    ap.add_argument("--model", type=Path, default=None, help="default: the bench preset at 100%% acceptance")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    path = args.model or model_file("bench", 1.0, args.k)
+    base = dict(n_ctx=2048, n_batch=256, n_threads=args.threads)
+    runs = {
+        "apexmtp plain": lambda: Model(Engine(path, EngineConfig(**base)), name="p", spec=SpecConfig(), template=None),
+        f"apexmtp k={args.k}": lambda: Model(Engine(path, EngineConfig(**base, mtp=True, n_draft_max=args.k)),
+                                             name="m", spec=SpecConfig(n_max=args.k, adaptive=False), template=None),
+        "apexmtp adaptive": lambda: Model(Engine(path, EngineConfig(**base, mtp=True, n_draft_max=6)), name="a",
+                                          spec=SpecConfig(n_max=6, adaptive=True), template=None),
+    }
+    results: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(args.rounds):  # one process at a time so they never compete for the 2 cores
+        for name, make in runs.items():
+            m = make()
+            ours(m, 32)
+            results.setdefault(name, []).append(ours(m, args.tokens))
+            m.engine.close()
+        for name, k in (("llama-server plain", None), (f"llama-server draft-mtp k={args.k}", args.k)):
+            srv = LlamaServer(args.server, path, args.threads, k)
+            try:
+                srv.tps(32)
+                results.setdefault(name, []).append(srv.tps(args.tokens))
+            finally:
+                srv.close()
+    print(f"# machine: {machine()}")
+    print(f"# model {path.name} ({path.stat().st_size / 2**20:.0f} MiB), {args.tokens} greedy tokens, "
+          f"{args.threads} threads, median of {args.rounds} rounds")
+    ref = median([r[0] for r in results["llama-server plain"]])
+    for name, rs in results.items():
+        tps = median([r[0] for r in rs])
+        print(f"{name:<28} {tps:8.1f} tok/s  {tps / ref:5.2f}x  acceptance {median([r[1] for r in rs]):.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

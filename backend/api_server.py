@@ -424,6 +424,13 @@ class ApiServer(ThreadingHTTPServer):
         return 200, {"status": "ok", "model": model.name,
                      "backend": {"addr": self.backend.addr, "pid": self.backend.proc.pid}}
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client resetting its connection is routine; socketserver would print a traceback for it.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.debug("connection from %s reset", client_address)
+            return
+        log.exception("error while serving %s", client_address)
+
     def model_card(self, model: ServedModel) -> dict[str, Any]:
         return {"id": model.name, "object": "model", "created": 0, "owned_by": "apexmtp",
                 "meta": {"context_size": model.context_size, "mtp": model.mtp, "embeddings": model.embeddings}}
@@ -533,8 +540,10 @@ def main(argv: list[str]) -> int:
     opts = RunOptions(ref=args.ref, host=args.host, port=args.port, tier=args.tier, context=args.context,
                       models_dir=args.models_dir, threads=args.threads, embeddings=args.embeddings,
                       no_mtp=args.no_mtp, progress=not args.quiet, echo_backend=not args.quiet)
-    # SIGTERM unwinds like Ctrl-C, through the `finally` that stops the backend.
+    # SIGTERM unwinds like Ctrl-C, through the `finally` that stops the backend. SIGINT is set too because a shell
+    # starts background jobs with it ignored, and Python then never installs its own handler.
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
     server = None
     try:
         server = serve(opts)

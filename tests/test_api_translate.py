@@ -1,0 +1,170 @@
+"""The pure pieces of `apexmtp run`: OpenAI JSON -> proto, Reply -> OpenAI JSON, config -> LoadModel, demo options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from backend.api_server import model_options
+from backend.demo import DEMOS, is_demo, merge_options
+from backend.errors import InvalidRequestError
+from backend.openai_api import (
+    INT32_MAX,
+    Job,
+    ServedModel,
+    StreamFormatter,
+    chat_request,
+    completion_request,
+    completion_response,
+    http_error,
+    legacy_logprobs,
+    timings,
+)
+from proto import backend_pb2 as pb
+
+MODEL = ServedModel(name="m", aliases=frozenset({"demo"}), context_size=1024, identity="m.gguf", embeddings=False,
+                    mtp=True, defaults={"temperature": 0.6, "top_k": 20})
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_defaults_layer_under_the_request():
+    r = chat_request({"messages": HI}, MODEL)
+    assert (r.Temperature, r.TopK, r.TopP) == (pytest.approx(0.6), 20, pytest.approx(0.95))  # config, then server
+    assert r.Tokens == 1024 and r.Seed == 0 and r.UseTokenizerTemplate and r.ModelIdentity == "m.gguf"
+    r = chat_request({"messages": HI, "temperature": 0, "top_k": 0, "max_tokens": 5, "seed": 0}, MODEL)
+    assert (r.Temperature, r.TopK, r.Tokens) == (0, 0, 5)
+    assert r.Seed == INT32_MAX  # seed 0 must stay fixed; 0 on the wire would mean "random"
+
+
+def test_chat_fields_pass_through():
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+                         {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}],
+            "tools": tools, "tool_choice": "auto", "stop": "x", "logprobs": True, "top_logprobs": 2,
+            "chat_template_kwargs": {"enable_thinking": False}, "reasoning_effort": "low"}
+    r = chat_request(body, MODEL)
+    assert r.Messages[0].content == "ab" and json.loads(r.Messages[1].tool_calls) == [{"id": "1"}]
+    assert json.loads(r.Tools) == tools and r.ToolChoice == "auto" and list(r.StopPrompts) == ["x"]
+    assert (r.Logprobs, r.TopLogprobs) == (1, 2)
+    assert json.loads(r.Metadata["chat_template_kwargs"]) == {"enable_thinking": False}
+    assert not chat_request({**body, "tool_choice": "none"}, MODEL).Tools
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": HI, "max_tokens": 0}, "max_tokens"),
+    ({"messages": HI, "max_completion_tokens": -3}, "max_completion_tokens"),
+    ({"messages": HI, "temperature": "hot"}, "temperature"),
+    ({"messages": HI, "top_k": 1.5}, "top_k"),
+    ({"messages": HI, "n": 2}, "n"),
+    ({"messages": HI, "stop": [1]}, "stop"),
+    ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+    ({"messages": HI, "seed": 2**40}, "seed"),
+])
+def test_bad_chat_requests_name_the_field(body, param):
+    with pytest.raises(InvalidRequestError) as err:
+        chat_request(body, MODEL)
+    assert err.value.param == param
+    status, out = http_error(err.value)
+    assert status == 400 and out["error"]["param"] == param
+
+
+def test_completion_request():
+    r = completion_request({"prompt": ["once"], "logprobs": 3, "max_tokens": 2}, MODEL)
+    assert (r.Prompt, r.Logprobs, r.TopLogprobs, r.Tokens, r.UseTokenizerTemplate) == ("once", 1, 3, 2, False)
+    bad_bodies = ({"prompt": ""}, {"prompt": ["a", "b"]}, {"prompt": "a", "echo": True}, {"prompt": "a", "logprobs": 21})
+    for bad in bad_bodies:
+        with pytest.raises(InvalidRequestError):
+            completion_request(bad, MODEL)
+
+
+def final_reply(**kw) -> pb.Reply:
+    base = {"tokens": 11, "prompt_tokens": 4, "timing_prompt_processing": 20.0, "timing_token_generation": 100.0,
+            "draft_n": 12, "draft_n_accepted": 9}
+    return pb.Reply(**{**base, **kw})
+
+
+def test_timings_are_llama_server_shaped():
+    t = timings(final_reply())
+    assert t["predicted_n"] == 11 and t["predicted_per_second"] == pytest.approx(100.0)  # 10 steps in 100 ms
+    assert t["prompt_per_second"] == pytest.approx(200.0) and t["prompt_per_token_ms"] == pytest.approx(5.0)
+    assert (t["draft_n"], t["draft_n_accepted"]) == (12, 9)
+    assert timings(pb.Reply())["predicted_per_second"] == 0.0
+
+
+def test_finish_reasons_and_tool_calls():
+    job = Job("chat", pb.PredictOptions(Tokens=11), MODEL)
+    reply = final_reply(chat_deltas=[pb.ChatDelta(content="hey")])
+    assert completion_response(job, reply)["choices"][0]["finish_reason"] == "length"
+    assert completion_response(Job("chat", pb.PredictOptions(Tokens=50), MODEL), reply)["choices"][0][
+        "finish_reason"] == "stop"
+    call = pb.ToolCallDelta(index=0, id="call_0", name="f", arguments='{"a": 1}')
+    out = completion_response(job, final_reply(chat_deltas=[pb.ChatDelta(tool_calls=[call])]))
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"] == [{"id": "call_0", "type": "function",
+                                                "function": {"name": "f", "arguments": '{"a": 1}'}}]
+
+
+def test_stream_formatter_chat():
+    job = Job("chat", pb.PredictOptions(Tokens=11), MODEL, stream=True, include_usage=True)
+    fmt = StreamFormatter(job)
+    assert fmt.opening()[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    chunk = fmt.delta(pb.Reply(chat_deltas=[pb.ChatDelta(content="a", reasoning_content="r")]))
+    assert chunk["choices"][0]["delta"] == {"content": "a", "reasoning_content": "r"}
+    assert fmt.delta(pb.Reply(tokens=3)) is None
+    closing = fmt.closing(final_reply())
+    assert closing[0]["choices"][0]["finish_reason"] == "length" and closing[0]["timings"]["draft_n"] == 12
+    assert closing[-1]["choices"] == [] and closing[-1]["usage"]["total_tokens"] == 15
+    assert len({c["id"] for c in closing}) == 1
+
+
+def test_legacy_logprobs_offsets():
+    items = [{"token": "ab", "logprob": -0.1, "top_logprobs": [{"token": "ab", "logprob": -0.1}]},
+             {"token": "c", "logprob": -2.0, "top_logprobs": []}]
+    out = legacy_logprobs(items, offset=5)
+    assert out["tokens"] == ["ab", "c"] and out["text_offset"] == [5, 7]
+    assert out["top_logprobs"] == [{"ab": -0.1}, {}]
+
+
+def test_grpc_errors_map_to_http():
+    class Err(grpc.RpcError):
+        def __init__(self, code, details):
+            self._code, self._details = code, details
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._details
+
+    status, body = http_error(Err(grpc.StatusCode.INVALID_ARGUMENT, "prompt is 9 tokens but the context window is 4"))
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert http_error(Err(grpc.StatusCode.UNAVAILABLE, "gone"))[0] == 503
+    assert http_error(Err(grpc.StatusCode.INTERNAL, "boom"))[0] == 500
+    assert http_error(LookupError("no such model"))[1]["error"]["code"] == "model_not_found"
+
+
+def test_model_options_from_a_localai_config(tmp_path: Path):
+    config = {"parameters": {"model": "sub/x.gguf", "temperature": 0.7}, "context_size": 8192, "gpu_layers": 99,
+              "flash_attention": True, "cache_type_k": "q8_0", "cache_type_v": "q8_0", "mmap": True,
+              "options": ["use_jinja:true", "spec_type:draft-mtp"]}
+    m = model_options(config, tmp_path, threads=3)
+    assert (m.Model, m.ModelFile, m.ModelPath) == ("sub/x.gguf", str(tmp_path / "sub/x.gguf"), str(tmp_path))
+    assert (m.ContextSize, m.NGPULayers, m.Threads, m.FlashAttention) == (8192, 99, 3, "on")
+    assert (m.CacheTypeKey, m.CacheTypeValue, m.MMap, m.Embeddings) == ("q8_0", "q8_0", True, False)
+    assert list(m.Options) == ["use_jinja:true", "spec_type:draft-mtp"]
+    assert model_options({**config, "parameters": {"model": "/abs/y.gguf"}}, tmp_path).ModelFile == "/abs/y.gguf"
+
+
+def test_demo_options_override_by_key():
+    assert is_demo(None) and is_demo("demo") and is_demo("demo-mtp") and not is_demo("qwen3.5-35b-a3b-apex")
+    pulled = ["use_jinja:true", "spec_type:draft-mtp", "spec_n_max:6", "spec_p_min:0.75"]
+    merged = merge_options(pulled, DEMOS["demo-mtp"].options)
+    assert "spec_n_max:4" in merged and "spec_n_max:6" not in merged and "spec_p_min:0.75" in merged
+    assert merged.count("spec_type:draft-mtp") == 1

@@ -77,7 +77,8 @@ def test_bad_chat_requests_name_the_field(body, param):
 def test_completion_request():
     r = completion_request({"prompt": ["once"], "logprobs": 3, "max_tokens": 2}, MODEL)
     assert (r.Prompt, r.Logprobs, r.TopLogprobs, r.Tokens, r.UseTokenizerTemplate) == ("once", 1, 3, 2, False)
-    bad_bodies = ({"prompt": ""}, {"prompt": ["a", "b"]}, {"prompt": "a", "echo": True}, {"prompt": "a", "logprobs": 21})
+    bad_bodies = ({"prompt": ""}, {"prompt": ["a", "b"]}, {"prompt": "a", "echo": True},
+                  {"prompt": "a", "logprobs": 21})
     for bad in bad_bodies:
         with pytest.raises(InvalidRequestError):
             completion_request(bad, MODEL)

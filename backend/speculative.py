@@ -72,8 +72,8 @@ class DraftController:
     Adaptive mode maximises expected emitted tokens per second. Acceptance is modelled as a per-position
     probability `alpha` (an EMA over recent steps), so k drafts emit `(1 - alpha^(k+1)) / (1 - alpha)` tokens
     per step on average (the bonus token included). The cost of a step with k drafts (k MTP decodes plus one
-    verify batch of k+1 tokens) is timed on this machine, per k tried, and modelled as the least-squares line
-    through those timings. It first times k = n_max, 1 and 0 as anchors, then exploits the best k and
+    verify batch of k+1 tokens) is timed on this machine: measured for the k values tried, a least-squares line
+    through them for the others. It first times k = n_max, 1 and 0 as anchors, then exploits the best k and
     re-times a neighbour every `explore_every` steps so estimates stay fresh. k = 0 (no drafts) wins when
     speculation does not pay. It lives with the loaded model, so what it learns carries over between requests.
     """
@@ -110,13 +110,12 @@ class DraftController:
         return (1.0 - a ** (k + 1)) / (1.0 - a)
 
     def cost(self, k: int) -> float:
-        """Seconds per step with k drafts: a least-squares line through the measured k (one measured k: itself).
-
-        A step is k MTP decodes plus one verify batch of k+1 tokens, so cost is close to linear in k; the line
-        smooths the timing noise of single measurements, which would otherwise make the choice of k jitter.
-        """
+        """Seconds per step with k drafts: measured (EMA) when k was tried, else a least-squares line through
+        the measured k — a step is k MTP decodes plus one verify batch of k+1 tokens, close to linear in k."""
+        if k in self._cost:
+            return self._cost[k]
         if len(self._cost) < 2:
-            return self._cost.get(k) or next(iter(self._cost.values()), 1.0)
+            return next(iter(self._cost.values()), 1.0)
         ks = np.fromiter(self._cost.keys(), dtype=float)
         ts = np.fromiter(self._cost.values(), dtype=float)
         slope, intercept = np.polyfit(ks, ts, 1)

@@ -28,6 +28,8 @@ class Demo:
     synth: dict = field(default_factory=dict)  # backend.synthetic.write_model arguments (synthetic source)
 
 
+# demo-mtp drafts at every step (spec_adaptive:false): the adaptive controller first times k = n_max, 1 and 0 and
+# may settle on few drafts during the first request, while the demo's point is to show acceptance from the start.
 DEMOS: dict[str, Demo] = {
     d.name: d
     for d in (

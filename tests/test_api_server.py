@@ -325,6 +325,15 @@ def test_chat_cli_over_running_server(mtp):
     assert "conversation cleared" in done.stdout
 
 
+def test_chat_cli_starts_its_own_server(run_env):
+    cmd = [sys.executable, "-m", "backend.cli", "chat", "demo-mtp", "--context", "256", "--threads", "1",
+           "--max-tokens", "8", "--temperature", "0"]
+    done = subprocess.run(cmd, check=False, cwd=ROOT, env={**os.environ, **run_env}, input="hi\n", capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "8 tokens" in done.stdout and "drafts accepted" in done.stdout
+
+
 def test_dead_backend_is_reported(mtp):
     pid = mtp.backend()["pid"]
     os.kill(pid, signal.SIGKILL)

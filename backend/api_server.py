@@ -243,6 +243,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _send_error(self, status: int, message: str, code: str) -> None:
+        self.close_connection = True  # a body we did not read would be taken for the next request
         self._send_json(status, {"error": {"message": message, "type": "invalid_request_error", "param": None,
                                            "code": code}})
 

@@ -218,10 +218,13 @@ class Handler(BaseHTTPRequestHandler):
             self._send_json(status, body)
 
     def _body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
             self.close_connection = True
-            raise invalid(None, f"request body is {length} bytes; the limit is {MAX_BODY}")
+            raise invalid(None, f"Content-Length must be 0 to {MAX_BODY} bytes, got {self.headers['Content-Length']}")
         raw = self.rfile.read(length) if length else b""
         try:
             body = json.loads(raw)
@@ -370,6 +373,8 @@ def _chain(first: pb.Reply | None, rest: Iterator[pb.Reply]) -> Iterator[pb.Repl
 
 def _stream_flags(body: dict[str, Any]) -> dict[str, bool]:
     opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise invalid("stream_options", "stream_options must be an object")
     return {"stream": bool(body.get("stream")), "include_usage": bool(opts.get("include_usage"))}
 
 

@@ -238,6 +238,8 @@ def finish_reason(reply: pb.Reply, request: pb.PredictOptions, context_size: int
     """"tool_calls", "length" (the token limit or the context ran out) or "stop" (EOS or a stop string)."""
     if tool_calls:
         return "tool_calls"
+    if reply.finish_reason:  # the backend knows; older backends leave it empty
+        return reply.finish_reason
     limit = min(request.Tokens, context_size - reply.prompt_tokens)
     return "length" if reply.tokens >= limit else "stop"
 

@@ -143,7 +143,7 @@ class BackendServicer(pb_grpc.BackendServicer):
         context.add_callback(cancel.set)
         try:
             for chunk in pump(model.stream(req, result), cancel):
-                if chunk.content or chunk.reasoning:
+                if chunk.content or chunk.reasoning or chunk.logprobs:  # held-back text still has logprobs
                     yield _chunk_reply(chunk, result)
         except Exception as exc:
             _abort(context, exc)
@@ -398,7 +398,7 @@ def _final_reply(result: Result, logprobs: list[dict], tools: bool, *, with_text
         logprobs=json.dumps({"content": logprobs}).encode() if logprobs else b"",
         chat_deltas=[delta] if (with_text or calls) else [],
         draft_n=result.stats.drafted, draft_n_accepted=result.stats.accepted,
-        draft_verify_steps=result.stats.verify_steps,
+        draft_verify_steps=result.stats.verify_steps, finish_reason=result.finish_reason,
     )
 
 

@@ -170,6 +170,8 @@ def test_predict_and_stream_greedy_identical(smol_backend):
     assert final.timing_prompt_processing > 0 and final.timing_token_generation > 0
     assert all(r.prompt_tokens == final.prompt_tokens for r in replies)
     assert [r.tokens for r in replies] == sorted(r.tokens for r in replies)
+    assert final.finish_reason == "length"
+    assert stream_replies(stub, Prompt="The capital of France is", Tokens=40, StopPrompts=["."])[-1].finish_reason == "stop"
 
 
 def test_chat_template_messages(smol_backend):
@@ -250,6 +252,8 @@ def test_logprobs_openai_format(smol_backend):
     r = smol_backend.stub.Predict(pb.PredictOptions(Prompt="Hello", Tokens=5, Logprobs=1, TopLogprobs=3))
     data = json.loads(r.logprobs)
     assert len(data["content"]) == 5
+    streamed = stream_replies(smol_backend.stub, Prompt="Hello", Tokens=5, Logprobs=1, TopLogprobs=3)
+    assert sum(len(json.loads(x.logprobs)["content"]) for x in streamed if x.logprobs) == 5
     for item in data["content"]:
         assert item["logprob"] <= 0 and len(item["top_logprobs"]) == 3
         assert item["top_logprobs"][0]["logprob"] >= item["logprob"] - 1e-6

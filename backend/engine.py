@@ -310,6 +310,10 @@ class Engine:
         # The MTP context already holds (y, pending_h) at the next position from the last draft step, which is
         # exactly the first row the next mirror would write; the mirror skips it (llama.cpp re-evaluates it).
         self._dctx_ahead: tuple[int, int] | None = None
+        # Mirror entries (token, position, h row) not yet decoded into the MTP context. Mirroring is deferred
+        # until the head must draft (or n_batch entries wait), so steps that do not speculate cost what plain
+        # decoding costs and rejected drafts are never mirrored at all.
+        self._mirror_queue: list[tuple[int, int, np.ndarray]] = []
 
     def _new_context(self, cfg: EngineConfig, *, mtp: bool, embeddings: bool = False) -> int:
         cp = L.llama_context_default_params()
@@ -414,6 +418,7 @@ class Engine:
         self.tokens = []
         self._pending_h = np.zeros(self.n_embd, dtype=np.float32)
         self._dctx_ahead = None
+        self._mirror_queue = []
 
     def _truncate(self, n_keep: int) -> None:
         """Drop positions >= n_keep from both contexts, or everything when the target cannot."""
@@ -423,6 +428,7 @@ class Engine:
             if self._dctx:
                 L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), 0, n_keep, -1)
                 self._dctx_ahead = None
+                self._mirror_queue = [e for e in self._mirror_queue if e[1] < n_keep]
             del self.tokens[n_keep:]
         else:
             self.reset()
@@ -474,27 +480,35 @@ class Engine:
             self._mirror(tokens, p0)
 
     def _mirror(self, tokens: list[int], p0: int) -> None:
+        """Queue the MTP entries of a target decode: token p pairs with the target's hidden row of p-1."""
         n = len(tokens)
         ptr = X.llama_get_embeddings_nextn(self._ctx)
         # Copy at once: the next decode overwrites the output buffer.
         h = np.ctypeslib.as_array(ptr, shape=(n * self.n_embd,)).reshape(n, self.n_embd).copy()
-        first = 0
+        rows = [self._pending_h, *h[:-1]]
+        self._mirror_queue.extend(zip(tokens, range(p0, p0 + n), rows))
+        self._verify_h = h
+        self._pending_h = h[-1].copy()
+        if len(self._mirror_queue) >= self.n_batch:
+            self.flush_mirror()
+
+    def flush_mirror(self) -> None:
+        """Decode every queued mirror entry into the MTP context (in n_batch chunks)."""
+        queue, self._mirror_queue = self._mirror_queue, []
         if self._dctx_ahead is not None:
-            if self._dctx_ahead == (p0, tokens[0]):
-                first = 1
+            if queue and (queue[0][1], queue[0][0]) == self._dctx_ahead:
+                queue = queue[1:]
             else:  # not the step it was drafted for: drop the stale entry
                 L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), 0, self._dctx_ahead[0], -1)
             self._dctx_ahead = None
-        if first < n:
-            db = self._dbatch
+        db = self._dbatch
+        for start in range(0, len(queue), self.n_batch):
             db.clear()
-            for i in range(first, n):
-                db.add(tokens[i], p0 + i, embd=self._pending_h if i == 0 else h[i - 1])
+            for tok, pos, row in queue[start:start + self.n_batch]:
+                db.add(tok, pos, embd=row)
             rc = L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr)
             if rc != 0:
-                raise RuntimeError(f"llama.cpp MTP mirror decode failed ({rc}) at position {p0}")
-        self._verify_h = h
-        self._pending_h = h[-1].copy()
+                raise RuntimeError(f"llama.cpp MTP mirror decode failed ({rc}) at position {queue[start][1]}")
 
     def logits(self, idx: int) -> np.ndarray:
         """Output row `idx` of the last target decode (a view: copy it before the next decode)."""
@@ -516,6 +530,7 @@ class Engine:
         """
         if not self._dctx or n <= 0:
             return []
+        self.flush_mirror()
         pos0 = self.n_past
         n = min(n, self.n_ctx - pos0 - 2)
         out: list[int] = []
@@ -555,6 +570,7 @@ class Engine:
             raise RuntimeError(f"llama.cpp refused to roll back {drop} tokens (n_rs_seq too small?)")
         if self._dctx:
             L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), 0, keep_pos, -1)
+            self._mirror_queue = [e for e in self._mirror_queue if e[1] < keep_pos]
         del self.tokens[keep_pos:]
 
     # -- embeddings ----------------------------------------------------------------------------------

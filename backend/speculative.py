@@ -69,12 +69,13 @@ class SpecStats:
 class DraftController:
     """Chooses the draft length k for each step, bounded by `n_max`.
 
-    Adaptive mode maximises expected emitted tokens per second. Acceptance is modelled as a per-position
-    probability `alpha` (an EMA over recent steps), so k drafts emit `(1 - alpha^(k+1)) / (1 - alpha)` tokens
-    per step on average (the bonus token included). The cost of a step with k drafts (k MTP decodes plus one
+    Adaptive mode maximises expected emitted tokens per second. Acceptance is tracked per draft position
+    (`accept[i]`: an EMA of P(draft i+1 kept | draft i kept)), so k drafts emit `1 + sum_j prod_{i<j} accept[i]`
+    tokens per step on average (the bonus token included) — heads get worse with depth, which a single rate
+    would hide. The cost of a step with k drafts (k MTP decodes plus one
     verify batch of k+1 tokens) is timed on this machine: measured for the k values tried, a least-squares line
     through them for the others. It first times k = n_max, 1 and 0 as anchors, then exploits the best k and
-    re-times a neighbour every `explore_every` steps so estimates stay fresh. k = 0 (no drafts) wins when
+    re-times a neighbour every `explore_every` steps (4x as rarely while k = 0 wins) so estimates stay fresh. k = 0 (no drafts) wins when
     speculation does not pay. It lives with the loaded model, so what it learns carries over between requests.
     """
 
@@ -83,7 +84,7 @@ class DraftController:
         self.adaptive = adaptive
         self.decay = decay
         self.explore_every = explore_every
-        self.alpha = 0.8
+        self.accept = [0.8] * max(n_max, 1)  # optimistic start: try speculation before judging it
         self._cost: dict[int, float] = {}  # k -> EMA seconds of a whole step with k drafts
         self._steps = 0
 
@@ -97,7 +98,9 @@ class DraftController:
                 return anchor
         self._steps += 1
         best = self.best_k(cap)
-        if self._steps % self.explore_every == 0:
+        # Re-time a neighbour now and then; rarely when not speculating, since a probe then also pays the
+        # deferred MTP catch-up.
+        if self._steps % (self.explore_every * (4 if best == 0 else 1)) == 0:
             return best + 1 if best < cap else best - 1
         return best
 
@@ -105,9 +108,17 @@ class DraftController:
         """The k in 0..cap with the highest expected tokens per second under the current estimates."""
         return max(range(cap + 1), key=lambda k: self.expected_tokens(k) / self.cost(k))
 
+    @property
+    def alpha(self) -> float:
+        """Acceptance of the first draft position (the headline rate)."""
+        return self.accept[0]
+
     def expected_tokens(self, k: int) -> float:
-        a = min(max(self.alpha, 0.0), 0.999)
-        return (1.0 - a ** (k + 1)) / (1.0 - a)
+        total, p = 1.0, 1.0
+        for i in range(k):
+            p *= self.accept[i]
+            total += p
+        return total
 
     def cost(self, k: int) -> float:
         """Seconds per step with k drafts: measured (EMA) when k was tried, else a least-squares line through
@@ -126,11 +137,9 @@ class DraftController:
         d = self.decay
         prev = self._cost.get(k)
         self._cost[k] = seconds if prev is None else d * prev + (1 - d) * seconds
-        if k > 0:
-            # Positions tried: the accepted ones plus the first rejection (if any).
-            tried = accepted + (1 if accepted < k else 0)
-            weight = (1 - d) * tried
-            self.alpha = (self.alpha + weight * accepted / tried) / (1 + weight)
+        # Positions tried: the accepted ones plus the first rejection (if any).
+        for i in range(min(k, accepted + 1)):
+            self.accept[i] = d * self.accept[i] + (1 - d) * (1.0 if i < accepted else 0.0)
 
 
 @dataclass(frozen=True)

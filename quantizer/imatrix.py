@@ -179,6 +179,7 @@ def collect_imatrix(
             engine.reset()
             # All logits, like llama-imatrix: otherwise the last layer skips the rows of non-output tokens.
             engine.decode(chunk, logits="all")
+            engine.flush_mirror()  # the MTP head's activations are collected when its context decodes
             collector.raise_error()
             if progress:
                 progress(i + 1, len(chunks))

@@ -140,7 +140,7 @@ def test_adaptive_controller_prefers_plain_when_drafts_fail():
         k = c.choose(100)
         # Drafts never accepted; each draft costs as much as a verify.
         c.observe(k, 0, 1.0 + 1.0 * k)
-    assert c.best_k(6) == 0 and c.alpha < 0.1
+    assert c.best_k(6) == 0 and c.alpha < 0.5
 
 
 def test_adaptive_controller_goes_long_when_drafts_win():

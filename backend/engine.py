@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -314,6 +315,7 @@ class Engine:
         # until the head must draft (or n_batch entries wait), so steps that do not speculate cost what plain
         # decoding costs and rejected drafts are never mirrored at all.
         self._mirror_queue: list[tuple[int, int, np.ndarray]] = []
+        self.mirror_seconds = 0.0  # time spent decoding mirror entries (the controller leaves it out of step costs)
 
     def _new_context(self, cfg: EngineConfig, *, mtp: bool, embeddings: bool = False) -> int:
         cp = L.llama_context_default_params()
@@ -495,6 +497,9 @@ class Engine:
     def flush_mirror(self) -> None:
         """Decode every queued mirror entry into the MTP context (in n_batch chunks)."""
         queue, self._mirror_queue = self._mirror_queue, []
+        if not queue and self._dctx_ahead is None:
+            return
+        t0 = time.perf_counter()
         if self._dctx_ahead is not None:
             if queue and (queue[0][1], queue[0][0]) == self._dctx_ahead:
                 queue = queue[1:]
@@ -509,6 +514,7 @@ class Engine:
             rc = L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr)
             if rc != 0:
                 raise RuntimeError(f"llama.cpp MTP mirror decode failed ({rc}) at position {queue[start][1]}")
+        self.mirror_seconds += time.perf_counter() - t0
 
     def logits(self, idx: int) -> np.ndarray:
         """Output row `idx` of the last target decode (a view: copy it before the next decode)."""

@@ -192,7 +192,7 @@ def generate_tokens(
             return
         remaining = max_tokens - emitted
         k = min(controller.choose(remaining), cap) if speculate else 0
-        t0 = time.perf_counter()
+        t0, m0 = time.perf_counter(), engine.mirror_seconds
         drafts = engine.draft(y, k, spec.p_min) if k > 0 else []
         if len(drafts) < spec.n_min:
             drafts = []
@@ -209,7 +209,8 @@ def generate_tokens(
         t2 = time.perf_counter()
         stats.observe(len(drafts), n_acc)
         if speculate:
-            controller.observe(len(drafts), n_acc, t2 - t0)
+            # Every kept token is mirrored whatever k is, so mirroring is left out of the per-k cost.
+            controller.observe(len(drafts), n_acc, (t2 - t0) - (engine.mirror_seconds - m0))
         for tok, ex in accepted[:-1]:
             yield TokenEvent(tok, True, ex)
             emitted += 1

@@ -53,8 +53,10 @@ def test_entries_follow_localai_conventions() -> None:
 
 def test_pins_match_the_shared_facts() -> None:
     """Every sha256 in index.yaml is one that LocalAI's index pins for the same file."""
-    facts = yaml.safe_load(Path("/work/shared/data/apex/apex-files.yaml").read_text()) if Path(
-        "/work/shared/data/apex/apex-files.yaml").is_file() else None
+    from conftest import SHARED_APEX
+
+    facts_file = SHARED_APEX / "apex-files.yaml"
+    facts = yaml.safe_load(facts_file.read_text()) if facts_file.is_file() else None
     if facts is None:
         pytest.skip("shared facts not available")
     pins = {f["file"]: f["sha256"] for r in facts["repos"] for f in r["files"]}

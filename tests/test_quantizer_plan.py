@@ -15,7 +15,7 @@ from quantizer.plan import ModelLayout, TensorSpec, build_plan, check_rules, fir
 from quantizer.recipes import all_tiers, get_tier, parse_tiers
 from quantizer.roles import allows_quantization, classify
 
-APEX_DATA = Path("/work/shared/data/apex")
+from conftest import SHARED_APEX as APEX_DATA  # noqa: E402
 INVENTORY = APEX_DATA / "tensor-inventory.yaml"
 pytestmark = pytest.mark.skipif(not INVENTORY.exists(), reason="shared APEX metadata not available")
 

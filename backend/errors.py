@@ -86,10 +86,6 @@ class ContextOverflowError(InvalidRequestError):
         )
 
 
-class CancelledError(ApexError):
-    """The client went away; generation stopped."""
-
-
 # -------------------------------------------------------------------------------------------- gallery
 
 

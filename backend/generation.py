@@ -11,7 +11,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Iterator
 
@@ -97,11 +97,11 @@ class Model:
         max_tokens = min(req.max_tokens, self.engine.n_ctx - len(req.prompt))
         sampling = req.sampling
         if sampling.seed is None and self.default_seed is not None:
-            sampling = SamplingParams(**{**sampling.__dict__, "seed": self.default_seed})
+            sampling = replace(sampling, seed=self.default_seed)
         if req.ignore_eos:
             bias = dict(sampling.logit_bias)
             bias.update({t: -math.inf for t in self.eog_tokens})
-            sampling = SamplingParams(**{**sampling.__dict__, "logit_bias": bias})
+            sampling = replace(sampling, logit_bias=bias)
         result.n_prompt = len(req.prompt)
         inspect = _make_logprobs(req.logprobs) if req.logprobs is not None else None
         with self.lock, Sampler(sampling, self.engine.vocab, self.engine.n_vocab) as sampler:

@@ -20,7 +20,7 @@ from proto import backend_pb2_grpc as pb_grpc
 
 from .chat import ChatTemplate, extract_tool_calls, message_dicts
 from .engine import Engine
-from .errors import (ApexError, CancelledError, InsufficientMemoryError, InvalidRequestError, ModelNotFoundError,
+from .errors import (ApexError, InsufficientMemoryError, InvalidRequestError, ModelNotFoundError,
                      NoModelLoadedError)
 from .generation import Chunk, GenerationRequest, Model, Result
 from .gguf_file import read_gguf
@@ -43,8 +43,6 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, (ModelNotFoundError, FileNotFoundError, LookupError)):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(exc, CancelledError):
-        return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.INTERNAL
 
 
@@ -179,10 +177,10 @@ class BackendServicer(pb_grpc.BackendServicer):
 
     def _prompt_text(self, model: Model, r: pb.PredictOptions) -> tuple[str, bool]:
         """The prompt text and whether it leaves the model inside a <think> block."""
-        if r.Prompt or not r.UseTokenizerTemplate:
-            if not r.Prompt and not r.UseTokenizerTemplate:
-                raise InvalidRequestError("empty request: set Prompt, or Messages with UseTokenizerTemplate")
+        if r.Prompt:
             return r.Prompt, False
+        if not r.UseTokenizerTemplate:
+            raise InvalidRequestError("empty request: set Prompt, or Messages with UseTokenizerTemplate")
         if model.template is None:
             raise InvalidRequestError("this model has no chat template (or use_jinja is off): send a Prompt")
         if not r.Messages:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -42,14 +42,12 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     verify_steps: int = 0
-    k_hist: dict[int, int] = field(default_factory=dict)
 
     def observe(self, k: int, a: int) -> None:
         if k > 0:
             self.drafted += k
             self.accepted += a
             self.verify_steps += 1
-            self.k_hist[k] = self.k_hist.get(k, 0) + 1
 
     @property
     def acceptance_rate(self) -> float:

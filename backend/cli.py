@@ -12,14 +12,14 @@ import sys
 
 # verb -> ("module:function", one-line help). Order is the order `apexmtp --help` shows.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("backend.api_server:main", "serve an OpenAI-compatible API for a model (no REF: offline demo)"),
-    "chat": ("backend.chat_cli:main", "interactive terminal chat over the OpenAI-compatible API"),
-    "backend": ("backend.server:main", "start the gRPC model-runner LocalAI launches (--addr HOST:PORT)"),
-    "package-backend": ("backend.server:package_main", "write a LocalAI backend directory (run.sh) for this install"),
+    "run": ("backend.api.server:main", "serve an OpenAI-compatible API for a model (no REF: offline demo)"),
+    "chat": ("backend.api.chat_cli:main", "interactive terminal chat over the OpenAI-compatible API"),
+    "backend": ("backend.service.server:main", "start the gRPC model-runner LocalAI launches (--addr HOST:PORT)"),
+    "package-backend": ("backend.service.server:package_main", "write a LocalAI backend directory (run.sh) for this install"),
     "pull": ("gallery.pull:main", "resolve a model reference, pick the tier for this machine, download and verify"),
     "gallery": ("gallery.browse:main", "list, search or show gallery entries"),
     "hw": ("gallery.hw:main", "show detected hardware and the tier each model gets here, with the reason"),
-    "synth": ("backend.synthetic:main", "write a synthetic qwen35moe GGUF with an MTP head (tests, benchmarks, demo)"),
+    "synth": ("backend.synth.qwen35moe:main", "write a synthetic qwen35moe GGUF with an MTP head (tests, benchmarks, demo)"),
     "plan": ("quantizer.cli:plan_main", "print or export the APEX tensor-type plan of a GGUF"),
     "imatrix": ("quantizer.cli:imatrix_main", "collect an importance matrix (MTP head included)"),
     "quantize": ("quantizer.cli:quantize_main", "build APEX tiers from a BF16/F16 GGUF"),

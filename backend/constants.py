@@ -19,9 +19,8 @@ def _as_int(value: str | None, default: int) -> int:
         return default
 
 
-# Size of the gRPC thread pool (LocalAI's knob for Python backends). Generation itself is serialised;
-# extra workers keep Health/Status/GetMetrics answering while a request is generating.
-GRPC_MAX_WORKERS: int = max(1, _as_int(os.environ.get("PYTHON_GRPC_MAX_WORKERS"), 4))
+# Slots (parallel requests) of a loaded model unless its options say `parallel:N` (LocalAI's llama-cpp knob).
+LLAMACPP_PARALLEL: int = max(1, _as_int(os.environ.get("LLAMACPP_PARALLEL"), 1))
 
 # When set, every RPC must carry `authorization: Bearer <token>` (LocalAI distributed mode).
 GRPC_AUTH_TOKEN: str = os.environ.get("LOCALAI_GRPC_AUTH_TOKEN", "")

@@ -4,7 +4,7 @@ Every class inherits from `ApexError` *and* from the built-in exception a caller
 (`FileNotFoundError`, `ValueError`, `OSError`, ...), so both `except ApexError` and `except ValueError`
 work. Errors carry the facts that explain them as attributes (path, entry, expected/actual digest), and
 their messages say what to do about it. gRPC status codes and HTTP statuses are derived from these classes
-in exactly one place each (`backend.servicer.status_for`, `backend.api_server`).
+in exactly one place each (`backend.service.servicer.status_for`, `backend.api.server`).
 """
 
 from __future__ import annotations
@@ -54,6 +54,14 @@ class UnsupportedArchitectureError(ModelLoadError, ValueError):
 
 class InsufficientMemoryError(ApexError, MemoryError):
     """The model (or its context) does not fit in the memory available."""
+
+
+class ModelMismatchError(ApexError, LookupError):
+    """A request named a model (ModelIdentity) other than the one loaded."""
+
+
+class EngineClosedError(ApexError, RuntimeError):
+    """A call reached an engine whose llama.cpp objects were already freed (the model was unloaded)."""
 
 
 class NoModelLoadedError(ApexError, RuntimeError):

@@ -6,7 +6,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 for candidate in "${APEXMTP_PYTHON:-}" "$here/../.venv/bin/python" "$here/venv/bin/python"; do
     if [ -n "$candidate" ] && [ -x "$candidate" ]; then
-        exec "$candidate" -m backend.server "$@"
+        exec "$candidate" -m backend.service.server "$@"
     fi
 done
-exec python3 -m backend.server "$@"
+exec python3 -m backend.service.server "$@"

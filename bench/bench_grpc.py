@@ -16,12 +16,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median  # noqa: E402
 
-from backend.api_server import Backend
-from backend.engine import Engine, EngineConfig
-from backend.generation import GenerationRequest, Model, collect
-from backend.speculative import SpecConfig
-from proto import backend_pb2 as pb
-from proto import backend_pb2_grpc as pb_grpc
+from backend.api.server import Backend
+from backend.engine.llama import Engine, EngineConfig
+from backend.engine.generation import GenerationRequest
+from backend.engine.scheduler import Scheduler, collect
+from backend.engine.speculative import SpecConfig
+from backend.proto import backend_pb2 as pb
+from backend.proto import backend_pb2_grpc as pb_grpc
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -43,7 +44,7 @@ def grpc_tps(stub: pb_grpc.BackendStub, tokens: int) -> float:
     return (n - 1) / (end - first) if first and n > 1 else 0.0
 
 
-def inproc_tps(model: Model, tokens: int) -> float:
+def inproc_tps(model: Scheduler, tokens: int) -> float:
     prompt = model.engine.tokenize(PROMPT)
     return collect(model, GenerationRequest(prompt=prompt, max_tokens=tokens, ignore_eos=True)).tokens_per_second
 
@@ -62,8 +63,8 @@ def main() -> int:
         backend.wait_healthy()
         backend.load(pb.ModelOptions(ModelFile=str(path), ContextSize=1024, Threads=args.threads, NBatch=128,
                                      MMap=True))
-        local = Model(Engine(path, EngineConfig(n_ctx=1024, n_batch=128, n_threads=args.threads)),
-                      name="local", spec=SpecConfig(), template=None)
+        local = Scheduler(Engine(path, EngineConfig(n_ctx=1024, n_batch=128, n_threads=args.threads)), SpecConfig(),
+                          name="local")
         grpc_tps(stub, 16), inproc_tps(local, 16)  # warm-up
         g, l = [], []
         for _ in range(args.rounds):

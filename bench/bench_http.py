@@ -2,7 +2,7 @@
 
 Three layers of the same generation (same LoadModel options, greedy, a fixed number of tokens):
 
-* in-process: `backend.generation.Model` on an `Engine` in this process (what the servicer wraps);
+* in-process: `backend.engine.scheduler.Scheduler` on an `Engine` in this process (what the servicer wraps);
 * gRPC: the backend started as LocalAI starts it (`run.sh --addr`), PredictStream read by this process;
 * HTTP: `apexmtp run` as a subprocess (its own backend behind it), `/v1/completions` streamed over SSE.
 
@@ -29,13 +29,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median
 
-from backend.api_server import Backend, RunOptions, free_port, prepare
-from backend.engine import Engine
-from backend.generation import GenerationRequest, Model, Result
+from backend.api.server import Backend, RunOptions, free_port, prepare
+from backend.engine.llama import Engine
+from backend.engine.generation import GenerationRequest
+from backend.engine.scheduler import Scheduler, Stream, llama_thread
 from backend.gguf_file import read_gguf
-from backend.options import plan_load
-from backend.sampling import SamplingParams
-from proto import backend_pb2 as pb
+from backend.service.options import plan_load
+from backend.engine.sampling import SamplingParams
+from backend.proto import backend_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
@@ -62,12 +63,12 @@ def timed(events: Iterable[tuple[bool, int]]) -> Sample:
     return rate(n, first, last), (time.perf_counter() - t0) * 1000
 
 
-def inproc_events(model: Model, tokens: int) -> Iterable[tuple[bool, int]]:
+def inproc_events(model: Scheduler, tokens: int) -> Iterable[tuple[bool, int]]:
     prompt = model.engine.tokenize(PROMPT, add_special=True, parse_special=True)
     req = GenerationRequest(prompt=prompt, sampling=SamplingParams(), max_tokens=tokens, ignore_eos=True)
-    result = Result()
-    for chunk in model.stream(req, result):
-        yield bool(chunk.content), result.n_tokens
+    stream = Stream().attach(model, req)
+    for chunk in stream.chunks():
+        yield bool(chunk.content), stream.ticket.result.n_tokens
 
 
 def grpc_events(backend: Backend, tokens: int) -> Iterable[tuple[bool, int]]:
@@ -131,7 +132,8 @@ def bench_model(ref: str, args: argparse.Namespace) -> dict[str, list[Sample]]:
     load, _ = prepare(RunOptions(ref=ref, context=CONTEXT, threads=args.threads, progress=False))
     path = Path(load.ModelFile)
     plan = plan_load(load, read_gguf(path), path)
-    local = Model(Engine(path, plan.engine), name="local", spec=plan.spec, template=None)
+    local = Scheduler(Engine(path, plan.engine), plan.spec, name="local")
+    llama_thread().submit(local.run)  # chunks arrive as a server would send them
     backend = Backend(echo=False)
     http_server = None
     try:
@@ -154,7 +156,7 @@ def bench_model(ref: str, args: argparse.Namespace) -> dict[str, list[Sample]]:
         if http_server is not None:
             http_server.stop()
         backend.stop()
-        local.engine.close()
+        local.close()
 
 
 def report(ref: str, samples: dict[str, list[Sample]]) -> dict[str, float]:

@@ -21,9 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mtp import model_file  # noqa: E402
 from common import machine, median  # noqa: E402
 
-from backend.engine import Engine, EngineConfig
-from backend.generation import GenerationRequest, Model, collect
-from backend.speculative import SpecConfig
+from backend.engine.llama import Engine, EngineConfig
+from backend.engine.generation import GenerationRequest
+from backend.engine.scheduler import Scheduler, collect
+from backend.engine.speculative import SpecConfig
 
 PROMPT = "Benchmarking speculative decoding on a synthetic model. " * 4
 
@@ -64,7 +65,7 @@ class LlamaServer:
         self.proc.wait()
 
 
-def ours(model: Model, tokens: int) -> tuple[float, float]:
+def ours(model: Scheduler, tokens: int) -> tuple[float, float]:
     model.engine.reset()
     r = collect(model, GenerationRequest(prompt=model.engine.tokenize(PROMPT), max_tokens=tokens, ignore_eos=True))
     return r.tokens_per_second, r.stats.acceptance_rate
@@ -82,11 +83,11 @@ def main() -> int:
     path = args.model or model_file("bench", 1.0, args.k)
     base = dict(n_ctx=2048, n_batch=256, n_threads=args.threads)
     runs = {
-        "apexmtp plain": lambda: Model(Engine(path, EngineConfig(**base)), name="p", spec=SpecConfig(), template=None),
-        f"apexmtp k={args.k}": lambda: Model(Engine(path, EngineConfig(**base, mtp=True, n_draft_max=args.k)),
-                                             name="m", spec=SpecConfig(n_max=args.k, adaptive=False), template=None),
-        "apexmtp adaptive": lambda: Model(Engine(path, EngineConfig(**base, mtp=True, n_draft_max=6)), name="a",
-                                          spec=SpecConfig(n_max=6, adaptive=True), template=None),
+        "apexmtp plain": lambda: Scheduler(Engine(path, EngineConfig(**base)), SpecConfig(), name="p"),
+        f"apexmtp k={args.k}": lambda: Scheduler(Engine(path, EngineConfig(**base, mtp=True, n_draft_max=args.k)),
+                                                 SpecConfig(n_max=args.k, adaptive=False), name="m"),
+        "apexmtp adaptive": lambda: Scheduler(Engine(path, EngineConfig(**base, mtp=True, n_draft_max=6)),
+                                              SpecConfig(n_max=6), name="a"),
     }
     results: dict[str, list[tuple[float, float]]] = {}
     for _ in range(args.rounds):  # one process at a time so they never compete for the 2 cores
@@ -94,7 +95,7 @@ def main() -> int:
             m = make()
             ours(m, 32)
             results.setdefault(name, []).append(ours(m, args.tokens))
-            m.engine.close()
+            m.close()
         for name, k in (("llama-server plain", None), (f"llama-server draft-mtp k={args.k}", args.k)):
             srv = LlamaServer(args.server, path, args.threads, k)
             try:

@@ -17,10 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median  # noqa: E402
 
 from backend import constants
-from backend.engine import Engine, EngineConfig
-from backend.generation import GenerationRequest, Model, collect
-from backend.speculative import SpecConfig
-from backend.synthetic import PRESETS, write_model
+from backend.engine.llama import Engine, EngineConfig
+from backend.engine.generation import GenerationRequest
+from backend.engine.scheduler import Scheduler, collect
+from backend.engine.speculative import SpecConfig
+from backend.synth.qwen35moe import PRESETS, write_model
 
 
 def model_file(preset: str, acceptance: float, n_draft: int) -> Path:
@@ -31,7 +32,7 @@ def model_file(preset: str, acceptance: float, n_draft: int) -> Path:
     return path
 
 
-def measure(model: Model, prompt: list[int], tokens: int, n_draft: int | None = None) -> tuple[float, float, float]:
+def measure(model: Scheduler, prompt: list[int], tokens: int, n_draft: int | None = None) -> tuple[float, float, float]:
     model.engine.reset()
     r = collect(model, GenerationRequest(prompt=prompt, max_tokens=tokens, ignore_eos=True, n_draft=n_draft))
     return r.tokens_per_second, r.stats.acceptance_rate, r.stats.mean_accepted_length
@@ -39,11 +40,10 @@ def measure(model: Model, prompt: list[int], tokens: int, n_draft: int | None = 
 
 def bench_one(path: Path, args: argparse.Namespace) -> list[tuple[str, float, float, float]]:
     base = dict(n_ctx=2048, n_batch=256, n_threads=args.threads)
-    plain = Model(Engine(path, EngineConfig(**base)), name="plain", spec=SpecConfig(), template=None)
-    fixed = Model(Engine(path, EngineConfig(**base, mtp=True, n_draft_max=6)), name="fixed",
-                  spec=SpecConfig(n_max=6, adaptive=False), template=None)
-    adaptive = Model(Engine(path, EngineConfig(**base, mtp=True, n_draft_max=6)), name="adaptive",
-                     spec=SpecConfig(n_max=6, adaptive=True), template=None)
+    plain = Scheduler(Engine(path, EngineConfig(**base)), SpecConfig(), name="plain")
+    fixed = Scheduler(Engine(path, EngineConfig(**base, mtp=True, n_draft_max=6)), SpecConfig(n_max=6, adaptive=False),
+                      name="fixed")
+    adaptive = Scheduler(Engine(path, EngineConfig(**base, mtp=True, n_draft_max=6)), SpecConfig(n_max=6), name="adaptive")
     prompt = plain.engine.tokenize("Benchmarking speculative decoding on a synthetic model. " * 4)
     configs = [("plain", plain, None)] + [(f"k={k}", fixed, k) for k in range(1, 7)] + [("adaptive", adaptive, None)]
     for _, model, k in configs:  # warm-up: page in weights, build graphs, let the adaptive controller learn
@@ -53,7 +53,7 @@ def bench_one(path: Path, args: argparse.Namespace) -> list[tuple[str, float, fl
         for name, model, k in configs:
             samples[name].append(measure(model, prompt, args.tokens, k))
     for m in (plain, fixed, adaptive):
-        m.engine.close()
+        m.close()
     return [(name, median([s[0] for s in v]), median([s[1] for s in v]), median([s[2] for s in v]))
             for name, v in samples.items()]
 

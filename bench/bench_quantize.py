@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from backend.synthetic import SynthConfig, write_model
+from backend.synth.qwen35moe import SynthConfig, write_model
 from quantizer.evaluate import DEFAULT_CALIBRATION_TEXT
 from quantizer.imatrix import collect_imatrix
 from quantizer.quantize import quantize_tier

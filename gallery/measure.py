@@ -17,24 +17,14 @@ exact to about 5 KiB.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
-import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from backend.errors import ModelLoadError
-
-MiB = 1024 * 1024
-_KV_RE = re.compile(r"llama_kv_cache: size =\s*([0-9.]+) MiB")
-_RS_RE = re.compile(r"llama_memory_recurrent: size =\s*([0-9.]+) MiB")
-_COMPUTE_RE = re.compile(r"(\S+) compute buffer size =\s*([0-9.]+) MiB")
-_OUTPUT_RE = re.compile(r"(\S+)\s+output buffer size =\s*([0-9.]+) MiB")
-_MODEL_RE = re.compile(r"(\S+) model buffer size =\s*([0-9.]+) MiB")
-
 
 @dataclass(frozen=True)
 class ContextSpec:
@@ -66,15 +56,6 @@ class Measured:
     model_buffers: int | None
 
 
-def _mib(text: str) -> int:
-    return round(float(text) * MiB)
-
-
-def _sum_matches(regex: re.Pattern[str], text: str) -> int | None:
-    found = regex.findall(text)
-    return sum(_mib(m[-1] if isinstance(m, tuple) else m) for m in found) if found else None
-
-
 def _ggml_type(name: str) -> int:
     import llama_cpp
 
@@ -82,23 +63,6 @@ def _ggml_type(name: str) -> int:
     if value is None:
         raise ValueError(f"unknown KV cache type {name!r}")
     return int(value)
-
-
-class _Log:
-    """Collects llama.cpp's log into a list (the callback must outlive every llama.cpp call)."""
-
-    def __init__(self) -> None:
-        import llama_cpp
-
-        self.lines: list[str] = []
-        self._cb = llama_cpp.llama_log_callback(self._on_log)
-        llama_cpp.llama_log_set(self._cb, ctypes.c_void_p())
-
-    def _on_log(self, level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        self.lines.append(text.decode("utf-8", errors="replace"))
-
-    def since(self, mark: int) -> str:
-        return "".join(self.lines[mark:])
 
 
 def _context(lib, model, spec: ContextSpec, *, mtp_of=None):
@@ -124,7 +88,9 @@ def _context(lib, model, spec: ContextSpec, *, mtp_of=None):
 def _measure_in_process(path: str, specs: list[ContextSpec], alloc: bool) -> list[Measured]:
     import llama_cpp as lib
 
-    log = _Log()
+    from backend.engine.llamalog import LLAMA_LOG, parse_memory_lines
+
+    LLAMA_LOG.install()
     lib.llama_backend_init()
     results = []
     for mtp in sorted({s.mtp for s in specs}):
@@ -133,37 +99,39 @@ def _measure_in_process(path: str, specs: list[ContextSpec], alloc: bool) -> lis
         mp.load_mode = lib.LLAMA_LOAD_MODE_NONE if not alloc else lib.LLAMA_LOAD_MODE_MMAP
         mp.n_gpu_layers = 0
         mp.load_mtp = mtp
-        mark = len(log.lines)
-        model = lib.llama_model_load_from_file(path.encode(), mp)
+        with LLAMA_LOG.capture() as lines:
+            model = lib.llama_model_load_from_file(path.encode(), mp)
         if not model:
-            raise ModelLoadError(f"llama.cpp could not load {path}: {log.since(mark)[-400:]}")
-        model_buffers = _sum_matches(_MODEL_RE, log.since(mark)) if alloc else None
+            raise ModelLoadError(f"llama.cpp could not load {path}: {' '.join(lines)[-400:]}")
+        model_buffers = parse_memory_lines(lines).get("model") if alloc else None
         for spec in (s for s in specs if s.mtp == mtp):
-            results.append(_measure_spec(lib, log, model, spec, model_buffers))
+            results.append(_measure_spec(lib, model, spec, model_buffers))
         lib.llama_model_free(model)
     return results
 
 
-def _measure_spec(lib, log: _Log, model, spec: ContextSpec, model_buffers: int | None) -> Measured:
-    mark = len(log.lines)
-    ctx = _context(lib, model, spec)
-    target = log.since(mark)
-    mtp_text = ""
+def _measure_spec(lib, model, spec: ContextSpec, model_buffers: int | None) -> Measured:
+    from backend.engine.llamalog import LLAMA_LOG, parse_memory_lines
+
+    with LLAMA_LOG.capture() as lines:
+        ctx = _context(lib, model, spec)
+    target = parse_memory_lines(lines)
+    draft: dict[str, int] = {}
     if spec.mtp:
-        mark = len(log.lines)
-        dft = _context(lib, model, spec, mtp_of=ctx)
-        mtp_text = log.since(mark)
+        with LLAMA_LOG.capture() as lines:
+            dft = _context(lib, model, spec, mtp_of=ctx)
+        draft = parse_memory_lines(lines)
         lib.llama_free(dft)
     lib.llama_free(ctx)
     return Measured(
         spec=spec,
-        kv=_sum_matches(_KV_RE, target) or 0,
-        rs=_sum_matches(_RS_RE, target) or 0,
-        compute=_sum_matches(_COMPUTE_RE, target) or 0,
-        output=_sum_matches(_OUTPUT_RE, target),
-        mtp_kv=_sum_matches(_KV_RE, mtp_text) if spec.mtp else None,
-        mtp_compute=_sum_matches(_COMPUTE_RE, mtp_text) if spec.mtp else None,
-        mtp_output=_sum_matches(_OUTPUT_RE, mtp_text) if spec.mtp else None,
+        kv=target.get("kv", 0),
+        rs=target.get("recurrent", 0),
+        compute=target.get("compute", 0),
+        output=target.get("output"),
+        mtp_kv=draft.get("kv") if spec.mtp else None,
+        mtp_compute=draft.get("compute") if spec.mtp else None,
+        mtp_output=draft.get("output") if spec.mtp else None,
         model_buffers=model_buffers,
     )
 

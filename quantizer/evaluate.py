@@ -79,7 +79,7 @@ class _Scorer:
     """One model loaded for full-logit chunk evaluation."""
 
     def __init__(self, path: str | Path, n_ctx: int, n_threads: int) -> None:
-        from backend.engine import Engine, EngineConfig
+        from backend.engine.llama import Engine, EngineConfig
 
         self.engine = Engine(path, EngineConfig(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=n_threads))
 
@@ -88,7 +88,7 @@ class _Scorer:
 
         e = self.engine
         e.reset()
-        e.decode(chunk, logits="all")
+        e.decode_tokens(chunk)
         ptr = L.llama_get_logits(e.ctx)
         return np.ctypeslib.as_array(ptr, shape=(len(chunk), e.n_vocab)).copy()
 
@@ -102,10 +102,11 @@ def mtp_acceptance(path: str | Path, prompts: Sequence[list[int]], ks: Sequence[
 
     Empty when the model has no MTP head.
     """
-    from backend.engine import Engine, EngineConfig
+    from backend.engine.generation import GenerationRequest
+    from backend.engine.llama import Engine, EngineConfig
+    from backend.engine.scheduler import Scheduler, collect
+    from backend.engine.speculative import SpecConfig
     from backend.gguf_file import read_gguf
-    from backend.sampling import Sampler, SamplingParams
-    from backend.speculative import DraftController, SpecStats, generate_tokens
 
     if not read_gguf(path).has_mtp_head:
         return {}
@@ -113,18 +114,16 @@ def mtp_acceptance(path: str | Path, prompts: Sequence[list[int]], ks: Sequence[
     n_ctx = max(len(p) for p in prompts) + max_tokens + 8
     for k in ks:
         engine = Engine(path, EngineConfig(n_ctx=n_ctx, n_threads=n_threads, mtp=True, n_draft_max=k))
+        scheduler = Scheduler(engine, SpecConfig(n_max=k, adaptive=False))
         try:
-            stats = SpecStats()
+            drafted = accepted = 0
             for prompt in prompts:
                 engine.reset()
-                sampler = Sampler(SamplingParams(), engine.vocab, engine.n_vocab)
-                controller = DraftController(k, adaptive=False)
-                for _ in generate_tokens(engine, sampler, prompt, max_tokens=max_tokens, controller=controller,
-                                         stats=stats):
-                    pass
-            out[k] = stats.acceptance_rate
+                stats = collect(scheduler, GenerationRequest(prompt=prompt, max_tokens=max_tokens)).stats
+                drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
+            out[k] = accepted / drafted if drafted else 0.0
         finally:
-            engine.close()
+            scheduler.close()
     return out
 
 

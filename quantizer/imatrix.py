@@ -25,7 +25,7 @@ from .imatrix_file import Imatrix, ImatrixEntry
 from .llama_glue import GGMLTensor, op_ids, tensor_f32, tensor_i32, weight_name
 
 if TYPE_CHECKING:
-    from backend.engine import Engine
+    from backend.engine.llama import Engine
 
 log = logging.getLogger(__name__)
 GGML_TYPE_F32 = 0
@@ -165,7 +165,7 @@ def collect_imatrix(
         QuantizerError: text too short, or a failure inside the eval callback.
         ModelLoadError and friends from the engine.
     """
-    from backend.engine import Engine, EngineConfig
+    from backend.engine.llama import Engine, EngineConfig
     from backend.gguf_file import read_gguf
 
     use_mtp = mtp and read_gguf(model).has_mtp_head
@@ -178,7 +178,7 @@ def collect_imatrix(
         for i, chunk in enumerate(chunks):
             engine.reset()
             # All logits, like llama-imatrix: otherwise the last layer skips the rows of non-output tokens.
-            engine.decode(chunk, logits="all")
+            engine.decode_tokens(chunk)
             engine.flush_mirror()  # the MTP head's activations are collected when its context decodes
             collector.raise_error()
             if progress:

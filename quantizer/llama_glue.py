@@ -1,21 +1,13 @@
-"""Thin ctypes glue to llama.cpp/ggml that llama-cpp-python does not wrap: log capture, `ggml_tensor` access
-from an eval callback. Kept apart so the rest of the quantizer stays plain Python."""
+"""Thin ctypes glue to ggml that llama-cpp-python does not wrap: `ggml_tensor` access from an eval callback.
+Kept apart so the rest of the quantizer stays plain Python (llama.cpp's log is read via backend.engine.llamalog)."""
 
 from __future__ import annotations
 
 import ctypes
-import logging
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
 
-log = logging.getLogger(__name__)
-_LOG_LOCK = threading.Lock()
-# ggml.h enum ggml_log_level: DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous message)
-GGML_LOG_LEVEL_INFO, GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_CONT = 2, 3, 5
 
 # ggml.h (vendored 0.3.36): GGML_MAX_DIMS 4, GGML_MAX_SRC 10, GGML_MAX_OP_PARAMS 64, GGML_MAX_NAME 64.
 _MAX_DIMS, _MAX_SRC, _MAX_OP_PARAMS, _MAX_NAME = 4, 10, 64, 64
@@ -100,36 +92,3 @@ def weight_name(t: GGMLTensor) -> str:
     if "#" in name:
         name = name.split("#")[1]
     return name
-
-
-@contextmanager
-def capture_llama_log(min_level: int = GGML_LOG_LEVEL_WARN) -> Iterator[list[str]]:
-    """Collect llama.cpp's log text at `min_level` and above (continuations included) while the block runs.
-
-    The callback is process-global; the previous one is restored afterwards. llama.cpp reports why
-    `llama_model_quantize` failed, and what a dry run would write, only through its log.
-    """
-    import llama_cpp
-
-    captured: list[str] = []
-    keep = [False]  # whether the current message (and its continuations) is captured
-
-    @llama_cpp.llama_log_callback
-    def _cb(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        msg = text.decode(errors="replace")
-        if level != GGML_LOG_LEVEL_CONT:
-            keep[0] = level >= min_level
-        if keep[0]:
-            captured.append(msg)
-        log.debug("llama.cpp: %s", msg.rstrip())
-
-    prev_cb = llama_cpp.llama_log_callback()
-    prev_ud = ctypes.c_void_p()
-    with _LOG_LOCK:
-        llama_cpp.llama_log_get(ctypes.byref(prev_cb), ctypes.byref(prev_ud))
-        llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
-    try:
-        yield captured
-    finally:
-        with _LOG_LOCK:
-            llama_cpp.llama_log_set(prev_cb, prev_ud)

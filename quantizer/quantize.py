@@ -165,14 +165,14 @@ def _run_llama_quantize(source: Path, tmp: Path, params: _Params, predicted: int
     """Run `llama_model_quantize` in a worker thread (ctypes drops the GIL) and report file growth as progress."""
     import llama_cpp as lc
 
-    from .llama_glue import capture_llama_log
+    from backend.engine.llamalog import LLAMA_LOG, WARN
 
     result: dict[str, int] = {}
 
     def work() -> None:
         result["rc"] = lc.llama_model_quantize(os.fsencode(source), os.fsencode(tmp), ctypes.byref(params.params))
 
-    with capture_llama_log() as errors:
+    with LLAMA_LOG.capture(WARN) as lines:
         worker = threading.Thread(target=work, name="llama-quantize", daemon=True)
         worker.start()
         while worker.is_alive():
@@ -180,7 +180,6 @@ def _run_llama_quantize(source: Path, tmp: Path, params: _Params, predicted: int
             size = tmp.stat().st_size if tmp.exists() else 0
             progress("quantizing", min(0.99, size / max(1, predicted)), tmp.name)
     if result.get("rc") != 0:
-        lines = "".join(errors).splitlines()
         reason = next((e for e in reversed(lines) if "failed to quantize" in e), lines[-1] if lines else "")
         raise QuantizerError(f"llama_model_quantize failed for {source.name}: {reason or 'no reason logged'}")
 
@@ -198,13 +197,13 @@ def llama_dry_run(source: str | Path, plan: Plan) -> dict[str, str]:
     """
     import llama_cpp as lc
 
-    from .llama_glue import GGML_LOG_LEVEL_INFO, capture_llama_log
+    from backend.engine.llamalog import INFO, LLAMA_LOG
 
     params = _Params(plan, {}, [], 1, allow_requantize=True)
     params.params.dry_run = True
-    with capture_llama_log(GGML_LOG_LEVEL_INFO) as text:
+    with LLAMA_LOG.capture(INFO) as lines:
         rc = lc.llama_model_quantize(os.fsencode(source), os.fsencode(os.devnull), ctypes.byref(params.params))
-    found = {m.group(1): gt.check_type(m.group(3) or m.group(2)) for m in _DRY_RUN_LINE.finditer("".join(text))}
+    found = {m.group(1): gt.check_type(m.group(3) or m.group(2)) for m in _DRY_RUN_LINE.finditer("\n".join(lines))}
     if rc != 0 or len(found) != len(plan.tensors):
         raise QuantizerError(f"llama.cpp dry run failed (rc {rc}, {len(found)}/{len(plan.tensors)} tensors reported)")
     return found

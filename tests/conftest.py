@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from proto import backend_pb2 as pb
-from proto import backend_pb2_grpc as pb_grpc
+from backend.proto import backend_pb2 as pb
+from backend.proto import backend_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_models import synth_model, tiny_nomtp_gguf, tiny_predictable_gguf, tiny_random_gguf  # noqa: E402,F401

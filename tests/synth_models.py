@@ -1,4 +1,4 @@
-"""Session fixtures that write tiny synthetic qwen35moe GGUFs (backend.synthetic) once per test run.
+"""Session fixtures that write tiny synthetic qwen35moe GGUFs (backend.synth.qwen35moe) once per test run.
 
 Import these names into a conftest.py (or a test module) to use them:
 `from synth_models import synth_model, tiny_random_gguf, tiny_predictable_gguf, tiny_nomtp_gguf`.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.synthetic import PRESETS, SynthConfig, write_model
+from backend.synth.qwen35moe import PRESETS, SynthConfig, write_model
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,8 @@ import openai
 import pytest
 from conftest import ROOT, free_port
 
-from proto import backend_pb2 as pb
-from proto import backend_pb2_grpc as pb_grpc
+from backend.proto import backend_pb2 as pb
+from backend.proto import backend_pb2_grpc as pb_grpc
 
 GREEDY = {"temperature": 0, "max_tokens": 16}
 HELLO = [{"role": "user", "content": "Write one sentence about the sea."}]

@@ -8,10 +8,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from backend.api_server import model_options
-from backend.demo import DEMOS, is_demo, merge_options
+from backend.api.server import model_options
+from backend.api.demo import DEMOS, is_demo, merge_options
 from backend.errors import InvalidRequestError
-from backend.openai_api import (
+from backend.api.openai_api import (
     INT32_MAX,
     Job,
     ServedModel,
@@ -23,7 +23,7 @@ from backend.openai_api import (
     legacy_logprobs,
     timings,
 )
-from proto import backend_pb2 as pb
+from backend.proto import backend_pb2 as pb
 
 MODEL = ServedModel(name="m", aliases=frozenset({"demo"}), context_size=1024, identity="m.gguf", embeddings=False,
                     mtp=True, defaults={"temperature": 0.6, "top_k": 20})

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from conftest import RUN_SH, BackendProcess, free_port, smollm2_options
-from proto import backend_pb2 as pb
+from backend.proto import backend_pb2 as pb
 
 GREEDY = dict(Temperature=0.0, Tokens=24)
 

@@ -11,7 +11,7 @@ import pytest
 
 from backend.errors import InvalidRequestError
 from backend.gguf_file import read_gguf
-from backend.synthetic import (PRESETS, REAL_CONFIGS, apex_like_type, model_metadata, tensor_layout,
+from backend.synth.qwen35moe import (PRESETS, REAL_CONFIGS, apex_like_type, model_metadata, tensor_layout,
                                write_model, write_sparse)
 from gallery.catalog import WeightBytes, load_catalog
 from gallery.estimate import ArchFacts, RunConfig, cache_bytes, estimate, place, weights_from_gguf

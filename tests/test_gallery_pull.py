@@ -15,7 +15,7 @@ from fakehub import FakeHub
 
 from backend.errors import ChecksumMismatchError, InsufficientMemoryError
 from backend.gguf_file import read_gguf
-from backend.synthetic import PRESETS, write_model
+from backend.synth.qwen35moe import PRESETS, write_model
 from gallery import browse, hw
 from gallery import pull as pull_mod
 from gallery.catalog import DATA_DIR, load_catalog, reload_catalog
@@ -29,7 +29,7 @@ REPO = "test/Tiny-APEX-MTP-GGUF"
 TIERS = ("I-Quality", "I-Mini")
 CPU_16G = HardwareProfile("Linux", "test cpu", 4, 16 * GiB, None)
 TINY_ARCH = {
-    "description": "synthetic tiny qwen35moe (backend.synthetic PRESETS['tiny'])", "general.architecture": "qwen35moe",
+    "description": "synthetic tiny qwen35moe (backend.synth.qwen35moe PRESETS['tiny'])", "general.architecture": "qwen35moe",
     "block_count": 4, "context_length": 4096, "embedding_length": 256, "vocab_size": 512, "attention.head_count": 4,
     "attention.head_count_kv": 2, "attention.key_length": 64, "attention.value_length": 64,
     "full_attention_interval": 4, "expert_count": 8, "expert_used_count": 2, "expert_feed_forward_length": 256,

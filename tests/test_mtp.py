@@ -6,25 +6,25 @@ token, greedy and seeded. Random-weight models only get the first property (mtp-
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from backend.engine import Engine, EngineConfig
+from backend.engine.generation import GenerationRequest, Result
+from backend.engine.llama import Engine, EngineConfig, expert_pattern
+from backend.engine.sampling import SamplingParams
+from backend.engine.scheduler import Scheduler, Stream, collect
+from backend.engine.speculative import Acceptance, DraftController, SpecConfig
 from backend.errors import ModelLoadError
-from backend.generation import GenerationRequest, Model, Result, collect
-from backend.sampling import Sampler, SamplingParams
-from backend.speculative import DraftController, SpecConfig, SpecStats, generate_tokens
-from backend.synthetic import read_synth_info
+from backend.proto import backend_pb2 as pb
+from backend.synth.qwen35moe import read_synth_info
 from conftest import BackendProcess
-from proto import backend_pb2 as pb
 
 CTX = dict(n_ctx=1024, n_batch=64, n_ubatch=64, n_threads=2)
 SEEDED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=1234)
 
 
-def load(path, *, n_max=0, adaptive=False, **kw) -> Model:
+def load(path, *, n_max=0, adaptive=False, **kw) -> Scheduler:
     cfg = EngineConfig(**{**CTX, **kw}, mtp=n_max > 0, n_draft_max=n_max)
-    return Model(Engine(path, cfg), name="t", spec=SpecConfig(n_max=n_max, adaptive=adaptive), template=None)
+    return Scheduler(Engine(path, cfg), SpecConfig(n_max=n_max, adaptive=adaptive))
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +37,8 @@ def p50(synth_model):
     return synth_model("predictable", acceptance=0.5)
 
 
-def run(model: Model, prompt: list[int], n: int = 96, sampling: SamplingParams = SamplingParams(), **kw) -> Result:
-    return collect(model, GenerationRequest(prompt=prompt, max_tokens=n, sampling=sampling, **kw))
-
-
-def tokens_of(model: Model, prompt: list[int], n: int, sampling: SamplingParams, **kw) -> tuple[list[int], SpecStats]:
-    stats = SpecStats()
-    with Sampler(sampling, model.engine.vocab, model.engine.n_vocab) as s:
-        toks = [ev.token for ev in generate_tokens(model.engine, s, prompt, max_tokens=n, controller=model.controller,
-                                                  spec=model.spec, stats=stats, **kw)]
-    return toks, stats
+def run(s: Scheduler, prompt: list[int], n: int = 96, sampling: SamplingParams = SamplingParams(), **kw) -> Result:
+    return collect(s, GenerationRequest(prompt=prompt, max_tokens=n, sampling=sampling, **kw))
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(), SEEDED], ids=["greedy", "seeded"])
@@ -54,20 +46,20 @@ def tokens_of(model: Model, prompt: list[int], n: int, sampling: SamplingParams,
 def test_mtp_equals_plain_on_clear_margins(p50, sampling, n_max, adaptive):
     plain, mtp = load(p50), load(p50, n_max=n_max, adaptive=adaptive)
     prompt = plain.engine.tokenize("Speculation must never change the output.")
-    want, _ = tokens_of(plain, prompt, 120, sampling)
-    got, stats = tokens_of(mtp, prompt, 120, sampling)
-    assert got == want
+    want = run(plain, prompt, 120, sampling)
+    got = run(mtp, prompt, 120, sampling)
+    assert got.token_ids == want.token_ids
     if not adaptive:
-        assert stats.drafted > 0 and 0 < stats.accepted < stats.drafted  # partial accepts and rollbacks happened
+        assert got.stats.drafted > 0 and 0 < got.stats.accepted < got.stats.drafted  # partial accepts, rollbacks
 
 
 def test_counts_match_the_models_own_prediction(p95):
     info = read_synth_info(p95)
     m = load(p95, n_max=3)
     prompt = m.engine.tokenize("Hello world")
-    toks, stats = tokens_of(m, prompt, 128, SamplingParams())
-    assert toks == info.continuation(prompt[-1], 128)
-    assert (stats.drafted, stats.accepted) == info.speculate(prompt[-1], 128, 3)
+    r = run(m, prompt, 128)
+    assert r.token_ids == info.continuation(prompt[-1], 128)
+    assert (r.stats.drafted, r.stats.accepted) == info.speculate(prompt[-1], 128, 3)
 
 
 def test_acceptance_on_95_model(p95):
@@ -91,10 +83,10 @@ def test_stop_strings_max_tokens_and_follow_up_requests(p50):
     prompt = plain.engine.tokenize("Stops and limits.")
     full = run(plain, prompt, 80).content
     stop = full[30:34]
-    for model in (plain, mtp):
-        r = run(model, prompt, 80, stop=(stop,))
+    for s in (plain, mtp):
+        r = run(s, prompt, 80, stop=(stop,))
         assert r.content == full[: full.index(stop)] and r.finish_reason == "stop"
-        r = run(model, prompt, 17)
+        r = run(s, prompt, 17)
         assert r.n_tokens == 17 and r.finish_reason == "length"
     # Prefix reuse after partial generations keeps the two engines in step.
     assert run(mtp, prompt, 80).content == run(plain, prompt, 80).content == full
@@ -104,12 +96,14 @@ def test_cancel_midway_then_exact_again(p50):
     plain, mtp = load(p50), load(p50, n_max=4)
     prompt = plain.engine.tokenize("Cancel me.")
     want = run(plain, prompt, 60).content
-    stream = mtp.stream(GenerationRequest(prompt=prompt, max_tokens=60), Result())
-    for i, _ in enumerate(stream):
-        if i == 5:
-            break
-    stream.close()
-    assert not mtp.lock.locked()
+    stream = Stream().attach(mtp, GenerationRequest(prompt=prompt, max_tokens=60))
+    for _ in range(3):
+        mtp.step()
+    chunks = stream.chunks()
+    next(chunks)
+    chunks.close()  # leaving early cancels the request: the slot is free at the next step
+    mtp.run_until_idle()
+    assert mtp.busy_slots == 0 and stream.ticket.cancelled
     assert run(mtp, prompt, 60).content == want
 
 
@@ -118,15 +112,12 @@ def test_every_token_is_the_targets_choice_on_random_weights(synth_model):
     path = synth_model("random", seed=7)
     mtp = load(path, n_max=4)
     prompt = mtp.engine.tokenize("random weights")
-
-    def argmax_of_row(engine, idx, tok):
-        return int(np.argmax(engine.logits(idx)))
-
-    with Sampler(SamplingParams(), mtp.engine.vocab, mtp.engine.n_vocab) as s:
-        events = list(generate_tokens(mtp.engine, s, prompt, max_tokens=64, controller=mtp.controller,
-                                      spec=mtp.spec, inspect=argmax_of_row))
-    assert [e.token for e in events] == [e.extra for e in events]
-    assert any(e.from_draft for e in events) or True  # random heads rarely agree; exactness is what matters
+    stream = Stream().attach(mtp, GenerationRequest(prompt=prompt, max_tokens=64, logprobs=1))
+    mtp.run_until_idle()
+    entries = [lp for chunk in stream.chunks() for lp in chunk.logprobs]
+    assert len(entries) == stream.result.n_tokens == len(stream.result.token_ids)
+    # Greedy: each emitted token is the top-1 of the very row the target verified it on.
+    assert all(e["token"] == e["top_logprobs"][0]["token"] for e in entries)
 
 
 def test_no_head_falls_back_and_engine_refuses(tiny_nomtp_gguf):
@@ -134,26 +125,35 @@ def test_no_head_falls_back_and_engine_refuses(tiny_nomtp_gguf):
         Engine(tiny_nomtp_gguf, EngineConfig(**CTX, mtp=True, n_draft_max=3))
 
 
+def _drive(c: DraftController, slots: list[Acceptance], accept: float, cost, steps: int = 200) -> None:
+    for _ in range(steps):
+        k = c.choose(slots, 6)
+        for a in slots:
+            a.observe(k, round(k * accept))
+        c.observe(len(slots), k, cost(len(slots), k))
+
+
 def test_adaptive_controller_prefers_plain_when_drafts_fail():
     c = DraftController(6)
-    for _ in range(200):
-        k = c.choose(100)
-        # Drafts never accepted; each draft costs as much as a verify.
-        c.observe(k, 0, 1.0 + 1.0 * k)
-    assert c.best_k(6) == 0 and c.alpha < 0.5
+    slots = [c.new_slot()]
+    _drive(c, slots, 0.0, lambda n, k: 1.0 + 1.0 * k)  # never accepted; each draft costs as much as a verify
+    assert c.best_k(slots, 6) == 0 and slots[0].rate[0] < 0.5
 
 
 def test_adaptive_controller_goes_long_when_drafts_win():
     c = DraftController(6)
-    for _ in range(200):
-        k = c.choose(100)
-        c.observe(k, k, 1.0 + 0.05 * k)  # cheap drafts, all accepted
-    assert c.best_k(6) == 6 and c.alpha > 0.9
+    slots = [c.new_slot() for _ in range(4)]
+    _drive(c, slots, 1.0, lambda n, k: 1.0 + 0.05 * n * k)  # cheap drafts, all accepted
+    assert c.best_k(slots, 6) == 6 and all(a.rate[0] > 0.9 for a in slots)
 
 
-def test_controller_respects_remaining_budget():
+def test_controller_fixed_k_respects_cap_and_new_slots_inherit_acceptance():
     c = DraftController(6, adaptive=False)
-    assert [c.choose(r) for r in (10, 4, 2, 1)] == [6, 3, 1, 0]
+    assert [c.choose([c.new_slot()], cap) for cap in (9, 3, 1, 0)] == [6, 3, 1, 0]
+    for _ in range(50):
+        c.observe_acceptance(4, 1)  # only the first draft is ever kept
+    fresh = c.new_slot()
+    assert fresh.rate[0] > 0.9 and fresh.rate[1] < 0.1
 
 
 # ------------------------------------------------------------------------------------------ over gRPC
@@ -207,8 +207,6 @@ def test_grpc_default_enables_mtp_when_head_present(mtp_backend, p95, tiny_nomtp
 
 def test_expert_offload_option_loads_and_matches(mtp_backend, p50):
     """`n_cpu_moe:N` (what the selector emits for experts-in-RAM picks) keeps those experts in a CPU buffer."""
-    from backend.engine import expert_pattern
-
     assert expert_pattern(2, 40) == r"^blk\.(0|1)\.ffn_(up|down|gate|gate_up)_exps\.weight$"
     stub = mtp_backend.stub
     req = dict(Prompt="experts in RAM", Tokens=32)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from backend.errors import InvalidGGUFError, MissingImatrixError, QuantizerError
-from backend.synthetic import SynthConfig, write_model
+from backend.synth.qwen35moe import SynthConfig, write_model
 from quantizer.evaluate import DEFAULT_CALIBRATION_TEXT
 from quantizer.imatrix import collect_imatrix
 from quantizer.imatrix_file import Imatrix, read_imatrix, write_imatrix
@@ -39,13 +39,14 @@ def imatrix(source: Path, tmp_path_factory: pytest.TempPathFactory) -> Imatrix:
 
 def _load_and_decode(path: Path) -> None:
     """Load with llama.cpp (MTP head included) and decode a few tokens through both contexts."""
-    from backend.engine import Engine, EngineConfig
+    from backend.engine.llama import Engine, EngineConfig
 
     engine = Engine(path, EngineConfig(n_ctx=64, mtp=True, n_draft_max=2))
     try:
-        engine.prefill(engine.tokenize("The quick brown fox", add_special=False))
-        assert np.all(np.isfinite(engine.logits(-1)))
-        assert engine.draft(int(np.argmax(engine.logits(-1))), 2)
+        row = engine.prefill(engine.tokenize("The quick brown fox", add_special=False))
+        logits = engine.logits(row.last)
+        assert np.all(np.isfinite(logits))
+        assert engine.draft([(0, int(np.argmax(logits)), 2)]) != [[]]
     finally:
         engine.close()
 
@@ -94,7 +95,7 @@ def test_imatrix_values_match_numpy(source: Path, imatrix: Imatrix) -> None:
     """blk.0.attn_qkv's input is RMSNorm(embedding) * attn_norm: recompute its sum of squares in numpy."""
     from gguf import GGUFReader
 
-    from backend.engine import Engine, EngineConfig
+    from backend.engine.llama import Engine, EngineConfig
     from quantizer.imatrix import chunk_tokens
 
     r = GGUFReader(str(source))

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from backend.cli import main
-from backend.synthetic import SynthConfig, write_model
+from backend.synth.qwen35moe import SynthConfig, write_model
 from quantizer.plan import parse_type_file
 
 CONFIG = SynthConfig(n_layer=6, n_expert=4, n_expert_used=2)

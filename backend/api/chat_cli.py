@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from .errors import ApexError
+from ..errors import ApexError
 
 HELP = "commands: /reset (forget the conversation), /exit (leave), /help"
 DIM, RESET = "\033[2m", "\033[0m"
@@ -176,7 +176,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str]) -> int:
     """`apexmtp chat [REF] [--url http://127.0.0.1:8080] [--system TEXT] [--temperature T] [--max-tokens N]`"""
-    from .api_server import RunOptions, add_run_arguments, serve
+    from .server import RunOptions, add_run_arguments, serve
 
     parser = argparse.ArgumentParser(prog="apexmtp chat", description=__doc__.splitlines()[0])
     add_run_arguments(parser)
@@ -197,7 +197,7 @@ def main(argv: list[str]) -> int:
             print(f"loading {args.ref or 'demo'} ...", file=sys.stderr, flush=True)
             server = serve(RunOptions(ref=args.ref, port=0, tier=args.tier, context=args.context,
                                       models_dir=args.models_dir, threads=args.threads, embeddings=args.embeddings,
-                                      no_mtp=args.no_mtp, echo_backend=False))
+                                      no_mtp=args.no_mtp, parallel=args.parallel, echo_backend=False))
             base = server.url
         model = get_json(base, "/v1/models")["data"][0]["id"]
         return ChatSession(base, model, sys.stdout, system=args.system, sampling=sampling).run(sys.stdin)

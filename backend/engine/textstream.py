@@ -1,8 +1,10 @@
-"""Token bytes -> text chunks that never split a UTF-8 character and never leak part of a stop string."""
+"""Token bytes -> text chunks that never split a UTF-8 character or leak part of a stop string; reasoning split."""
 
 from __future__ import annotations
 
 import codecs
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 class TextStream:
@@ -58,3 +60,33 @@ class TextStream:
                     best = n
                     break
         return best
+
+
+class ReasoningSplitter:
+    """Splits streamed text into (content, reasoning) on <think>...</think>, holding back partial tags."""
+
+    def __init__(self, thinking: bool) -> None:
+        self.in_reasoning = thinking
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, str]:
+        content, reasoning = [], []
+        buf = self._held + text
+        self._held = ""
+        while buf:
+            tag = THINK_CLOSE if self.in_reasoning else THINK_OPEN
+            pos = buf.find(tag)
+            if pos >= 0:
+                (reasoning if self.in_reasoning else content).append(buf[:pos])
+                buf = buf[pos + len(tag):]
+                self.in_reasoning = not self.in_reasoning
+                continue
+            keep = next((n for n in range(min(len(tag) - 1, len(buf)), 0, -1) if buf.endswith(tag[:n])), 0)
+            (reasoning if self.in_reasoning else content).append(buf[: len(buf) - keep])
+            self._held = buf[len(buf) - keep:]
+            break
+        return "".join(content), "".join(reasoning)
+
+    def flush(self) -> tuple[str, str]:
+        rest, self._held = self._held, ""
+        return ("", rest) if self.in_reasoning else (rest, "")

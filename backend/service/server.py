@@ -3,41 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hmac
 import logging
 import os
 import signal
 import sys
 import threading
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 
-from proto import backend_pb2_grpc as pb_grpc
+from ..proto import backend_pb2_grpc as pb_grpc
 
-from . import constants
+from .. import constants
 
 log = logging.getLogger(__name__)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Require `authorization: Bearer <token>` on every RPC (LOCALAI_GRPC_AUTH_TOKEN), compared in constant time."""
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
-        def deny(request: object, context: grpc.ServicerContext) -> None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing bearer token")
+        async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing bearer token")
+
+        async def deny_stream(request: object, context: grpc.aio.ServicerContext):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing bearer token")
+            yield  # pragma: no cover - makes this an async generator, as streaming handlers are
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(got.encode(), self._expected):
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         return self._deny_stream if handler is not None and handler.response_streaming else self._deny
 
 
@@ -55,14 +59,17 @@ def _watch_parent(interval: float) -> None:
     threading.Thread(target=loop, name="parent-watch", daemon=True).start()
 
 
-def serve(addr: str, *, max_workers: int = constants.GRPC_MAX_WORKERS) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting calls, free the model and return."""
+async def serve(addr: str) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting calls, free the model and return.
+
+    The server is asyncio: a waiting or streaming request holds no thread, so Health and Status answer at once
+    under any load (a thread pool of PYTHON_GRPC_MAX_WORKERS would be exhausted by that many streams).
+    """
     from .servicer import BackendServicer
 
     interceptors = [AuthInterceptor(constants.GRPC_AUTH_TOKEN)] if constants.GRPC_AUTH_TOKEN else []
     limit = constants.GRPC_MESSAGE_LIMIT
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers),
+    server = grpc.aio.server(
         interceptors=interceptors,
         options=[("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
                  ("grpc.max_message_length", limit)],
@@ -71,22 +78,17 @@ def serve(addr: str, *, max_workers: int = constants.GRPC_MAX_WORKERS) -> None:
     pb_grpc.add_BackendServicer_to_server(servicer, server)
     if server.add_insecure_port(addr) == 0:
         raise SystemExit(f"apexmtp backend: cannot listen on {addr}")
-    server.start()
-    log.info("apexmtp backend listening on %s (%d workers%s)", addr, max_workers,
-             ", auth on" if interceptors else "")
-    done = threading.Event()
-
-    def stop(signum: int, _frame: object) -> None:
-        log.info("signal %d: shutting down", signum)
-        done.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    await server.start()
+    log.info("apexmtp backend listening on %s%s", addr, " (auth on)" if interceptors else "")
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda s=signum: (log.info("signal %d: shutting down", s), done.set()))
     if constants.PARENT_WATCH:
         _watch_parent(constants.PARENT_WATCH_INTERVAL_S)
-    done.wait()
-    server.stop(grace=2).wait()
-    servicer.close()
+    await done.wait()
+    await server.stop(grace=2)
+    await servicer.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(args.addr)
+    asyncio.run(serve(args.addr))
     return 0
 
 
@@ -110,7 +112,7 @@ def package_main(argv: list[str] | None = None) -> int:
     run.write_text(
         "#!/usr/bin/env bash\n"
         "# Generated by `apexmtp package-backend`: runs the apexmtp backend from its installed environment.\n"
-        f'exec "{sys.executable}" -m backend.server "$@"\n'
+        f'exec "{sys.executable}" -m backend.service.server "$@"\n'
     )
     run.chmod(0o755)
     (args.out / "metadata.json").write_text('{"name": "apexmtp", "alias": "apexmtp"}\n')

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto import backend_pb2 as proto_dot_backend__pb2
+from backend.proto import backend_pb2 as backend_dot_proto_dot_backend__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/backend_pb2_grpc.py depends on'
+        + ' but the generated code in backend/proto/backend_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,73 +36,73 @@ class BackendStub:
         """
         self.Health = channel.unary_unary(
                 '/backend.Backend/Health',
-                request_serializer=proto_dot_backend__pb2.HealthMessage.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.Reply.FromString,
+                request_serializer=backend_dot_proto_dot_backend__pb2.HealthMessage.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.Reply.FromString,
                 _registered_method=True)
         self.Free = channel.unary_unary(
                 '/backend.Backend/Free',
-                request_serializer=proto_dot_backend__pb2.HealthMessage.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.Result.FromString,
+                request_serializer=backend_dot_proto_dot_backend__pb2.HealthMessage.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.Result.FromString,
                 _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/backend.Backend/Predict',
-                request_serializer=proto_dot_backend__pb2.PredictOptions.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.Reply.FromString,
+                request_serializer=backend_dot_proto_dot_backend__pb2.PredictOptions.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.Reply.FromString,
                 _registered_method=True)
         self.LoadModel = channel.unary_unary(
                 '/backend.Backend/LoadModel',
-                request_serializer=proto_dot_backend__pb2.ModelOptions.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.Result.FromString,
+                request_serializer=backend_dot_proto_dot_backend__pb2.ModelOptions.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.Result.FromString,
                 _registered_method=True)
         self.PredictStream = channel.unary_stream(
                 '/backend.Backend/PredictStream',
-                request_serializer=proto_dot_backend__pb2.PredictOptions.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.Reply.FromString,
+                request_serializer=backend_dot_proto_dot_backend__pb2.PredictOptions.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.Reply.FromString,
                 _registered_method=True)
         self.Embedding = channel.unary_unary(
                 '/backend.Backend/Embedding',
-                request_serializer=proto_dot_backend__pb2.PredictOptions.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.EmbeddingResult.FromString,
+                request_serializer=backend_dot_proto_dot_backend__pb2.PredictOptions.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.EmbeddingResult.FromString,
                 _registered_method=True)
         self.TokenizeString = channel.unary_unary(
                 '/backend.Backend/TokenizeString',
-                request_serializer=proto_dot_backend__pb2.PredictOptions.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.TokenizationResponse.FromString,
+                request_serializer=backend_dot_proto_dot_backend__pb2.PredictOptions.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.TokenizationResponse.FromString,
                 _registered_method=True)
         self.Detokenize = channel.unary_unary(
                 '/backend.Backend/Detokenize',
-                request_serializer=proto_dot_backend__pb2.DetokenizeRequest.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.DetokenizeResponse.FromString,
+                request_serializer=backend_dot_proto_dot_backend__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/backend.Backend/Status',
-                request_serializer=proto_dot_backend__pb2.HealthMessage.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.StatusResponse.FromString,
+                request_serializer=backend_dot_proto_dot_backend__pb2.HealthMessage.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.StatusResponse.FromString,
                 _registered_method=True)
         self.GetMetrics = channel.unary_unary(
                 '/backend.Backend/GetMetrics',
-                request_serializer=proto_dot_backend__pb2.MetricsRequest.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.MetricsResponse.FromString,
+                request_serializer=backend_dot_proto_dot_backend__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.MetricsResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/backend.Backend/ModelMetadata',
-                request_serializer=proto_dot_backend__pb2.ModelOptions.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.ModelMetadataResponse.FromString,
+                request_serializer=backend_dot_proto_dot_backend__pb2.ModelOptions.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.StartQuantization = channel.unary_unary(
                 '/backend.Backend/StartQuantization',
-                request_serializer=proto_dot_backend__pb2.QuantizationRequest.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.QuantizationJobResult.FromString,
+                request_serializer=backend_dot_proto_dot_backend__pb2.QuantizationRequest.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.QuantizationJobResult.FromString,
                 _registered_method=True)
         self.QuantizationProgress = channel.unary_stream(
                 '/backend.Backend/QuantizationProgress',
-                request_serializer=proto_dot_backend__pb2.QuantizationProgressRequest.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.QuantizationProgressUpdate.FromString,
+                request_serializer=backend_dot_proto_dot_backend__pb2.QuantizationProgressRequest.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.QuantizationProgressUpdate.FromString,
                 _registered_method=True)
         self.StopQuantization = channel.unary_unary(
                 '/backend.Backend/StopQuantization',
-                request_serializer=proto_dot_backend__pb2.QuantizationStopRequest.SerializeToString,
-                response_deserializer=proto_dot_backend__pb2.Result.FromString,
+                request_serializer=backend_dot_proto_dot_backend__pb2.QuantizationStopRequest.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.Result.FromString,
                 _registered_method=True)
 
 
@@ -198,73 +198,73 @@ def add_BackendServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=proto_dot_backend__pb2.HealthMessage.FromString,
-                    response_serializer=proto_dot_backend__pb2.Reply.SerializeToString,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.HealthMessage.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.Reply.SerializeToString,
             ),
             'Free': grpc.unary_unary_rpc_method_handler(
                     servicer.Free,
-                    request_deserializer=proto_dot_backend__pb2.HealthMessage.FromString,
-                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.HealthMessage.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.Result.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
-                    request_deserializer=proto_dot_backend__pb2.PredictOptions.FromString,
-                    response_serializer=proto_dot_backend__pb2.Reply.SerializeToString,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.PredictOptions.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.Reply.SerializeToString,
             ),
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
-                    request_deserializer=proto_dot_backend__pb2.ModelOptions.FromString,
-                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.ModelOptions.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.Result.SerializeToString,
             ),
             'PredictStream': grpc.unary_stream_rpc_method_handler(
                     servicer.PredictStream,
-                    request_deserializer=proto_dot_backend__pb2.PredictOptions.FromString,
-                    response_serializer=proto_dot_backend__pb2.Reply.SerializeToString,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.PredictOptions.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.Reply.SerializeToString,
             ),
             'Embedding': grpc.unary_unary_rpc_method_handler(
                     servicer.Embedding,
-                    request_deserializer=proto_dot_backend__pb2.PredictOptions.FromString,
-                    response_serializer=proto_dot_backend__pb2.EmbeddingResult.SerializeToString,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.PredictOptions.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.EmbeddingResult.SerializeToString,
             ),
             'TokenizeString': grpc.unary_unary_rpc_method_handler(
                     servicer.TokenizeString,
-                    request_deserializer=proto_dot_backend__pb2.PredictOptions.FromString,
-                    response_serializer=proto_dot_backend__pb2.TokenizationResponse.SerializeToString,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.PredictOptions.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.TokenizationResponse.SerializeToString,
             ),
             'Detokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Detokenize,
-                    request_deserializer=proto_dot_backend__pb2.DetokenizeRequest.FromString,
-                    response_serializer=proto_dot_backend__pb2.DetokenizeResponse.SerializeToString,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.DetokenizeRequest.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.DetokenizeResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=proto_dot_backend__pb2.HealthMessage.FromString,
-                    response_serializer=proto_dot_backend__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.HealthMessage.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.StatusResponse.SerializeToString,
             ),
             'GetMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMetrics,
-                    request_deserializer=proto_dot_backend__pb2.MetricsRequest.FromString,
-                    response_serializer=proto_dot_backend__pb2.MetricsResponse.SerializeToString,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.MetricsRequest.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.MetricsResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=proto_dot_backend__pb2.ModelOptions.FromString,
-                    response_serializer=proto_dot_backend__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.ModelOptions.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'StartQuantization': grpc.unary_unary_rpc_method_handler(
                     servicer.StartQuantization,
-                    request_deserializer=proto_dot_backend__pb2.QuantizationRequest.FromString,
-                    response_serializer=proto_dot_backend__pb2.QuantizationJobResult.SerializeToString,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.QuantizationRequest.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.QuantizationJobResult.SerializeToString,
             ),
             'QuantizationProgress': grpc.unary_stream_rpc_method_handler(
                     servicer.QuantizationProgress,
-                    request_deserializer=proto_dot_backend__pb2.QuantizationProgressRequest.FromString,
-                    response_serializer=proto_dot_backend__pb2.QuantizationProgressUpdate.SerializeToString,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.QuantizationProgressRequest.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.QuantizationProgressUpdate.SerializeToString,
             ),
             'StopQuantization': grpc.unary_unary_rpc_method_handler(
                     servicer.StopQuantization,
-                    request_deserializer=proto_dot_backend__pb2.QuantizationStopRequest.FromString,
-                    response_serializer=proto_dot_backend__pb2.Result.SerializeToString,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.QuantizationStopRequest.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.Result.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -292,8 +292,8 @@ class Backend:
             request,
             target,
             '/backend.Backend/Health',
-            proto_dot_backend__pb2.HealthMessage.SerializeToString,
-            proto_dot_backend__pb2.Reply.FromString,
+            backend_dot_proto_dot_backend__pb2.HealthMessage.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.Reply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -319,8 +319,8 @@ class Backend:
             request,
             target,
             '/backend.Backend/Free',
-            proto_dot_backend__pb2.HealthMessage.SerializeToString,
-            proto_dot_backend__pb2.Result.FromString,
+            backend_dot_proto_dot_backend__pb2.HealthMessage.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.Result.FromString,
             options,
             channel_credentials,
             insecure,
@@ -346,8 +346,8 @@ class Backend:
             request,
             target,
             '/backend.Backend/Predict',
-            proto_dot_backend__pb2.PredictOptions.SerializeToString,
-            proto_dot_backend__pb2.Reply.FromString,
+            backend_dot_proto_dot_backend__pb2.PredictOptions.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.Reply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -373,8 +373,8 @@ class Backend:
             request,
             target,
             '/backend.Backend/LoadModel',
-            proto_dot_backend__pb2.ModelOptions.SerializeToString,
-            proto_dot_backend__pb2.Result.FromString,
+            backend_dot_proto_dot_backend__pb2.ModelOptions.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.Result.FromString,
             options,
             channel_credentials,
             insecure,
@@ -400,8 +400,8 @@ class Backend:
             request,
             target,
             '/backend.Backend/PredictStream',
-            proto_dot_backend__pb2.PredictOptions.SerializeToString,
-            proto_dot_backend__pb2.Reply.FromString,
+            backend_dot_proto_dot_backend__pb2.PredictOptions.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.Reply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -427,8 +427,8 @@ class Backend:
             request,
             target,
             '/backend.Backend/Embedding',
-            proto_dot_backend__pb2.PredictOptions.SerializeToString,
-            proto_dot_backend__pb2.EmbeddingResult.FromString,
+            backend_dot_proto_dot_backend__pb2.PredictOptions.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.EmbeddingResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -454,8 +454,8 @@ class Backend:
             request,
             target,
             '/backend.Backend/TokenizeString',
-            proto_dot_backend__pb2.PredictOptions.SerializeToString,
-            proto_dot_backend__pb2.TokenizationResponse.FromString,
+            backend_dot_proto_dot_backend__pb2.PredictOptions.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.TokenizationResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -481,8 +481,8 @@ class Backend:
             request,
             target,
             '/backend.Backend/Detokenize',
-            proto_dot_backend__pb2.DetokenizeRequest.SerializeToString,
-            proto_dot_backend__pb2.DetokenizeResponse.FromString,
+            backend_dot_proto_dot_backend__pb2.DetokenizeRequest.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -508,8 +508,8 @@ class Backend:
             request,
             target,
             '/backend.Backend/Status',
-            proto_dot_backend__pb2.HealthMessage.SerializeToString,
-            proto_dot_backend__pb2.StatusResponse.FromString,
+            backend_dot_proto_dot_backend__pb2.HealthMessage.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -535,8 +535,8 @@ class Backend:
             request,
             target,
             '/backend.Backend/GetMetrics',
-            proto_dot_backend__pb2.MetricsRequest.SerializeToString,
-            proto_dot_backend__pb2.MetricsResponse.FromString,
+            backend_dot_proto_dot_backend__pb2.MetricsRequest.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.MetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -562,8 +562,8 @@ class Backend:
             request,
             target,
             '/backend.Backend/ModelMetadata',
-            proto_dot_backend__pb2.ModelOptions.SerializeToString,
-            proto_dot_backend__pb2.ModelMetadataResponse.FromString,
+            backend_dot_proto_dot_backend__pb2.ModelOptions.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -589,8 +589,8 @@ class Backend:
             request,
             target,
             '/backend.Backend/StartQuantization',
-            proto_dot_backend__pb2.QuantizationRequest.SerializeToString,
-            proto_dot_backend__pb2.QuantizationJobResult.FromString,
+            backend_dot_proto_dot_backend__pb2.QuantizationRequest.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.QuantizationJobResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -616,8 +616,8 @@ class Backend:
             request,
             target,
             '/backend.Backend/QuantizationProgress',
-            proto_dot_backend__pb2.QuantizationProgressRequest.SerializeToString,
-            proto_dot_backend__pb2.QuantizationProgressUpdate.FromString,
+            backend_dot_proto_dot_backend__pb2.QuantizationProgressRequest.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.QuantizationProgressUpdate.FromString,
             options,
             channel_credentials,
             insecure,
@@ -643,8 +643,8 @@ class Backend:
             request,
             target,
             '/backend.Backend/StopQuantization',
-            proto_dot_backend__pb2.QuantizationStopRequest.SerializeToString,
-            proto_dot_backend__pb2.Result.FromString,
+            backend_dot_proto_dot_backend__pb2.QuantizationStopRequest.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.Result.FromString,
             options,
             channel_credentials,
             insecure,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import llama_cpp.llama_cpp as L
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 
 DEFAULT_REPEAT_LAST_N = 64
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per request

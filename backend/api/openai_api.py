@@ -18,9 +18,9 @@ from typing import Any
 
 import grpc
 
-from proto import backend_pb2 as pb
+from ..proto import backend_pb2 as pb
 
-from .errors import ContextOverflowError, InvalidRequestError, ModelLoadError, NoModelLoadedError
+from ..errors import ContextOverflowError, InvalidRequestError, ModelLoadError, NoModelLoadedError
 
 INT32_MAX = 2**31 - 1
 

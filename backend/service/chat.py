@@ -1,4 +1,4 @@
-"""Chat prompts from the GGUF's own Jinja template, and reasoning ("thinking") split out of the output."""
+"""Chat prompts from the GGUF's own Jinja template, and tool calls parsed out of the output."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import InvalidRequestError
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from ..engine.textstream import THINK_OPEN
+from ..errors import InvalidRequestError
 
 
 def _raise(message: str) -> None:
@@ -80,36 +79,6 @@ def message_dicts(messages: Any) -> list[dict[str, Any]]:
                 raise InvalidRequestError(f"message tool_calls is not valid JSON: {m.tool_calls[:80]!r}") from None
         out.append(d)
     return out
-
-
-class ReasoningSplitter:
-    """Splits streamed text into (content, reasoning) on <think>...</think>, holding back partial tags."""
-
-    def __init__(self, thinking: bool) -> None:
-        self.in_reasoning = thinking
-        self._held = ""
-
-    def feed(self, text: str) -> tuple[str, str]:
-        content, reasoning = [], []
-        buf = self._held + text
-        self._held = ""
-        while buf:
-            tag = THINK_CLOSE if self.in_reasoning else THINK_OPEN
-            pos = buf.find(tag)
-            if pos >= 0:
-                (reasoning if self.in_reasoning else content).append(buf[:pos])
-                buf = buf[pos + len(tag):]
-                self.in_reasoning = not self.in_reasoning
-                continue
-            keep = next((n for n in range(min(len(tag) - 1, len(buf)), 0, -1) if buf.endswith(tag[:n])), 0)
-            (reasoning if self.in_reasoning else content).append(buf[: len(buf) - keep])
-            self._held = buf[len(buf) - keep:]
-            break
-        return "".join(content), "".join(reasoning)
-
-    def flush(self) -> tuple[str, str]:
-        rest, self._held = self._held, ""
-        return ("", rest) if self.in_reasoning else (rest, "")
 
 
 _TOOL_CALL = ("<tool_call>", "</tool_call>")

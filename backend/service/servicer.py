@@ -1,156 +1,171 @@
-"""The gRPC `Backend` service: converts LocalAI's messages at the edge, delegates to `generation.Model`.
+"""The gRPC `Backend` service (asyncio): converts LocalAI's messages at the edge, delegates to the scheduler.
 
-Errors are mapped to gRPC status codes in exactly one place (`status_for`); LoadModel alone reports failure
-in-band as `Result(success=False)`, which is what LocalAI expects of it.
+Handlers never block the event loop: generation runs on the scheduler's thread and comes back through a queue,
+model loading and freeing run on the llama thread, so Health/Status/GetMetrics answer at once however many
+requests are generating or waiting. Errors are mapped to gRPC status codes in exactly one place
+(`status_for`); LoadModel alone reports failure in-band as `Result(success=False)`, which is what LocalAI
+expects of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
-import queue
-import threading
-from typing import Any, Iterator
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
-from proto import backend_pb2 as pb
-from proto import backend_pb2_grpc as pb_grpc
-
+from ..engine.generation import Chunk, GenerationRequest, Result
+from ..engine.llama import Engine
+from ..engine.sampling import SamplingParams, parse_logit_bias
+from ..engine.scheduler import Scheduler, llama_thread
+from ..errors import (ApexError, EngineClosedError, EntryNotFoundError, InsufficientMemoryError, InvalidRequestError,
+                      ModelMismatchError, ModelNotFoundError, NoModelLoadedError)
+from ..gguf_file import read_gguf
+from ..proto import backend_pb2 as pb
+from ..proto import backend_pb2_grpc as pb_grpc
 from .chat import ChatTemplate, extract_tool_calls, message_dicts
-from .engine import Engine
-from .errors import (ApexError, InsufficientMemoryError, InvalidRequestError, ModelNotFoundError,
-                     NoModelLoadedError)
-from .generation import Chunk, GenerationRequest, Model, Result
-from .gguf_file import read_gguf
-from .options import plan_load, resolve_model_path
-from .sampling import SamplingParams, parse_logit_bias
+from .options import LoadPlan, plan_load, resolve_model_path
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 512  # one default for Predict and PredictStream alike
 IDENTITY_MISMATCH = "model identity mismatch"  # LocalAI's grpcerrors.ModelMismatchSentinel
 
+# Our error types -> gRPC status codes; the first matching class wins. Anything else is a bug: INTERNAL, logged.
+_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (NoModelLoadedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (EngineClosedError, grpc.StatusCode.UNAVAILABLE),
+    (InsufficientMemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (EntryNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ModelMismatchError, grpc.StatusCode.NOT_FOUND),
+)
+
 
 def status_for(exc: BaseException) -> grpc.StatusCode:
     """The one mapping from our errors to gRPC status codes."""
-    if isinstance(exc, NoModelLoadedError):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, InsufficientMemoryError):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, (InvalidRequestError, ValueError)):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, (ModelNotFoundError, FileNotFoundError, LookupError)):
-        return grpc.StatusCode.NOT_FOUND
-    return grpc.StatusCode.INTERNAL
+    return next((code for cls, code in _STATUS if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code = status_for(exc)
-    if code == grpc.StatusCode.INTERNAL and not isinstance(exc, ApexError):
-        log.exception("internal error")
-    context.abort(code, str(exc))
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("internal error", exc_info=exc)
+    await context.abort(code, str(exc) or type(exc).__name__)
+
+
+@dataclass
+class LoadedModel:
+    """What LoadModel built: the scheduler (which owns the engine), the chat template and how it was loaded."""
+
+    name: str
+    scheduler: Scheduler
+    template: ChatTemplate | None
+    plan: LoadPlan
+
+    @property
+    def engine(self) -> Engine:
+        return self.scheduler.engine
 
 
 class BackendServicer(pb_grpc.BackendServicer):
-    """LocalAI's model-runner protocol for one model at a time."""
+    """LocalAI's model-runner protocol for one model at a time, served to many clients at once."""
 
     def __init__(self) -> None:
-        self._model: Model | None = None
-        self._model_name = ""
-        self._load_lock = threading.Lock()
+        self._model: LoadedModel | None = None
+        self._load_lock = asyncio.Lock()
         self._jobs = None
 
     # -- lifecycle --------------------------------------------------------------------------------
 
-    def Health(self, request: pb.HealthMessage, context: grpc.ServicerContext) -> pb.Reply:
+    async def Health(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.Reply:
         return pb.Reply(message=b"OK")
 
-    def LoadModel(self, request: pb.ModelOptions, context: grpc.ServicerContext) -> pb.Result:
-        with self._load_lock:
+    async def LoadModel(self, request: pb.ModelOptions, context: grpc.aio.ServicerContext) -> pb.Result:
+        async with self._load_lock:
             try:
                 path = resolve_model_path(request.Model, request.ModelFile, request.ModelPath)
                 info = read_gguf(path)  # validates the header before llama.cpp sees the file
                 plan = plan_load(request, info, path)
-                self._free()
-                engine = Engine(path, plan.engine)
-                template = _template(engine, info) if plan.use_jinja else None
-                self._model = Model(engine, name=request.Model or path.name, spec=plan.spec, template=template,
-                                    default_seed=request.Seed if request.Seed > 0 else None)
-                self._model_name = request.Model
+                await self._free()
+                loop = asyncio.get_running_loop()
+                self._model = await loop.run_in_executor(llama_thread(), _build, request, plan, info)
+                loop.run_in_executor(llama_thread(), self._model.scheduler.run)
             except ApexError as exc:
                 log.warning("LoadModel failed: %s", exc)
                 return pb.Result(success=False, message=str(exc))
             except Exception as exc:  # never let a load failure take the server down
                 log.exception("LoadModel failed")
                 return pb.Result(success=False, message=f"{type(exc).__name__}: {exc}")
-            log.info("loaded %s (%s)", path, plan.mtp_reason)
-            return pb.Result(success=True, message=f"Model loaded successfully ({plan.mtp_reason})")
+            log.info("loaded %s (%s, %d slot(s) of %d tokens)", path, plan.mtp_reason, plan.engine.n_seq,
+                     plan.engine.n_ctx)
+            return pb.Result(success=True, message=f"Model loaded successfully ({plan.mtp_reason}; "
+                                                   f"{plan.engine.n_seq} slot(s) of {plan.engine.n_ctx} tokens)")
 
-    def Free(self, request: pb.HealthMessage, context: grpc.ServicerContext) -> pb.Result:
-        with self._load_lock:
+    async def Free(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.Result:
+        async with self._load_lock:
             had = self._model is not None
-            self._free()
+            await self._free()
         return pb.Result(success=True, message="model freed" if had else "no model was loaded")
 
-    def _free(self) -> None:
+    async def _free(self) -> None:
+        """Unload the model: its open requests end with UNAVAILABLE, then everything llama.cpp holds is freed."""
         model, self._model = self._model, None
         if model is not None:
-            with model.lock:  # wait for a running request to stop
-                model.engine.close()
+            reason = EngineClosedError(f"model {model.name} was unloaded while this request was running")
+            await asyncio.to_thread(model.scheduler.close, reason)
 
-    def close(self) -> None:
-        with self._load_lock:
-            self._free()
+    async def close(self) -> None:
+        async with self._load_lock:
+            await self._free()
 
-    def _loaded(self, request: Any = None) -> Model:
+    def _loaded(self, request: Any = None) -> LoadedModel:
         model = self._model
         if model is None:
             raise NoModelLoadedError()
         identity = getattr(request, "ModelIdentity", "")
-        if identity and self._model_name and identity != self._model_name:
-            raise LookupError(f"{IDENTITY_MISMATCH}: loaded {self._model_name!r}, requested {identity!r}")
+        if identity and model.plan.identity and identity != model.plan.identity:
+            raise ModelMismatchError(f"{IDENTITY_MISMATCH}: loaded {model.plan.identity!r}, requested {identity!r}")
         return model
 
     # -- generation -------------------------------------------------------------------------------
 
-    def Predict(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.Reply:
+    async def Predict(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.Reply:
         try:
             model = self._loaded(request)
             req, tools = self._request(model, request)
-            result = Result()
             logprobs: list[dict] = []
-            for chunk in model.stream(req, result):
-                logprobs += chunk.logprobs
-                if not context.is_active():
-                    break
-            return _final_reply(result, logprobs, tools, with_text=True)
+            async for event in _events(model.scheduler, req):
+                if isinstance(event, Result):
+                    return _final_reply(event, logprobs, tools, with_text=True)
+                logprobs += event.logprobs
         except Exception as exc:
-            _abort(context, exc)
+            await _abort(context, exc)
 
-    def PredictStream(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> Iterator[pb.Reply]:
+    async def PredictStream(self, request: pb.PredictOptions,
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Reply]:
         try:
             model = self._loaded(request)
             req, tools = self._request(model, request)
+            result = Result(n_prompt=len(req.prompt))
+            async for event in _events(model.scheduler, req, progress=result):
+                if isinstance(event, Result):
+                    yield _final_reply(event, [], tools, with_text=False)
+                else:
+                    yield _chunk_reply(event, result)
+        except asyncio.CancelledError:
+            log.info("client cancelled the stream")
+            raise
         except Exception as exc:
-            _abort(context, exc)
-        result = Result()
-        cancel = threading.Event()
-        # gRPC stops pulling a cancelled stream; the callback is what tells the producer to stop.
-        context.add_callback(cancel.set)
-        try:
-            for chunk in pump(model.stream(req, result), cancel):
-                if chunk.content or chunk.reasoning or chunk.logprobs:  # held-back text still has logprobs
-                    yield _chunk_reply(chunk, result)
-        except Exception as exc:
-            _abort(context, exc)
-        if cancel.is_set():
-            log.info("client cancelled the stream after %d tokens", result.n_tokens)
-            return
-        yield _final_reply(result, [], tools, with_text=False)
+            await _abort(context, exc)
 
-    def _request(self, model: Model, r: pb.PredictOptions) -> tuple[GenerationRequest, bool]:
+    def _request(self, model: LoadedModel, r: pb.PredictOptions) -> tuple[GenerationRequest, bool]:
         engine = model.engine
         text, thinking = self._prompt_text(model, r)
         prompt = _tokenize_prompt(model, text)
@@ -175,7 +190,7 @@ class BackendServicer(pb_grpc.BackendServicer):
         )
         return req, bool(r.Tools)
 
-    def _prompt_text(self, model: Model, r: pb.PredictOptions) -> tuple[str, bool]:
+    def _prompt_text(self, model: LoadedModel, r: pb.PredictOptions) -> tuple[str, bool]:
         """The prompt text and whether it leaves the model inside a <think> block."""
         if r.Prompt:
             return r.Prompt, False
@@ -198,48 +213,48 @@ class BackendServicer(pb_grpc.BackendServicer):
 
     # -- tokens, embeddings ------------------------------------------------------------------------
 
-    def TokenizeString(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.TokenizationResponse:
+    async def TokenizeString(self, request: pb.PredictOptions,
+                             context: grpc.aio.ServicerContext) -> pb.TokenizationResponse:
         try:
             model = self._loaded(request)
             text, _ = self._prompt_text(model, request) if request.UseTokenizerTemplate else (request.Prompt, False)
             tokens = _tokenize_prompt(model, text) if text else []
             return pb.TokenizationResponse(length=len(tokens), tokens=tokens)
         except Exception as exc:
-            _abort(context, exc)
+            await _abort(context, exc)
 
-    def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.ServicerContext) -> pb.DetokenizeResponse:
+    async def Detokenize(self, request: pb.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
         try:
             engine = self._loaded().engine
             engine.check_tokens(request.tokens)
             return pb.DetokenizeResponse(content=engine.detokenize(request.tokens).decode("utf-8", "replace"))
         except Exception as exc:
-            _abort(context, exc)
+            await _abort(context, exc)
 
-    def Embedding(self, request: pb.PredictOptions, context: grpc.ServicerContext) -> pb.EmbeddingResult:
+    async def Embedding(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.EmbeddingResult:
         try:
             model = self._loaded(request)
-            engine = model.engine
-            tokens = list(request.EmbeddingTokens) or engine.tokenize(request.Embeddings or request.Prompt)
-            with model.lock:
-                vec = engine.embed(tokens)
+            tokens = list(request.EmbeddingTokens) or model.engine.tokenize(request.Embeddings or request.Prompt)
+            vec = await asyncio.wrap_future(model.scheduler.call(lambda engine: engine.embed(tokens)))
             return pb.EmbeddingResult(embeddings=vec, tokens=len(tokens), dim=len(vec), prompt_tokens=len(tokens),
                                       layout=pb.EMBEDDING_LAYOUT_FINAL)
         except Exception as exc:
-            _abort(context, exc)
+            await _abort(context, exc)
 
     # -- introspection ----------------------------------------------------------------------------
 
-    def Status(self, request: pb.HealthMessage, context: grpc.ServicerContext) -> pb.StatusResponse:
+    async def Status(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         model = self._model
         if model is None:
             return pb.StatusResponse(state=pb.StatusResponse.UNINITIALIZED, memory=pb.MemoryUsageData(total=_rss()))
-        state = pb.StatusResponse.BUSY if model.lock.locked() else pb.StatusResponse.READY
-        breakdown = memory_breakdown(model)
-        return pb.StatusResponse(state=state, memory=pb.MemoryUsageData(total=_rss(), breakdown=breakdown))
+        busy = model.scheduler.busy_slots or model.scheduler.queue_depth
+        state = pb.StatusResponse.BUSY if busy else pb.StatusResponse.READY
+        return pb.StatusResponse(state=state, memory=pb.MemoryUsageData(total=_rss(), breakdown=memory_breakdown(model)))
 
-    def GetMetrics(self, request: pb.MetricsRequest, context: grpc.ServicerContext) -> pb.MetricsResponse:
+    async def GetMetrics(self, request: pb.MetricsRequest, context: grpc.aio.ServicerContext) -> pb.MetricsResponse:
         model = self._model
-        last = model.last if model else None
+        last = model.scheduler.metrics.last if model else None
         if last is None:
             return pb.MetricsResponse()
         s = last.stats
@@ -250,7 +265,8 @@ class BackendServicer(pb_grpc.BackendServicer):
             draft_mean_accepted_length=s.mean_accepted_length,
         )
 
-    def ModelMetadata(self, request: pb.ModelOptions, context: grpc.ServicerContext) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, request: pb.ModelOptions,
+                            context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
         model = self._model
         if model is None or model.template is None:
             return pb.ModelMetadataResponse()
@@ -271,69 +287,78 @@ class BackendServicer(pb_grpc.BackendServicer):
             self._jobs = QuantizationJobs()
         return self._jobs
 
-    def StartQuantization(self, request: pb.QuantizationRequest, context: grpc.ServicerContext) -> pb.QuantizationJobResult:
-        ok, message = self._quant_jobs().start(request.model, request.quantization_type, request.output_dir,
-                                               request.job_id, dict(request.extra_options))
+    async def StartQuantization(self, request: pb.QuantizationRequest,
+                                context: grpc.aio.ServicerContext) -> pb.QuantizationJobResult:
+        ok, message = await asyncio.to_thread(self._quant_jobs().start, request.model, request.quantization_type,
+                                              request.output_dir, request.job_id, dict(request.extra_options))
         return pb.QuantizationJobResult(job_id=request.job_id, success=ok, message=message)
 
-    def QuantizationProgress(self, request: pb.QuantizationProgressRequest, context: grpc.ServicerContext):
+    async def QuantizationProgress(self, request: pb.QuantizationProgressRequest,
+                                   context: grpc.aio.ServicerContext) -> AsyncIterator[pb.QuantizationProgressUpdate]:
         try:
-            for u in self._quant_jobs().progress(request.job_id):
-                if not context.is_active():
-                    return
+            updates = self._quant_jobs().progress(request.job_id)
+            while (u := await asyncio.to_thread(next, updates, None)) is not None:
                 yield pb.QuantizationProgressUpdate(
                     job_id=u.job_id, progress_percent=u.progress_percent, status=str(getattr(u.status, "value", u.status)),
                     message=u.message, output_file=u.output_file or "", extra_metrics=u.extra_metrics or {},
                 )
         except Exception as exc:
-            _abort(context, exc)
+            await _abort(context, exc)
 
-    def StopQuantization(self, request: pb.QuantizationStopRequest, context: grpc.ServicerContext) -> pb.Result:
-        ok, message = self._quant_jobs().stop(request.job_id)
+    async def StopQuantization(self, request: pb.QuantizationStopRequest,
+                               context: grpc.aio.ServicerContext) -> pb.Result:
+        ok, message = await asyncio.to_thread(self._quant_jobs().stop, request.job_id)
         return pb.Result(success=ok, message=message)
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
 
-_DONE = object()
+def _build(request: pb.ModelOptions, plan: LoadPlan, info) -> LoadedModel:
+    """Load the engine and its scheduler (on the llama thread)."""
+    engine = Engine(plan.path, plan.engine)
+    try:
+        template = _template(engine, info) if plan.use_jinja else None
+        scheduler = Scheduler(engine, plan.spec, name=request.Model or plan.path.name,
+                              default_seed=request.Seed if request.Seed > 0 else None)
+    except BaseException:
+        engine.close()
+        raise
+    return LoadedModel(name=scheduler.name, scheduler=scheduler, template=template, plan=plan)
 
 
-def pump(chunks: Iterator[Chunk], cancel: threading.Event) -> Iterator[Chunk]:
-    """Run `chunks` on its own thread and hand them over through a queue.
+async def _events(scheduler: Scheduler, req: GenerationRequest,
+                  progress: Result | None = None) -> AsyncIterator[Chunk | Result]:
+    """Submit a request and yield its chunks, then its `Result`; raises the error that ended it. Leaving early
+    (a cancelled RPC) cancels the request, which frees its slot at the next step."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
 
-    The generator holds the model lock while it runs; driving it from a thread that checks `cancel` after every
-    chunk means a client that goes away (and a gRPC stream nobody pulls any more) frees the model at once.
-    """
-    q: queue.SimpleQueue = queue.SimpleQueue()
-
-    def produce() -> None:
+    def sink(event) -> None:  # called on the scheduler's thread
         try:
-            for chunk in chunks:
-                if cancel.is_set():
-                    break
-                q.put(chunk)
-        except BaseException as exc:  # re-raised on the consumer side
-            q.put(exc)
-        finally:
-            chunks.close()
-            q.put(_DONE)
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
 
-    threading.Thread(target=produce, name="generate", daemon=True).start()
+    ticket = scheduler.submit(req, sink)
     finished = False
     try:
         while True:
-            item = q.get()
-            if item is _DONE:
+            event = await queue.get()
+            if isinstance(event, BaseException):
                 finished = True
+                raise event
+            if isinstance(event, Result):
+                finished = True
+                yield event
                 return
-            if isinstance(item, BaseException):
-                finished = True
-                raise item
-            yield item
+            if progress is not None:  # what a stream chunk reports so far
+                progress.n_tokens = ticket.result.n_tokens
+                progress.stats = ticket.result.stats
+            yield event
     finally:
-        if not finished:  # the consumer stopped early: stop the producer too
-            cancel.set()
+        if not finished:
+            scheduler.cancel(ticket)
 
 
 def _template(engine: Engine, info) -> ChatTemplate | None:
@@ -366,7 +391,7 @@ def _template_kwargs(metadata: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _tokenize_prompt(model: Model, text: str) -> list[int]:
+def _tokenize_prompt(model: LoadedModel, text: str) -> list[int]:
     bos = model.template.bos_token if model.template else ""
     # A rendered template usually carries its own BOS; adding another would double it.
     add_special = not (bos and text.startswith(bos))
@@ -400,17 +425,21 @@ def _final_reply(result: Result, logprobs: list[dict], tools: bool, *, with_text
     )
 
 
-def memory_breakdown(model: Model) -> dict[str, int]:
-    """Bytes per component as llama.cpp allocated them, plus the MTP parts named separately."""
-    mem = dict(model.engine.memory)
-    n_rs = model.engine.config.n_draft_max if model.engine.mtp_enabled else 0
+def memory_breakdown(model: LoadedModel) -> dict[str, int]:
+    """Bytes per component as llama.cpp allocated them (the MTP parts named separately), and the slots."""
+    engine = model.engine
+    mem = dict(engine.memory)
+    n_rs = engine.config.n_draft_max if engine.mtp_enabled else 0
     rec = mem.pop("target_recurrent", 0)
     if rec:
         # llama.cpp allocates the recurrent state (1 + n_rs_seq) times: the extra copies are rollback snapshots.
         mem["recurrent_state"] = rec // (1 + n_rs)
         if n_rs:
             mem["mtp_rollback_snapshots"] = rec - rec // (1 + n_rs)
-    last = model.last
+    sched = model.scheduler
+    mem.update(slots=engine.n_seq, slots_busy=sched.busy_slots, queue_depth=sched.queue_depth,
+               slot_context=engine.n_ctx)
+    last = sched.metrics.last
     if last is not None:
         mem["spec_drafted"] = last.stats.drafted
         mem["spec_accepted"] = last.stats.accepted

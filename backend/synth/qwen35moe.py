@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .errors import ApexError, InvalidGGUFError, InvalidRequestError
+from ..errors import ApexError, InvalidGGUFError, InvalidRequestError
 
 ARCH = "qwen35moe"
 Mode = Literal["random", "predictable"]
@@ -801,13 +801,13 @@ def read_synth_info(path: str | os.PathLike[str]) -> SynthInfo:
     """
     from gguf import GGUFReader
 
-    from .gguf_file import check_header
+    from ..gguf_file import check_header
 
     check_header(path)
     reader = GGUFReader(os.fspath(path), "r")
     fields = {k[len(_KEY_PREFIX) :]: f.contents() for k, f in reader.fields.items() if k.startswith(_KEY_PREFIX)}
     if "mode" not in fields or "tokenizer.ggml.token_type" not in reader.fields:
-        raise InvalidGGUFError(path, "no apexmtp.synthetic.mode key: not written by backend.synthetic")
+        raise InvalidGGUFError(path, "no apexmtp.synthetic.mode key: not written by backend.synth.qwen35moe")
     types = reader.fields["tokenizer.ggml.token_type"].contents()
 
     def array(key: str) -> np.ndarray | None:

@@ -1,0 +1,679 @@
+"""llama.cpp through its C API: one model, a target context serving several sequences, and an MTP context.
+
+The engine owns every llama.cpp object it creates and frees them in order (batches, contexts, model); a closed
+engine refuses every call with `EngineClosedError`. It serves `n_seq` sequences (the scheduler's slots) from
+one target context with a unified KV buffer, so any mix of sequences can share a ubatch. Each target decode
+is queued for mirroring into the MTP context with the target's hidden rows shifted by one (mtp-engine.md
+§1.5), so the head can draft for any sequence at any time; rollback after a verify keeps both contexts at
+identical positions per sequence. Preconditions are checked here, in Python, because llama.cpp answers bad
+input with process aborts (GGML_ASSERT).
+
+Not thread-safe: one thread (the scheduler's) calls the decoding methods. `tokenize`, `piece` and friends read
+the immutable vocabulary and may be called from any thread while the engine is open.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, TypeVar
+
+import numpy as np
+
+import llama_cpp.llama_cpp as L
+import llama_cpp.llama_cpp_ext as X
+
+from ..errors import (ContextOverflowError, EngineClosedError, InsufficientMemoryError, InvalidRequestError,
+                      ModelLoadError, UnsupportedArchitectureError)
+from ..gguf_file import GGUFInfo, read_gguf
+from .llamalog import LLAMA_LOG, parse_memory_lines
+
+log = logging.getLogger(__name__)
+
+KV_TYPES = {"f32": L.GGML_TYPE_F32, "f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0,
+            "q4_0": L.GGML_TYPE_Q4_0, "q4_1": L.GGML_TYPE_Q4_1, "q5_0": L.GGML_TYPE_Q5_0, "q5_1": L.GGML_TYPE_Q5_1,
+            "iq4_nl": L.GGML_TYPE_IQ4_NL}
+FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+              "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+# Architectures whose recurrent state supports n_rs_seq rollback (llama-arch.cpp); MTP needs it here.
+MTP_ARCHS = frozenset({"qwen35", "qwen35moe"})
+MAX_SEQ = 64  # slots per model; llama.cpp allows 256 sequences, far beyond what one host serves usefully
+_DRAFT_TOP_K = 10  # llama.cpp's draft sampler: top-10, greedy top-1, p over the 10 (speculative.cpp)
+
+_backend_initialised = False
+
+
+def _init_backend() -> None:
+    global _backend_initialised
+    if not _backend_initialised:
+        LLAMA_LOG.install()
+        L.llama_backend_init()
+        _backend_initialised = True
+
+
+# ------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything fixed at load time. `n_draft_max > 0` with `mtp=True` enables MTP self-speculation.
+
+    `n_ctx` is the context of one sequence (slot): the longest prompt + output a request can have. The KV
+    buffer holds `n_seq * n_ctx` tokens, shared by all sequences (llama.cpp's unified KV).
+    """
+
+    n_ctx: int = 4096
+    n_seq: int = 1
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int = 0  # 0: one per physical core
+    n_gpu_layers: int = 0  # -1: all
+    use_mmap: bool = True
+    use_mlock: bool = False
+    flash_attn: str = "auto"
+    type_k: str = "f16"
+    type_v: str = "f16"
+    mtp: bool = False
+    n_draft_max: int = 0
+    embeddings: bool = False
+    n_cpu_moe: int = 0  # keep the routed experts of the first N trunk layers in system RAM (-1: all layers)
+
+    def __post_init__(self) -> None:
+        if self.n_ctx < 8:
+            raise InvalidRequestError(f"context size {self.n_ctx} is too small (minimum 8)")
+        if not 1 <= self.n_seq <= MAX_SEQ:
+            raise InvalidRequestError(f"parallel must be in 1..{MAX_SEQ}, not {self.n_seq}")
+        if self.n_batch < 1 or self.n_ubatch < 1:
+            raise InvalidRequestError(f"batch sizes must be >= 1 (n_batch={self.n_batch}, n_ubatch={self.n_ubatch})")
+        for name in ("type_k", "type_v"):
+            if getattr(self, name) not in KV_TYPES:
+                raise InvalidRequestError(f"unknown KV cache type {getattr(self, name)!r}; one of {sorted(KV_TYPES)}")
+        if self.flash_attn not in FLASH_ATTN:
+            raise InvalidRequestError(f"flash_attention must be one of {sorted(FLASH_ATTN)}, not {self.flash_attn!r}")
+        if self.mtp and not 1 <= self.n_draft_max <= 16:
+            raise InvalidRequestError(f"spec_n_max must be in 1..16 with MTP, not {self.n_draft_max}")
+
+    @property
+    def batch_sizes(self) -> tuple[int, int]:
+        """(n_batch, n_ubatch) as the contexts get them.
+
+        Every slot's verify row `[y, d1..dk]` must fit one decode, and llama.cpp keeps the last n_rs_seq+1 tokens
+        of each sequence in one ubatch for the rollback snapshots (it asserts n_ubatch > n_rs_seq + 1).
+        """
+        need = self.n_seq * (self.n_draft_max + 1) + 1 if self.mtp else self.n_seq
+        n_batch = max(self.n_batch, need)
+        floor = max(need, self.n_draft_max + 2) if self.mtp else 1
+        return n_batch, min(n_batch, max(self.n_ubatch, floor))
+
+
+class _BuftOverride(ctypes.Structure):
+    """llama.h `llama_model_tensor_buft_override` (the binding leaves the field an untyped pointer)."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def _cpu_buffer_type() -> int:
+    lib = ctypes.CDLL(str(Path(L.__file__).parent / "lib" / "libggml-base.so"))
+    lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
+    return lib.ggml_backend_cpu_buffer_type()
+
+
+def expert_pattern(n_cpu_moe: int, n_layers: int) -> str:
+    """Regex for the routed-expert tensors of the first `n_cpu_moe` trunk layers (all when -1)."""
+    layers = range(n_layers if n_cpu_moe < 0 else min(n_cpu_moe, n_layers))
+    return r"^blk\.(" + "|".join(map(str, layers)) + r")\.ffn_(up|down|gate|gate_up)_exps\.weight$"
+
+
+def _expert_overrides(n_cpu_moe: int, n_layers: int) -> ctypes.Array:
+    """A NULL-terminated override array keeping those experts in a CPU buffer (llama.cpp's --n-cpu-moe)."""
+    arr = (_BuftOverride * 2)()
+    arr[0].pattern = expert_pattern(n_cpu_moe, n_layers).encode()
+    arr[0].buft = _cpu_buffer_type()
+    return arr
+
+
+def default_threads() -> int:
+    try:
+        import psutil
+
+        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except Exception:
+        return max(1, os.cpu_count() or 1)
+
+
+# ------------------------------------------------------------------------------------------- pieces
+
+
+class Batch:
+    """A llama_batch_ext bound to one context (never shared between contexts)."""
+
+    def __init__(self, ctx: int) -> None:
+        self.ptr = L.llama_batch_ext_init(ctx)
+        if not self.ptr:
+            raise ModelLoadError("llama.cpp could not allocate a batch")
+        self.n = 0
+        self._pos = ctypes.c_int32()
+
+    def clear(self) -> None:
+        L.llama_batch_ext_clear(self.ptr)
+        self.n = 0
+
+    def add(self, token: int, pos: int, seq: int, *, output: bool = False, embd: np.ndarray | None = None) -> int:
+        idx = L.llama_batch_ext_add_token(self.ptr, seq, token)
+        if idx < 0:
+            raise RuntimeError(f"llama_batch_ext_add_token failed ({idx})")
+        self._pos.value = pos
+        L.llama_batch_ext_set_pos(self.ptr, idx, ctypes.byref(self._pos))
+        if embd is not None:
+            row = L.llama_embd(embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), 1, embd.shape[0])
+            if not L.llama_batch_ext_set_embd_token(self.ptr, idx, row):  # copies the row now
+                raise RuntimeError("llama_batch_ext_set_embd_token failed")
+        if output:
+            L.llama_batch_ext_set_output_logits(self.ptr, idx, True)
+        self.n += 1
+        return idx
+
+    def free(self) -> None:
+        if self.ptr:
+            L.llama_batch_ext_free(self.ptr)
+            self.ptr = None
+
+
+@dataclass
+class Row:
+    """A run of one sequence's tokens inside a target decode; `first` is its first batch index once decoded.
+
+    `logits`: "all" (verify rows), "last" (a prompt's final chunk) or "none" (other prompt chunks).
+    """
+
+    seq: int
+    tokens: list[int]
+    logits: str = "all"
+    first: int = -1
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.tokens) - 1
+
+
+@dataclass
+class Sequence:
+    """What one sequence of the contexts holds, and its MTP mirroring state."""
+
+    tokens: list[int] = field(default_factory=list)  # the target's memory, position by position
+    pending_h: np.ndarray | None = None  # the target's hidden row of the last decoded token
+    verify_h: np.ndarray | None = None  # hidden rows of the last decode, for rollback
+    # (position, token) of the first draft entry left in the MTP context by `draft`: exactly the first entry the
+    # next mirror would write, so the mirror skips it (llama.cpp re-evaluates it).
+    ahead: tuple[int, int] | None = None
+    # Mirror entries (token, position, h row) not yet decoded into the MTP context. Mirroring is deferred until
+    # the head must draft for this sequence, so steps that do not speculate cost what plain decoding costs and
+    # rejected drafts are never mirrored.
+    mirror: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+
+
+class DecodeError(RuntimeError):
+    """llama.cpp refused or failed a decode; the sequences involved were reset."""
+
+    def __init__(self, message: str, seqs: Iterable[int]) -> None:
+        super().__init__(message)
+        self.seqs = tuple(sorted(set(seqs)))
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def _open(method: F) -> F:
+    """Refuse calls on a closed engine: llama.cpp would read freed memory."""
+
+    @functools.wraps(method)
+    def checked(self: "Engine", *args, **kwargs):
+        if self._model is None:
+            raise EngineClosedError(f"the engine for {self.path} is closed")
+        return method(self, *args, **kwargs)
+
+    return checked  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """A loaded GGUF with its target context (and MTP context when speculation is on), serving `n_seq` sequences."""
+
+    def __init__(self, path: str | Path, config: EngineConfig, *, eval_callback: object | None = None) -> None:
+        self.path = str(path)
+        self.info: GGUFInfo = read_gguf(path)
+        self.config = config
+        self.memory: dict[str, int] = {}
+        self._model = None
+        self._ctx = self._dctx = self._ectx = None
+        self._batch: Batch | None = None
+        self._dbatch: Batch | None = None
+        self._ebatch: Batch | None = None
+        self._eval_callback = eval_callback
+        self.mirror_seconds = 0.0  # time spent decoding mirror entries (left out of the controller's step costs)
+        _init_backend()
+        try:
+            self._load(config)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _load(self, cfg: EngineConfig) -> None:
+        arch = self.info.architecture
+        if not arch:
+            raise ModelLoadError(f"{self.path}: GGUF has no general.architecture key")
+        if cfg.mtp:
+            # A missing head must never reach llama.cpp's GGML_ASSERT in graph_mtp.
+            if not self.info.has_mtp_head:
+                raise ModelLoadError(f"{self.path}: MTP requested but the GGUF has no nextn (MTP) head")
+            if arch not in MTP_ARCHS:
+                raise ModelLoadError(f"{self.path}: MTP self-speculation supports {sorted(MTP_ARCHS)}, not {arch!r}")
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = cfg.n_gpu_layers
+        mode = L.LLAMA_LOAD_MODE_MMAP if cfg.use_mmap else L.LLAMA_LOAD_MODE_NONE
+        if cfg.use_mlock:
+            mode = L.LLAMA_LOAD_MODE_MMAP_MLOCK if cfg.use_mmap else L.LLAMA_LOAD_MODE_MLOCK
+        mp.load_mode = mode
+        mp.load_mtp = cfg.mtp
+        overrides = _expert_overrides(cfg.n_cpu_moe, self.info.trunk_layers) if cfg.n_cpu_moe else None
+        if overrides is not None:
+            mp.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        with LLAMA_LOG.capture() as lines:
+            self._model = L.llama_model_load_from_file(self.path.encode(), mp)
+        if not self._model:
+            detail = next((ln for ln in reversed(lines) if "error" in ln.lower() or "unknown" in ln.lower()), "")
+            if "unknown model architecture" in detail:
+                raise UnsupportedArchitectureError(self.path, arch)
+            raise ModelLoadError(f"{self.path}: llama.cpp could not load the model" + (f": {detail.strip()}" if detail else ""))
+        self.memory["weights"] = int(L.llama_model_size(self._model))
+        self.vocab = L.llama_model_get_vocab(self._model)
+        self.n_vocab = int(L.llama_vocab_n_tokens(self.vocab))
+        self.n_embd = int(L.llama_model_n_embd_out(self._model))
+        # Recurrent layers take ubatches with an equal number of tokens per sequence (llama.cpp's split_equal).
+        self.recurrent = bool(L.llama_model_is_recurrent(self._model) or L.llama_model_is_hybrid(self._model))
+        if cfg.mtp and L.llama_model_n_layer_nextn(self._model) < 1:
+            raise ModelLoadError(f"{self.path}: llama.cpp loaded no MTP layer from this GGUF")
+        self._ctx = self._new_context(cfg, kind="target")
+        self.n_ctx = cfg.n_ctx
+        self.n_seq = cfg.n_seq
+        self.n_batch = int(L.llama_n_batch(self._ctx))
+        self._batch = Batch(self._ctx)
+        if cfg.mtp:
+            got = int(L.llama_n_rs_seq(self._ctx))
+            if got != cfg.n_draft_max:
+                raise ModelLoadError(f"{self.path}: llama.cpp gave n_rs_seq={got}, {cfg.n_draft_max} needed for MTP rollback")
+            X.llama_set_embeddings_nextn(self._ctx, True, False)  # an h row for every batch token
+            self._dctx = self._new_context(cfg, kind="mtp")
+            X.llama_set_embeddings_nextn(self._dctx, True, True)  # h rows only for output tokens
+            self._dbatch = Batch(self._dctx)
+        self.seqs = [self._fresh_seq() for _ in range(cfg.n_seq)]
+
+    def _new_context(self, cfg: EngineConfig, *, kind: str) -> int:
+        cp = L.llama_context_default_params()
+        threads = cfg.n_threads or default_threads()
+        n_batch, n_ubatch = cfg.batch_sizes
+        n_seq = 1 if kind == "embeddings" else cfg.n_seq
+        cp.n_ctx = cfg.n_ctx * n_seq
+        cp.n_batch, cp.n_ubatch = (n_batch, n_ubatch) if kind != "embeddings" else (cfg.n_batch, cfg.n_batch)
+        cp.n_seq_max = n_seq
+        cp.kv_unified = True  # any set of sequences can share a ubatch (a split KV forces consecutive seq ids)
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.flash_attn_type = FLASH_ATTN[cfg.flash_attn]
+        cp.type_k, cp.type_v = KV_TYPES[cfg.type_k], KV_TYPES[cfg.type_v]
+        cp.embeddings = kind == "embeddings"  # never on the target: it would break the rollback tail constraint
+        if self._eval_callback is not None:
+            cp.cb_eval = self._eval_callback
+        if kind == "mtp":
+            cp.ctx_type = L.LLAMA_CONTEXT_TYPE_MTP
+            cp.n_rs_seq = 0
+            cp.ctx_other = self._ctx
+            cp.type_k = cp.type_v = L.GGML_TYPE_F16
+            cp.n_outputs_max, cp.n_outputs_max_per_seq = n_seq, 1  # one draft row per sequence per step
+        elif kind == "target" and cfg.mtp:
+            cp.n_rs_seq = cfg.n_draft_max
+        if kind == "embeddings":
+            cp.pooling_type = L.LLAMA_POOLING_TYPE_MEAN
+        with LLAMA_LOG.capture() as lines:
+            ctx = L.llama_init_from_model(self._model, cp)
+        if not ctx:
+            failed = next((ln.strip() for ln in lines if "failed to allocate" in ln), "")
+            if failed:
+                raise InsufficientMemoryError(f"{self.path}: the {kind} context (n_ctx={cp.n_ctx}) does not fit in "
+                                              f"memory ({failed}); lower ContextSize or parallel, or use a smaller KV "
+                                              "cache type")
+            raise ModelLoadError(f"{self.path}: llama.cpp could not create the {kind} context (n_ctx={cp.n_ctx})")
+        for what, n in parse_memory_lines(lines).items():
+            self.memory[f"{kind}_{what}"] = n
+        return ctx
+
+    def _fresh_seq(self) -> Sequence:
+        return Sequence(pending_h=np.zeros(self.n_embd, dtype=np.float32))
+
+    @property
+    def closed(self) -> bool:
+        return self._model is None
+
+    @property
+    def mtp_enabled(self) -> bool:
+        return self._dctx is not None
+
+    def close(self) -> None:
+        """Free every llama.cpp object, batches and contexts before the model (idempotent)."""
+        for attr in ("_batch", "_dbatch", "_ebatch"):
+            batch = getattr(self, attr)
+            if batch is not None:
+                batch.free()
+                setattr(self, attr, None)
+        for attr in ("_ectx", "_dctx", "_ctx"):  # the MTP context refers to the target: it goes first
+            ctx = getattr(self, attr)
+            if ctx:
+                L.llama_free(ctx)
+                setattr(self, attr, None)
+        if self._model:
+            L.llama_model_free(self._model)
+            self._model = None
+
+    # -- vocabulary (any thread) -------------------------------------------------------------------
+
+    @_open
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (L.llama_token * cap)()
+        n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (L.llama_token * cap)()
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    @_open
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (may be part of a UTF-8 character)."""
+        buf = ctypes.create_string_buffer(64)
+        n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def detokenize(self, tokens: Iterable[int], *, special: bool = False) -> bytes:
+        return b"".join(self.piece(t, special=special) for t in tokens)
+
+    @_open
+    def is_eog(self, token: int) -> bool:
+        return bool(L.llama_vocab_is_eog(self.vocab, token))
+
+    def check_tokens(self, tokens: Iterable[int]) -> None:
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.n_vocab - 1})")
+
+    @_open
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = L.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    # -- sequences -----------------------------------------------------------------------------------
+
+    def n_past(self, seq: int = 0) -> int:
+        return len(self.seqs[seq].tokens)
+
+    @_open
+    def reset(self, seq: int | None = None) -> None:
+        """Forget everything one sequence (or, with None, every sequence) holds in both contexts."""
+        for s in range(self.n_seq) if seq is None else (seq,):
+            for ctx in (self._ctx, self._dctx):
+                if ctx:
+                    L.llama_memory_seq_rm(L.llama_get_memory(ctx), s, -1, -1)
+            self.seqs[s] = self._fresh_seq()
+
+    @_open
+    def keep_prefix(self, seq: int, prompt: list[int]) -> int:
+        """Keep the longest prefix of `prompt` the sequence already holds (at most all but its last token, whose
+        logits are needed) and return its length; drop the rest. A recurrent model can truncate only within
+        its rollback window: beyond it the sequence starts over."""
+        s = self.seqs[seq]
+        common = 0
+        for a, b in zip(s.tokens, prompt):
+            if a != b:
+                break
+            common += 1
+        n_keep = min(common, len(prompt) - 1)
+        if n_keep >= len(s.tokens):
+            return len(s.tokens)
+        if n_keep > 0 and L.llama_memory_seq_rm(L.llama_get_memory(self._ctx), seq, n_keep, -1):
+            if self._dctx:
+                L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), seq, n_keep, -1)
+                s.ahead = None
+                s.mirror = [e for e in s.mirror if e[1] < n_keep]
+            del s.tokens[n_keep:]
+            return n_keep
+        self.reset(seq)
+        return 0
+
+    # -- decoding ------------------------------------------------------------------------------------
+
+    @_open
+    def decode(self, rows: list[Row]) -> None:
+        """Decode every row at its sequence's next positions in ONE target decode, and queue their mirrors.
+
+        Rows are placed shortest first: a recurrent model splits a batch into ubatches with equal tokens per
+        sequence, and this order keeps rows of one length in one ubatch. On failure every sequence involved is
+        reset and `DecodeError` names them.
+        """
+        b = self._batch
+        b.clear()
+        for row in sorted(rows, key=lambda r: len(r.tokens)):
+            s = self.seqs[row.seq]
+            p0 = len(s.tokens)
+            if p0 + len(row.tokens) > self.n_ctx:
+                raise ContextOverflowError(p0 + len(row.tokens), self.n_ctx)
+            row.first = b.n
+            last = len(row.tokens) - 1
+            for i, tok in enumerate(row.tokens):
+                b.add(tok, p0 + i, row.seq, output=row.logits == "all" or (row.logits == "last" and i == last))
+        rc = L.llama_process(self._ctx, L.LLAMA_PROCESS_TYPE_DECODE, b.ptr)
+        if rc != 0:
+            for row in rows:
+                self.reset(row.seq)  # earlier ubatches of the batch may have landed: start those sequences over
+            what = {1: "no room in the KV cache", 2: "aborted"}.get(rc, "error")
+            raise DecodeError(f"llama.cpp decode failed ({rc}: {what}) with {b.n} tokens", (r.seq for r in rows))
+        h = None
+        if self._dctx:
+            # Copy at once: the next decode overwrites the output buffer.
+            ptr = X.llama_get_embeddings_nextn(self._ctx)
+            h = np.ctypeslib.as_array(ptr, shape=(b.n * self.n_embd,)).reshape(b.n, self.n_embd).copy()
+        for row in rows:
+            s = self.seqs[row.seq]
+            p0 = len(s.tokens)
+            s.tokens.extend(row.tokens)
+            if h is not None:
+                self._queue_mirror(s, row.tokens, p0, h[row.first:row.first + len(row.tokens)])
+
+    def decode_tokens(self, tokens: list[int], *, seq: int = 0, logits: str = "all") -> Row:
+        """One sequence's tokens in one decode (prompt chunks, evaluation); returns the decoded row."""
+        row = Row(seq, tokens, logits)
+        self.decode([row])
+        return row
+
+    def prefill(self, prompt: list[int], seq: int = 0) -> Row:
+        """Make the sequence hold `prompt[:-1]`, reusing what it already holds, then decode the last token with
+        logits; returns the last chunk's row (its `last` index is the logits row)."""
+        if not prompt:
+            raise InvalidRequestError("empty prompt: nothing to condition on")
+        self.check_tokens(prompt)
+        if len(prompt) >= self.n_ctx:
+            raise ContextOverflowError(len(prompt), self.n_ctx)
+        todo = prompt[self.keep_prefix(seq, prompt):]
+        for start in range(0, len(todo), self.n_batch):
+            row = self.decode_tokens(todo[start:start + self.n_batch], seq=seq,
+                                     logits="last" if start + self.n_batch >= len(todo) else "none")
+        return row
+
+    def _queue_mirror(self, s: Sequence, tokens: list[int], p0: int, h: np.ndarray) -> None:
+        """Queue the MTP entries of a decoded row: token p pairs with the target's hidden row of p-1."""
+        rows = [s.pending_h, *h[:-1]]
+        s.mirror.extend(zip(tokens, range(p0, p0 + len(tokens)), rows))
+        s.verify_h = h
+        s.pending_h = h[-1]
+        if len(s.mirror) >= self.n_batch:
+            self.flush_mirror([self.seqs.index(s)])
+
+    @_open
+    def flush_mirror(self, seqs: Iterable[int] | None = None) -> None:
+        """Decode the queued mirror entries of `seqs` (default all) into the MTP context, batched together."""
+        if not self._dctx:
+            return
+        entries: list[tuple[int, int, int, np.ndarray]] = []
+        for seq in range(self.n_seq) if seqs is None else seqs:
+            s = self.seqs[seq]
+            queue, s.mirror = s.mirror, []
+            if s.ahead is not None:
+                if queue and (queue[0][1], queue[0][0]) == s.ahead:
+                    queue = queue[1:]
+                else:  # not the step it was drafted for: drop the stale entry
+                    L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), seq, s.ahead[0], -1)
+                s.ahead = None
+            entries.extend((seq, tok, pos, row) for tok, pos, row in queue)
+        if not entries:
+            return
+        t0 = time.perf_counter()
+        db = self._dbatch
+        for start in range(0, len(entries), self.n_batch):
+            db.clear()
+            for seq, tok, pos, row in entries[start:start + self.n_batch]:
+                db.add(tok, pos, seq, embd=row)
+            rc = L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr)
+            if rc != 0:
+                seqs_hit = {e[0] for e in entries}
+                for seq in seqs_hit:
+                    self.reset(seq)
+                raise DecodeError(f"llama.cpp MTP mirror decode failed ({rc})", seqs_hit)
+        self.mirror_seconds += time.perf_counter() - t0
+
+    @_open
+    def logits(self, idx: int) -> np.ndarray:
+        """Output row `idx` (a batch index) of the last target decode (a view: copy it before the next decode)."""
+        ptr = L.llama_get_logits_ith(self._ctx, idx)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    @property
+    def ctx(self) -> int:
+        return self._ctx
+
+    # -- speculation -------------------------------------------------------------------------------
+
+    @_open
+    def draft(self, starts: list[tuple[int, int, int]], p_min: float = 0.0) -> list[list[int]]:
+        """Draft with the MTP head for several sequences at once: `starts` holds (seq, token, n) — the token
+        sampled for the sequence but not yet decoded, and how many drafts it may take.
+
+        Each round decodes one entry per drafting sequence in one MTP batch; a draft is the greedy top-1 of the
+        head's top-10 softmax. A sequence stops at `n`, or when that probability falls below `p_min` — but on a
+        recurrent model, where verify rows of unequal length split the target's ubatch, a sequence keeps
+        drafting while any other sequence does, up to its `n`. Afterwards the MTP context holds only each
+        sequence's first entry, `(token, pending_h)` at its next position (see `Sequence.ahead`).
+        """
+        if not self._dctx:
+            return [[] for _ in starts]
+        active = [i for i, (_, _, n) in enumerate(starts) if n > 0]
+        if not active:
+            return [[] for _ in starts]
+        self.flush_mirror(starts[i][0] for i in active)
+        out: list[list[int]] = [[] for _ in starts]
+        pos0 = {i: len(self.seqs[starts[i][0]].tokens) for i in active}
+        limit = {i: min(starts[i][2], self.n_ctx - pos0[i] - 2) for i in active}
+        cur = {i: (starts[i][1], self.seqs[starts[i][0]].pending_h) for i in active}
+        confident = set(active)  # sequences whose drafts are all above p_min
+        first_kept: set[int] = set()
+        db = self._dbatch
+        step = 0
+        while True:
+            live = [i for i in active if len(out[i]) < limit[i] and (i in confident or (self.recurrent and confident))]
+            if not live:
+                break
+            db.clear()
+            idx = {i: db.add(cur[i][0], pos0[i] + step, starts[i][0], output=True, embd=cur[i][1]) for i in live}
+            if L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr) != 0:
+                break
+            if step == 0:
+                first_kept.update(live)
+            picks = {}
+            for i in live:
+                row = np.ctypeslib.as_array(L.llama_get_logits_ith(self._dctx, idx[i]), shape=(self.n_vocab,))
+                top = np.argpartition(row, -_DRAFT_TOP_K)[-_DRAFT_TOP_K:]
+                vals = row[top]
+                best = int(np.argmax(vals))
+                if 1.0 / float(np.exp(vals - vals[best]).sum()) < p_min:
+                    confident.discard(i)
+                picks[i] = int(top[best])
+            if not confident:  # nobody goes on: this round holds only drafts below p_min (or padding)
+                break
+            for i, tok in picks.items():
+                if i in confident or self.recurrent:  # on a recurrent model the others pad to an equal length
+                    out[i].append(tok)
+                    h = X.llama_get_embeddings_nextn_ith(self._dctx, idx[i])
+                    cur[i] = (tok, np.ctypeslib.as_array(h, shape=(self.n_embd,)).copy())
+            step += 1
+        mem = L.llama_get_memory(self._dctx)
+        for i in active:
+            seq = starts[i][0]
+            kept = i in first_kept
+            L.llama_memory_seq_rm(mem, seq, pos0[i] + (1 if kept else 0), -1)
+            self.seqs[seq].ahead = (pos0[i], starts[i][1]) if kept else None
+        return out
+
+    @_open
+    def rollback_verify(self, seq: int, n_batch: int, n_kept: int) -> None:
+        """After a verify row of `n_batch` tokens for `seq`, keep its first `n_kept` in both contexts."""
+        s = self.seqs[seq]
+        if s.verify_h is not None:
+            s.pending_h = s.verify_h[n_kept - 1]
+        drop = n_batch - n_kept
+        if drop <= 0:
+            return
+        keep_pos = len(s.tokens) - drop
+        if not L.llama_memory_seq_rm(L.llama_get_memory(self._ctx), seq, keep_pos, -1):
+            raise RuntimeError(f"llama.cpp refused to roll back {drop} tokens of sequence {seq} (n_rs_seq too small?)")
+        if self._dctx:
+            L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), seq, keep_pos, -1)
+            s.mirror = [e for e in s.mirror if e[1] < keep_pos]
+        del s.tokens[keep_pos:]
+
+    # -- embeddings ----------------------------------------------------------------------------------
+
+    @_open
+    def embed(self, tokens: list[int]) -> list[float]:
+        """Mean-pooled embedding of `tokens` from a dedicated embeddings context (created on first use)."""
+        if not self.config.embeddings:
+            raise InvalidRequestError("embeddings are disabled for this model: load it with Embeddings=true")
+        if not tokens:
+            raise InvalidRequestError("nothing to embed: empty input")
+        self.check_tokens(tokens)
+        limit = min(self.n_ctx, self.config.n_batch)
+        if len(tokens) > limit:
+            raise InvalidRequestError(f"input is {len(tokens)} tokens; embeddings take at most {limit}")
+        if self._ectx is None:
+            self._ectx = self._new_context(self.config, kind="embeddings")
+            self._ebatch = Batch(self._ectx)
+        L.llama_memory_clear(L.llama_get_memory(self._ectx), True)
+        b = self._ebatch
+        b.clear()
+        for i, tok in enumerate(tokens):
+            b.add(tok, i, 0, output=True)
+        if L.llama_process(self._ectx, L.LLAMA_PROCESS_TYPE_DECODE, b.ptr) != 0:
+            raise RuntimeError("llama.cpp failed to compute embeddings")
+        n_embd = int(L.llama_model_n_embd(self._model))
+        ptr = L.llama_get_embeddings_seq(self._ectx, 0)
+        return np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(float).tolist()

@@ -1,0 +1,105 @@
+"""The one bridge from llama.cpp's log to Python, and the one parser of the buffer sizes it logs.
+
+llama.cpp has a single, process-global log callback. `LLAMA_LOG` installs ours once and keeps it (ctypes must
+never free a callback llama.cpp may still call); it forwards lines to the `llama.cpp` Python logger and lets
+callers capture what llama.cpp says while a block runs — the only place it reports why a load failed, how
+much memory a context took, or what a quantization dry run would write. The backend, the memory measurements
+(`gallery.measure`) and the quantizer all read llama.cpp through this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import llama_cpp.llama_cpp as L
+
+from .. import constants
+
+# ggml.h enum ggml_log_level: DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous message)
+DEBUG, INFO, WARN, ERROR, CONT = 1, 2, 3, 4, 5
+_PY_LEVELS = {DEBUG: logging.DEBUG, INFO: logging.INFO, WARN: logging.WARNING, ERROR: logging.ERROR}
+
+
+class LlamaLog:
+    """Routes llama.cpp's log to Python logging and hands captured lines to whoever asked for them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._captures: list[tuple[int, list[str]]] = []  # (min level, lines) per open capture
+        self._partial = ""
+        self._level = INFO  # level of the message being continued
+        self._cb = L.llama_log_callback(self._on_log)  # kept for the life of the process
+        self._installed = False
+        self._logger = logging.getLogger("llama.cpp")
+        # llama.cpp is chatty at INFO (every load prints ~150 lines): warnings only unless asked for more.
+        self._logger.setLevel({0: logging.WARNING, 1: logging.INFO}.get(constants.LLAMA_LOG_LEVEL, logging.DEBUG))
+
+    def install(self) -> None:
+        """Make this bridge llama.cpp's log callback (idempotent)."""
+        with self._lock:
+            if not self._installed:
+                L.llama_log_set(self._cb, ctypes.c_void_p(0))
+                self._installed = True
+
+    def _on_log(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        msg = (text or b"").decode("utf-8", "replace")
+        with self._lock:
+            if level != CONT:
+                self._level = level
+            self._partial += msg
+            if not self._partial.endswith("\n"):
+                return
+            lines, self._partial = self._partial.splitlines(), ""
+            level = self._level
+            for min_level, sink in self._captures:
+                if level >= min_level:
+                    sink.extend(lines)
+        pylevel = _PY_LEVELS.get(level, logging.DEBUG)
+        if pylevel == logging.WARNING and "unused tensor" in msg:
+            pylevel = logging.DEBUG  # expected for MTP tensors when the head is not loaded
+        if self._logger.isEnabledFor(pylevel):
+            for line in lines:
+                self._logger.log(pylevel, "%s", line)
+
+    @contextmanager
+    def capture(self, min_level: int = DEBUG) -> Iterator[list[str]]:
+        """Collect llama.cpp's log lines at `min_level` and above while the block runs."""
+        self.install()
+        entry: tuple[int, list[str]] = (min_level, [])
+        with self._lock:
+            self._captures.append(entry)
+        try:
+            yield entry[1]
+        finally:
+            with self._lock:
+                self._captures.remove(entry)
+
+
+LLAMA_LOG = LlamaLog()
+
+# "llama_kv_cache: size = ..." (not its "KV buffer size" line, which prints 0.00 under no_alloc), the recurrent
+# state, and the per-backend model/compute/output buffers (summed across backends).
+_SIZE = re.compile(r"(?P<what>llama_kv_cache|llama_memory_recurrent): size = +(?P<mib>[\d.]+) MiB"
+                   r"|(?P<buf>model|compute|output) buffer size = +(?P<mib2>[\d.]+) MiB")
+_KIND = {"llama_kv_cache": "kv", "llama_memory_recurrent": "recurrent", "model": "model", "compute": "compute",
+         "output": "output"}
+MiB = 1024 * 1024
+
+
+def parse_memory_lines(lines: Iterable[str]) -> dict[str, int]:
+    """Bytes per kind — kv, recurrent, model, compute, output — from llama.cpp's buffer-size log lines.
+
+    A kind appears only when llama.cpp logged a line for it. Sizes are logged in MiB with two decimals, so
+    each figure is exact to about 5 KiB.
+    """
+    out: dict[str, int] = {}
+    for line in lines:
+        for m in _SIZE.finditer(line):
+            kind = _KIND[m.group("what") or m.group("buf")]
+            out[kind] = out.get(kind, 0) + round(float(m.group("mib") or m.group("mib2")) * MiB)
+    return out

@@ -1,0 +1,474 @@
+"""Continuous batching: every busy slot advances in one batched step, with MTP speculation in each slot.
+
+A `Scheduler` owns an `Engine` with N sequences (slots). Requests are admitted FIFO into free slots (the one
+holding the longest prefix of the prompt first, so a chat's next turn reuses its KV). Each step:
+
+1. the MTP head drafts k tokens for every decoding slot, one batched MTP decode per draft position;
+2. ONE target decode holds every decoding slot's verify row `[y, d1..dk]` and a chunk of each prompt being
+   prefilled, so a long prompt never stalls the slots that are generating;
+3. each slot's own sampler picks a token from each of its rows; drafts are kept while they equal that pick, and
+   the slot rolls back to its last kept token (mtp-engine.md §1.8-1.9);
+4. accepted tokens go through the request's `Output` (stop strings, EOS, logprobs) and out to its sink.
+
+Every emitted token is therefore the target's own choice under that slot's sampler: greedy and seeded output is
+the same alone or beside other requests (up to batched-kernel float differences on near-tied logits). The
+scheduler's thread is the only one that decodes; `submit`, `cancel` and `call` are safe from any thread, and a
+waiting request costs nothing until a slot frees up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
+
+from ..errors import ContextOverflowError, EngineClosedError, InvalidRequestError
+from .generation import Chunk, GenerationRequest, Inspect, Output, Result, make_logprobs
+from .llama import DecodeError, Engine, Row
+from .sampling import Sampler
+from .speculative import Acceptance, DraftController, SpecConfig
+
+log = logging.getLogger(__name__)
+
+_LLAMA_THREAD: ThreadPoolExecutor | None = None
+_LLAMA_THREAD_LOCK = threading.Lock()
+
+
+def llama_thread() -> ThreadPoolExecutor:
+    """The process's one thread for llama.cpp's heavy work: loading a model, serving it (`Scheduler.run`), freeing it.
+
+    ggml's CPU backend (OpenMP) keeps a team of worker threads per thread that computes, and glibc an allocation
+    arena per thread: doing all of it on one long-lived thread keeps both the same across model reloads.
+    """
+    global _LLAMA_THREAD
+    with _LLAMA_THREAD_LOCK:
+        if _LLAMA_THREAD is None:
+            _LLAMA_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
+        return _LLAMA_THREAD
+
+
+Event = Chunk | Result | BaseException  # what a sink receives: chunks, then a Result or the error that ended it
+Sink = Callable[[Event], None]
+
+
+class Ticket:
+    """One submitted request, from `submit` until its sink has received a `Result` or an error."""
+
+    def __init__(self, req: GenerationRequest, sampler: Sampler, sink: Sink, inspect: Inspect | None) -> None:
+        self.req = req
+        self.sampler = sampler
+        self.sink = sink
+        self.inspect = inspect
+        self.result = Result(n_prompt=len(req.prompt))
+        self.cancelled = False
+        self.t_submit = time.perf_counter()
+
+    def cancel(self) -> None:
+        """Stop at the next step boundary (the scheduler's `cancel` also wakes it)."""
+        self.cancelled = True
+
+
+@dataclass
+class Slot:
+    """One sequence of the engine and the request it is serving."""
+
+    seq: int
+    ticket: Ticket | None = None
+    todo: list[int] = field(default_factory=list)  # prompt tokens still to decode
+    y: int | None = None  # the last emitted token, sampled but not yet decoded
+    acc: Acceptance | None = None
+    out: Output | None = None
+    max_tokens: int = 0
+    t_admit: float = 0.0
+    t_first: float = 0.0
+    last_used: float = 0.0
+
+
+@dataclass
+class Metrics:
+    """Totals since the model was loaded, and the last finished request (GetMetrics, /metrics)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    last: Result | None = None
+
+
+class Scheduler:
+    """Serves requests on an engine's slots with continuous batching; owns the engine and frees it on close."""
+
+    def __init__(self, engine: Engine, spec: SpecConfig, *, name: str = "", default_seed: int | None = None) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.name = name or engine.path
+        self.default_seed = default_seed  # ModelOptions.Seed: used by requests that set none
+        self.controller = (
+            DraftController(spec.n_max, adaptive=spec.adaptive) if engine.mtp_enabled and spec.n_max > 0 else None
+        )
+        self.slots = [Slot(i) for i in range(engine.n_seq)]
+        self.metrics = Metrics()
+        self._pending: deque[Ticket] = deque()
+        self._jobs: deque[tuple[Callable[[Engine], Any], Future]] = deque()
+        self._cv = threading.Condition()
+        self._closing: BaseException | None = None
+        self._running = False
+        self._stopped = threading.Event()
+
+    # -- any thread --------------------------------------------------------------------------------
+
+    @cached_property
+    def eog_tokens(self) -> tuple[int, ...]:
+        return tuple(t for t in range(self.engine.n_vocab) if self.engine.is_eog(t))
+
+    def submit(self, req: GenerationRequest, sink: Sink) -> Ticket:
+        """Queue a request; `sink` then receives its chunks and finally its `Result` (or the error that ended it).
+
+        Raises `InvalidRequestError` (bad values, a grammar llama.cpp cannot parse, a prompt longer than a slot's
+        context) and `EngineClosedError` (the model is being unloaded) before anything is queued.
+        """
+        if req.max_tokens <= 0:
+            raise InvalidRequestError(f"max tokens must be positive, got {req.max_tokens}")
+        if not req.prompt:
+            raise InvalidRequestError("empty prompt: nothing to condition on")
+        if len(req.prompt) >= self.engine.n_ctx:
+            raise ContextOverflowError(len(req.prompt), self.engine.n_ctx)
+        self.engine.check_tokens(req.prompt)
+        sampling = req.sampling
+        if sampling.seed is None and self.default_seed is not None:
+            sampling = replace(sampling, seed=self.default_seed)
+        if req.ignore_eos:
+            bias = dict(sampling.logit_bias)
+            bias.update({t: -math.inf for t in self.eog_tokens})
+            sampling = replace(sampling, logit_bias=bias)
+        inspect = make_logprobs(req.logprobs) if req.logprobs is not None else None
+        with self._cv:  # the engine cannot be freed while the sampler is made against its vocabulary
+            if self._closing is not None:
+                raise EngineClosedError(f"{self.name} is being unloaded: {self._closing}")
+            sampler = Sampler(sampling, self.engine.vocab, self.engine.n_vocab)
+            ticket = Ticket(req, sampler, sink, inspect)
+            self._pending.append(ticket)
+            self._cv.notify()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Stop a request at the next step boundary; its slot is free for the next one."""
+        ticket.cancel()
+        with self._cv:
+            self._cv.notify()
+
+    def call(self, fn: Callable[[Engine], Any]) -> Future:
+        """Run `fn(engine)` on the scheduler's thread between two steps (embeddings share the engine)."""
+        fut: Future = Future()
+        with self._cv:
+            if self._closing is not None:
+                fut.set_exception(EngineClosedError(f"{self.name} is being unloaded: {self._closing}"))
+                return fut
+            self._jobs.append((fn, fut))
+            self._cv.notify()
+        if not self._running:
+            self._run_jobs()
+        return fut
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(1 for s in self.slots if s.ticket is not None)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def close(self, reason: BaseException | None = None, timeout: float | None = None) -> None:
+        """End every open request with `reason`, stop the loop, then free the samplers and the engine."""
+        with self._cv:
+            if self._closing is None:
+                self._closing = reason or EngineClosedError(f"{self.name} was unloaded")
+            running = self._running
+            self._cv.notify_all()
+        if running:
+            self._stopped.wait(timeout)
+        else:
+            self._drain()
+        self.engine.close()
+
+    # -- the scheduler's thread --------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until `close` (for one long-lived thread); open requests end with the close reason."""
+        self._running = True
+        try:
+            while True:
+                with self._cv:
+                    while self._closing is None and not (self._jobs or self._pending or self.busy_slots):
+                        self._cv.wait()
+                    if self._closing is not None:
+                        break
+                self._run_jobs()
+                self._guarded_step()
+        finally:
+            self._drain()
+            self._stopped.set()
+
+    def run_until_idle(self) -> None:
+        """Drive the loop on the calling thread until every submitted request has finished (in-process use)."""
+        while self._jobs or self._pending or self.busy_slots:
+            self._run_jobs()
+            self._guarded_step()
+
+    def _run_jobs(self) -> None:
+        while True:
+            with self._cv:
+                if not self._jobs:
+                    return
+                fn, fut = self._jobs.popleft()
+            try:
+                fut.set_result(fn(self.engine))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+    def _guarded_step(self) -> None:
+        try:
+            self.step()
+        except DecodeError as exc:
+            log.error("%s: %s", self.name, exc)
+            for s in self.slots:
+                if s.ticket is not None and s.seq in exc.seqs:
+                    self._end(s, error=exc)
+        except Exception as exc:  # a bug: fail the requests in flight, keep serving the next ones
+            log.exception("%s: generation step failed", self.name)
+            for s in self.slots:
+                if s.ticket is not None:
+                    self._end(s, error=exc)
+            self.engine.reset()
+
+    def _drain(self) -> None:
+        reason = self._closing or EngineClosedError(f"{self.name} was unloaded")
+        with self._cv:
+            pending, self._pending = list(self._pending), deque()
+            jobs, self._jobs = list(self._jobs), deque()
+        for ticket in pending:
+            ticket.sampler.close()
+            ticket.sink(reason)
+        for _, fut in jobs:
+            fut.set_exception(reason)
+        for s in self.slots:
+            if s.ticket is not None:
+                self._end(s, error=reason)
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Admit, draft, decode and verify once for every busy slot; False when there was nothing to do."""
+        self._admit()
+        for s in self.slots:
+            if s.ticket is not None and s.ticket.cancelled:
+                self._end(s, reason="cancelled")
+        decoding = [s for s in self.slots if s.ticket is not None and s.y is not None]
+        prefilling = sorted((s for s in self.slots if s.ticket is not None and s.y is None), key=lambda s: s.t_admit)
+        if not decoding and not prefilling:
+            return False
+        engine = self.engine
+        t0, m0 = time.perf_counter(), engine.mirror_seconds
+        drafts = self._drafts(decoding)
+        rows: list[tuple[Slot, Row]] = [(s, Row(s.seq, [s.y, *drafts[s.seq]])) for s in decoding]
+        budget = engine.n_batch - sum(len(r.tokens) for _, r in rows)
+        for s in prefilling:
+            if budget <= 0:
+                break
+            chunk = s.todo[:budget]
+            rows.insert(0, (s, Row(s.seq, chunk, "last" if len(chunk) == len(s.todo) else "none")))
+            budget -= len(chunk)
+        engine.decode([r for _, r in rows])
+        prefilled = False
+        for s, row in rows:
+            if row.logits != "all":
+                prefilled = True
+                del s.todo[:len(row.tokens)]
+                if not s.todo:
+                    self._first_token(s, row.last)
+            else:
+                self._verify(s, row, drafts[s.seq])
+        if self.controller is not None and decoding and not prefilled:
+            k = max(len(d) for d in drafts.values()) if drafts else 0
+            self.controller.observe(len(decoding), k, time.perf_counter() - t0 - (engine.mirror_seconds - m0))
+        return True
+
+    def _admit(self) -> None:
+        """Pending requests into free slots, FIFO; each takes the free slot holding most of its prompt."""
+        while True:
+            with self._cv:
+                free = [s for s in self.slots if s.ticket is None]
+                if not free or not self._pending:
+                    return
+                ticket = self._pending.popleft()
+            if ticket.cancelled:
+                ticket.sampler.close()
+                ticket.result.finish_reason = "cancelled"
+                ticket.sink(ticket.result)
+                continue
+            prompt = ticket.req.prompt
+            slot = max(free, key=lambda s: (_common_prefix(self.engine.seqs[s.seq].tokens, prompt), -s.last_used))
+            n_keep = self.engine.keep_prefix(slot.seq, prompt)
+            slot.ticket, slot.todo, slot.y = ticket, prompt[n_keep:], None
+            slot.out = Output(self.engine, ticket.req, ticket.result)
+            slot.acc = self.controller.new_slot() if self.controller else None
+            slot.max_tokens = min(ticket.req.max_tokens, self.engine.n_ctx - len(prompt))
+            slot.t_admit = time.perf_counter()
+            ticket.result.n_cached, ticket.result.slot = n_keep, slot.seq
+            ticket.result.t_queue_ms = (slot.t_admit - ticket.t_submit) * 1000
+            ticket.sampler.observe_prompt(prompt)
+
+    def _drafts(self, decoding: list[Slot]) -> dict[int, list[int]]:
+        """Draft tokens per decoding slot (seq -> drafts): one k for all, each slot capped by its request."""
+        out = {s.seq: [] for s in decoding}
+        if self.controller is None or not decoding:
+            return out
+        caps = [self._draft_cap(s) for s in decoding]
+        k = self.controller.choose([s.acc for s in decoding], max(caps))
+        if k <= 0:
+            return out
+        got = self.engine.draft([(s.seq, s.y, min(k, cap)) for s, cap in zip(decoding, caps)], self.spec.p_min)
+        for s, d in zip(decoding, got):
+            out[s.seq] = d if len(d) >= self.spec.n_min else []
+        return out
+
+    def _draft_cap(self, s: Slot) -> int:
+        """Drafts this slot may verify: its request's NDraft, and never more than it can still emit."""
+        n_draft = s.ticket.req.n_draft
+        cap = self.spec.n_max if n_draft is None else min(n_draft, self.spec.n_max)
+        return max(0, min(cap, s.max_tokens - s.ticket.result.n_tokens - 1))
+
+    def _first_token(self, s: Slot, idx: int) -> None:
+        s.t_first = time.perf_counter()
+        s.ticket.result.t_prompt_ms = (s.t_first - s.t_admit) * 1000
+        tok = s.ticket.sampler.sample(self.engine.ctx, idx)
+        extra = s.ticket.inspect(self.engine, idx, tok) if s.ticket.inspect else None
+        if self._emit(s, tok, extra):
+            s.y = tok
+
+    def _verify(self, s: Slot, row: Row, drafts: list[int]) -> None:
+        """Sample each row of a verify batch with the slot's sampler, keep drafts while they match, roll back."""
+        engine, ticket = self.engine, s.ticket
+        accepted: list[tuple[int, dict | None]] = []
+        for i in range(len(row.tokens)):
+            tok = ticket.sampler.sample(engine.ctx, row.first + i)
+            accepted.append((tok, ticket.inspect(engine, row.first + i, tok) if ticket.inspect else None))
+            if i == len(drafts) or tok != drafts[i] or engine.is_eog(tok):
+                break
+        n_acc = len(accepted) - 1
+        engine.rollback_verify(s.seq, len(row.tokens), n_acc + 1)
+        ticket.result.stats.observe(len(drafts), n_acc)
+        if drafts:
+            s.acc.observe(len(drafts), n_acc)
+            self.controller.observe_acceptance(len(drafts), n_acc)
+        for tok, extra in accepted:
+            if not self._emit(s, tok, extra):
+                return
+        s.y = accepted[-1][0]
+
+    def _emit(self, s: Slot, tok: int, extra: dict | None) -> bool:
+        """Hand one token to the request; False when the slot finished with it."""
+        chunk = s.out.token(tok, extra)
+        if chunk:
+            s.ticket.sink(chunk)
+        s.ticket.result.t_gen_ms = (time.perf_counter() - s.t_first) * 1000
+        if s.out.done or s.ticket.result.n_tokens >= s.max_tokens:
+            self._end(s)
+            return False
+        return True
+
+    def _end(self, s: Slot, *, reason: str | None = None, error: BaseException | None = None) -> None:
+        """Finish the slot's request (normally, cancelled, or with an error) and free the slot."""
+        ticket, s.ticket = s.ticket, None
+        s.y, s.todo, s.last_used = None, [], time.perf_counter()
+        ticket.sampler.close()
+        result = ticket.result
+        if error is not None:
+            ticket.sink(error)
+            return
+        if reason is not None:
+            result.finish_reason = reason
+        elif s.out is not None:
+            tail = s.out.finish()
+            if tail:
+                ticket.sink(tail)
+        m = self.metrics
+        m.requests += 1
+        m.prompt_tokens += result.n_prompt
+        m.generated_tokens += result.n_tokens
+        m.drafted += result.stats.drafted
+        m.accepted += result.stats.accepted
+        m.last = result
+        log.info("%s: slot %d: %d prompt (%d cached) + %d generated tokens, %.1f tok/s, finish=%s%s", self.name,
+                 s.seq, result.n_prompt, result.n_cached, result.n_tokens, result.tokens_per_second,
+                 result.finish_reason, f", speculation {result.stats.as_dict()}" if result.stats.verify_steps else "")
+        ticket.sink(result)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------- consumers
+
+
+class Stream:
+    """A sink that a thread iterates: chunks as they come, then `result`; closing it early cancels the request."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        import queue
+
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self.result: Result | None = None
+        self.ticket: Ticket | None = None
+        self.scheduler: Scheduler | None = None
+
+    def __call__(self, event: Event) -> None:
+        self._q.put(event)
+
+    def attach(self, scheduler: Scheduler, req: GenerationRequest) -> "Stream":
+        self.scheduler, self.ticket = scheduler, scheduler.submit(req, self)
+        return self
+
+    def chunks(self, timeout: float | None = None) -> Iterator[Chunk]:
+        """Yield chunks until the request ends; raises its error. Stopping early cancels it."""
+        finished = False
+        try:
+            while True:
+                event = self._q.get(timeout=timeout)
+                if isinstance(event, Result):
+                    self.result, finished = event, True
+                    return
+                if isinstance(event, BaseException):
+                    finished = True
+                    raise event
+                yield event
+        finally:
+            if not finished and self.scheduler is not None and self.ticket is not None:
+                self.scheduler.cancel(self.ticket)
+
+
+def collect(scheduler: Scheduler, req: GenerationRequest) -> Result:
+    """Run one request to the end and return its `Result`; drives the loop itself when no thread runs it."""
+    stream = Stream().attach(scheduler, req)
+    if not scheduler._running:
+        scheduler.run_until_idle()
+    for _ in stream.chunks():
+        pass
+    assert stream.result is not None
+    return stream.result

@@ -1,0 +1,155 @@
+"""How much to speculate: draft acceptance per slot, and the draft length k of each batched step.
+
+Every step the scheduler decodes `[y, d1..dk]` for each busy slot in one target batch and keeps drafts only
+while they equal the target's own pick (exact-match verification, mtp-engine.md §1.8), so k changes speed,
+never output. `DraftController` picks one k for all slots decoding in a step — a recurrent model splits verify
+rows of unequal length into separate ubatches — as the k that maximises expected emitted tokens per second:
+per-slot acceptance (`Acceptance`) gives the tokens, step costs timed on this machine give the seconds.
+llama.cpp's draft-mtp uses a fixed n_max.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculation settings (LocalAI options `spec_n_max`, `spec_n_min`, `spec_p_min`, `spec_adaptive`)."""
+
+    n_max: int = 0  # 0: plain decoding
+    n_min: int = 0  # drafts shorter than this are dropped
+    p_min: float = 0.0  # stop drafting when the head's top-1 probability falls below this
+    adaptive: bool = True
+
+
+@dataclass
+class SpecStats:
+    """Per-request speculation counters, as llama-server reports them (`draft_n`, `draft_n_accepted`)."""
+
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+
+    def observe(self, k: int, a: int) -> None:
+        if k > 0:
+            self.drafted += k
+            self.accepted += a
+            self.verify_steps += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verify step, the bonus token included (vLLM/llama.cpp convention)."""
+        return 1.0 + self.accepted / self.verify_steps if self.verify_steps else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"drafted": self.drafted, "accepted": self.accepted, "verify_steps": self.verify_steps,
+                "acceptance_rate": round(self.acceptance_rate, 4),
+                "mean_accepted_length": round(self.mean_accepted_length, 3)}
+
+
+class Acceptance:
+    """One slot's draft acceptance by position: `rate[i]` is an EMA of P(draft i+1 kept | draft i kept).
+
+    Heads get worse with depth, which a single rate would hide; k drafts then emit
+    `1 + sum_j prod_{i<j} rate[i]` tokens per step on average (the bonus token included).
+    """
+
+    def __init__(self, prior: list[float], decay: float = 0.8) -> None:
+        self.rate = list(prior)
+        self.decay = decay
+
+    def expected_tokens(self, k: int) -> float:
+        total, p = 1.0, 1.0
+        for i in range(k):
+            p *= self.rate[i]
+            total += p
+        return total
+
+    def observe(self, k: int, accepted: int) -> None:
+        """One verify: k drafts proposed, `accepted` kept. Positions tried: the kept ones plus the first miss."""
+        d = self.decay
+        for i in range(min(k, accepted + 1)):
+            self.rate[i] = d * self.rate[i] + (1 - d) * (1.0 if i < accepted else 0.0)
+
+
+class DraftController:
+    """Chooses the draft length k shared by the slots decoding in a step, bounded by `n_max`.
+
+    Adaptive mode maximises the expected tokens of all those slots per second of step. The cost of a step
+    with n slots and k drafts (k batched MTP decodes plus one verify batch of n(k+1) tokens) is timed on this
+    machine: measured (EMA) for the (n, k) tried, a least-squares line in k through the measured k of the same
+    n for the others. For each n it first times k = cap, 1 and 0 as anchors, then exploits the best k and
+    re-times a neighbour every `explore_every` steps (4x as rarely while k = 0 wins) so estimates stay fresh;
+    k = 0 (no drafts) wins when speculation does not pay. It lives with the loaded model, so what it learns
+    carries over between requests, and new slots start from the model's running acceptance (`prior`).
+    """
+
+    def __init__(self, n_max: int, *, adaptive: bool = True, decay: float = 0.8, explore_every: int = 16) -> None:
+        self.n_max = n_max
+        self.adaptive = adaptive
+        self.decay = decay
+        self.explore_every = explore_every
+        self._prior = Acceptance([0.8] * max(n_max, 1), decay)  # optimistic start: try speculation before judging
+        self._cost: dict[tuple[int, int], float] = {}  # (slots, k) -> EMA seconds of a whole step
+        self._steps = 0
+
+    def new_slot(self) -> Acceptance:
+        """Acceptance tracking for a request starting now, from what the model's drafts achieved so far."""
+        return Acceptance(self._prior.rate, self.decay)
+
+    @property
+    def alpha(self) -> float:
+        """Acceptance of the first draft position across requests (the headline rate)."""
+        return self._prior.rate[0]
+
+    def choose(self, slots: list[Acceptance], cap: int) -> int:
+        """k for the next step of these slots; at most `cap`."""
+        cap = max(0, min(self.n_max, cap))
+        if not self.adaptive or cap == 0 or not slots:
+            return cap
+        n = len(slots)
+        for anchor in (cap, 1, 0):
+            if (n, anchor) not in self._cost:
+                return anchor
+        self._steps += 1
+        best = self.best_k(slots, cap)
+        # Re-time a neighbour now and then; rarely when not speculating, since a probe then also pays the
+        # deferred MTP catch-up.
+        if self._steps % (self.explore_every * (4 if best == 0 else 1)) == 0:
+            return best + 1 if best < cap else best - 1
+        return best
+
+    def best_k(self, slots: list[Acceptance], cap: int) -> int:
+        """The k in 0..cap with the most expected tokens per second for these slots."""
+        n = len(slots)
+        return max(range(cap + 1), key=lambda k: sum(s.expected_tokens(k) for s in slots) / self.cost(n, k))
+
+    def cost(self, n: int, k: int) -> float:
+        """Seconds per step of n slots with k drafts: measured (EMA) when tried, else a least-squares line in k
+        through the measured k of n slots — a step is k MTP decodes plus a verify batch, close to linear in k."""
+        if (n, k) in self._cost:
+            return self._cost[(n, k)]
+        tried = [(kk, t) for (nn, kk), t in self._cost.items() if nn == n]
+        if len(tried) < 2:
+            return tried[0][1] if tried else 1.0
+        ks = np.array([kk for kk, _ in tried], dtype=float)
+        ts = np.array([t for _, t in tried], dtype=float)
+        slope, intercept = np.polyfit(ks, ts, 1)
+        return max(float(intercept + slope * k), 1e-9)
+
+    def observe(self, n: int, k: int, seconds: float) -> None:
+        """Feed back one step's wall time: n slots verified k drafts each."""
+        d = self.decay
+        prev = self._cost.get((n, k))
+        self._cost[(n, k)] = seconds if prev is None else d * prev + (1 - d) * seconds
+
+    def observe_acceptance(self, k: int, accepted: int) -> None:
+        """Fold one slot's verify into the model-wide acceptance that new slots start from."""
+        self._prior.observe(k, accepted)

@@ -1,0 +1,1 @@
+"""Synthetic test models (tiny qwen35moe GGUFs with an MTP head), kept out of the serving path."""

@@ -436,9 +436,10 @@ def memory_breakdown(model: LoadedModel) -> dict[str, int]:
         mem["recurrent_state"] = rec // (1 + n_rs)
         if n_rs:
             mem["mtp_rollback_snapshots"] = rec - rec // (1 + n_rs)
-    sched = model.scheduler
+    sched, m = model.scheduler, model.scheduler.metrics
     mem.update(slots=engine.n_seq, slots_busy=sched.busy_slots, queue_depth=sched.queue_depth,
-               slot_context=engine.n_ctx)
+               slot_context=engine.n_ctx, requests_total=m.requests, prompt_tokens_total=m.prompt_tokens,
+               generated_tokens_total=m.generated_tokens, drafted_total=m.drafted, accepted_total=m.accepted)
     last = sched.metrics.last
     if last is not None:
         mem["spec_drafted"] = last.stats.drafted

@@ -422,6 +422,7 @@ def _final_reply(result: Result, logprobs: list[dict], tools: bool, *, with_text
         chat_deltas=[delta] if (with_text or calls) else [],
         draft_n=result.stats.drafted, draft_n_accepted=result.stats.accepted,
         draft_verify_steps=result.stats.verify_steps, finish_reason=result.finish_reason,
+        slot=result.slot, cached_prompt_tokens=result.n_cached,
     )
 
 

@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend import constants
 from backend.errors import ChecksumMismatchError, DownloadError, EntryNotFoundError, UnsafePathError
 
 from .resolve import HubFile
@@ -74,9 +75,9 @@ def sha256_file(path: Path) -> str:
 def hub_endpoint(endpoint: str | None = None) -> str:
     """The hub URL: `endpoint`, else HF_ENDPOINT as set now (huggingface_hub reads it once, at import), else its
     default."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants as hf_constants
 
-    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    return (endpoint or constants.hf_endpoint() or hf_constants.ENDPOINT).rstrip("/")
 
 
 def _metadata(file: HubFile, endpoint: str, token: str | None):

@@ -23,8 +23,9 @@ from ..engine.generation import Chunk, GenerationRequest, Result
 from ..engine.llama import Engine
 from ..engine.sampling import SamplingParams, parse_logit_bias
 from ..engine.scheduler import Scheduler, llama_thread
-from ..errors import (ApexError, EngineClosedError, EntryNotFoundError, InsufficientMemoryError, InvalidRequestError,
-                      ModelMismatchError, ModelNotFoundError, NoModelLoadedError)
+from ..errors import (ApexError, EngineClosedError, EntryNotFoundError, InsufficientDiskSpaceError,
+                      InsufficientMemoryError, InvalidRequestError, ModelMismatchError, ModelNotFoundError,
+                      NoModelLoadedError)
 from ..gguf_file import read_gguf
 from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc
@@ -41,6 +42,7 @@ _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NoModelLoadedError, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineClosedError, grpc.StatusCode.UNAVAILABLE),
     (InsufficientMemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InsufficientDiskSpaceError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (EntryNotFoundError, grpc.StatusCode.NOT_FOUND),

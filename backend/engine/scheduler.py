@@ -122,6 +122,7 @@ class Scheduler:
         self._closing: BaseException | None = None
         self._running = False
         self._stopped = threading.Event()
+        self._driving = threading.Lock()  # one thread steps the engine at a time (`run` or `run_until_idle`)
 
     # -- any thread --------------------------------------------------------------------------------
 
@@ -175,7 +176,8 @@ class Scheduler:
             self._jobs.append((fn, fut))
             self._cv.notify()
         if not self._running:
-            self._run_jobs()
+            with self._driving:
+                self._run_jobs()
         return fut
 
     @property
@@ -196,7 +198,8 @@ class Scheduler:
         if running:
             self._stopped.wait(timeout)
         else:
-            self._drain()
+            with self._driving:
+                self._drain()
         self.engine.close()
 
     # -- the scheduler's thread --------------------------------------------------------------------
@@ -205,6 +208,7 @@ class Scheduler:
         """Serve until `close` (for one long-lived thread); open requests end with the close reason."""
         self._running = True
         try:
+            self._driving.acquire()
             while True:
                 with self._cv:
                     while self._closing is None and not (self._jobs or self._pending or self.busy_slots):
@@ -215,13 +219,15 @@ class Scheduler:
                 self._guarded_step()
         finally:
             self._drain()
+            self._driving.release()
             self._stopped.set()
 
     def run_until_idle(self) -> None:
         """Drive the loop on the calling thread until every submitted request has finished (in-process use)."""
-        while self._jobs or self._pending or self.busy_slots:
-            self._run_jobs()
-            self._guarded_step()
+        with self._driving:
+            while self._jobs or self._pending or self.busy_slots:
+                self._run_jobs()
+                self._guarded_step()
 
     def _run_jobs(self) -> None:
         while True:

@@ -10,9 +10,12 @@ no repeat penalty, repeat 0 = penalty window of 64 tokens (llama.cpp's default).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 from dataclasses import dataclass, field
+
+import numpy as np
 
 import llama_cpp.llama_cpp as L
 
@@ -84,13 +87,44 @@ def parse_logit_bias(text: str, n_vocab: int) -> dict[int, float]:
     return out
 
 
+class _Candidates(L.llama_token_data_array):
+    """A reusable `llama_token_data_array` over a numpy buffer (filled from a logits row without a Python loop)."""
+
+    _DTYPE = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self._buf = np.zeros(n, dtype=self._DTYPE)
+        self._ids = np.arange(n, dtype=np.int32)
+        self._n = n
+
+    def _reset(self) -> "_Candidates":
+        self.data = self._buf.ctypes.data_as(ctypes.POINTER(L.llama_token_data))
+        self.size, self.selected, self.sorted = self._n, -1, False
+        return self
+
+    def fill(self, logits_ptr) -> "_Candidates":
+        self._buf["id"] = self._ids
+        self._buf["logit"] = np.ctypeslib.as_array(logits_ptr, shape=(self._n,))
+        self._buf["p"] = 0.0
+        return self._reset()
+
+    def fill_tokens(self, tokens: list[int]) -> "_Candidates":
+        self._buf["id"] = tokens
+        self._buf["logit"] = 0.0
+        self._buf["p"] = 0.0
+        return self._reset()
+
+
 class Sampler:
     """A llama.cpp sampler chain for one request. Use as a context manager; `sample` also accepts the token."""
 
     def __init__(self, params: SamplingParams, vocab: int, n_vocab: int) -> None:
         self.params = params
         self._chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        self._vocab = vocab
         self._penalties = None
+        self._grammar = None  # owned by the chain; kept to ask it alone whether it can end
         self._add_filters(params, vocab, n_vocab)
         if params.greedy:
             self._add(L.llama_sampler_init_greedy())
@@ -115,7 +149,8 @@ class Sampler:
             smpl = L.llama_sampler_init_grammar(vocab, p.grammar.encode(), b"root")
             if not smpl:
                 raise InvalidRequestError("grammar could not be parsed (GBNF expected, root rule 'root')")
-            self._add(smpl)
+            self._grammar = self._add(smpl)
+            self._candidates = _Candidates(n_vocab)
         penalty = p.repeat_penalty if p.repeat_penalty > 0 else 1.0
         if penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
             last_n = p.repeat_last_n or DEFAULT_REPEAT_LAST_N
@@ -137,9 +172,33 @@ class Sampler:
             for tok in tokens:
                 L.llama_sampler_accept(self._penalties, tok)
 
-    def sample(self, ctx: int, idx: int) -> int:
-        """Pick a token from output row `idx` of `ctx`'s last decode and accept it into the chain."""
-        return int(L.llama_sampler_sample(self._chain, ctx, idx))
+    def sample(self, ctx: int, idx: int) -> int | None:
+        """Pick a token from output row `idx` of `ctx`'s last decode and accept it into the chain.
+
+        None: a grammar has completed and the end-of-generation token it allows is banned (IgnoreEOS), so the
+        output is finished. With a grammar the chain is applied and accepted step by step, because llama.cpp throws
+        through its C API (killing the process) when asked to accept a token the grammar does not allow.
+        """
+        if self._grammar is None:
+            return int(L.llama_sampler_sample(self._chain, ctx, idx))
+        cur = self._candidates.fill(L.llama_get_logits_ith(ctx, idx))
+        L.llama_sampler_apply(self._chain, ctypes.byref(cur))
+        if 0 <= cur.selected < cur.size and math.isfinite(cur.data[cur.selected].logit):
+            token = int(cur.data[cur.selected].id)
+            L.llama_sampler_accept(self._chain, token)
+            return token
+        if self._grammar_can_end():
+            return None
+        raise InvalidRequestError("no token is possible here: logit_bias bans every token the grammar allows")
+
+    def _grammar_can_end(self) -> bool:
+        """Whether the grammar is in a state where it allows end-of-generation (it has matched completely)."""
+        eog = [t for t in (L.llama_vocab_eos(self._vocab), L.llama_vocab_eot(self._vocab)) if t >= 0]
+        if not eog:
+            return False
+        cur = _Candidates(len(eog)).fill_tokens(eog)
+        L.llama_sampler_apply(self._grammar, ctypes.byref(cur))
+        return any(math.isfinite(cur.data[i].logit) for i in range(cur.size))
 
     def close(self) -> None:
         if self._chain:

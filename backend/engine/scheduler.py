@@ -150,6 +150,8 @@ class Scheduler:
             bias = dict(sampling.logit_bias)
             bias.update({t: -math.inf for t in self.eog_tokens})
             sampling = replace(sampling, logit_bias=bias)
+        if sum(1 for b in sampling.logit_bias.values() if b == -math.inf) >= self.engine.n_vocab:
+            raise InvalidRequestError("logit_bias (with IgnoreEOS) bans every token of the vocabulary")
         inspect = make_logprobs(req.logprobs) if req.logprobs is not None else None
         with self._cv:  # the engine cannot be freed while the sampler is made against its vocabulary
             if self._closing is not None:
@@ -295,13 +297,16 @@ class Scheduler:
         engine.decode([r for _, r in rows])
         prefilled = False
         for s, row in rows:
-            if row.logits != "all":
-                prefilled = True
-                del s.todo[:len(row.tokens)]
-                if not s.todo:
-                    self._first_token(s, row.last)
-            else:
-                self._verify(s, row, drafts[s.seq])
+            try:
+                if row.logits != "all":
+                    prefilled = True
+                    del s.todo[:len(row.tokens)]
+                    if not s.todo:
+                        self._first_token(s, row.last)
+                else:
+                    self._verify(s, row, drafts[s.seq])
+            except InvalidRequestError as exc:  # this request cannot go on (its grammar allows nothing): only it
+                self._end(s, error=exc)
         if self.controller is not None and decoding and not prefilled:
             k = max(len(d) for d in drafts.values()) if drafts else 0
             self.controller.observe(len(decoding), k, time.perf_counter() - t0 - (engine.mirror_seconds - m0))
@@ -356,6 +361,8 @@ class Scheduler:
         s.t_first = time.perf_counter()
         s.ticket.result.t_prompt_ms = (s.t_first - s.t_admit) * 1000
         tok = s.ticket.sampler.sample(self.engine.ctx, idx)
+        if tok is None:  # a grammar that is complete from the start
+            return self._end(s, reason="stop")
         extra = s.ticket.inspect(self.engine, idx, tok) if s.ticket.inspect else None
         if self._emit(s, tok, extra):
             s.y = tok
@@ -364,20 +371,27 @@ class Scheduler:
         """Sample each row of a verify batch with the slot's sampler, keep drafts while they match, roll back."""
         engine, ticket = self.engine, s.ticket
         accepted: list[tuple[int, dict | None]] = []
+        complete = False  # the grammar matched completely and its end token is banned: the output is done
         for i in range(len(row.tokens)):
             tok = ticket.sampler.sample(engine.ctx, row.first + i)
+            if tok is None:
+                complete = True
+                break
             accepted.append((tok, ticket.inspect(engine, row.first + i, tok) if ticket.inspect else None))
             if i == len(drafts) or tok != drafts[i] or engine.is_eog(tok):
                 break
-        n_acc = len(accepted) - 1
-        engine.rollback_verify(s.seq, len(row.tokens), n_acc + 1)
-        ticket.result.stats.observe(len(drafts), n_acc)
+        # Row tokens to keep: y and the drafts confirmed; the last sample (if any) is the next y, not yet decoded.
+        n_keep = len(accepted) + 1 if complete else len(accepted)
+        engine.rollback_verify(s.seq, len(row.tokens), n_keep)
+        ticket.result.stats.observe(len(drafts), n_keep - 1)
         if drafts:
-            s.acc.observe(len(drafts), n_acc)
-            self.controller.observe_acceptance(len(drafts), n_acc)
+            s.acc.observe(len(drafts), n_keep - 1)
+            self.controller.observe_acceptance(len(drafts), n_keep - 1)
         for tok, extra in accepted:
             if not self._emit(s, tok, extra):
                 return
+        if complete:
+            return self._end(s, reason="stop")
         s.y = accepted[-1][0]
 
     def _emit(self, s: Slot, tok: int, extra: dict | None) -> bool:
@@ -400,12 +414,12 @@ class Scheduler:
         if error is not None:
             ticket.sink(error)
             return
-        if reason is not None:
-            result.finish_reason = reason
-        elif s.out is not None:
+        if reason != "cancelled" and s.out is not None:  # a cancelled client wants nothing more
             tail = s.out.finish()
             if tail:
                 ticket.sink(tail)
+        if reason is not None:
+            result.finish_reason = reason
         m = self.metrics
         m.requests += 1
         m.prompt_tokens += result.n_prompt

@@ -40,3 +40,6 @@ CACHE_DIR: Path = Path(os.path.expanduser(os.environ.get("APEXMTP_CACHE_DIR", "~
 
 # Verbosity of llama.cpp's own log (forwarded to Python logging): 0 warnings and errors, 1 info, 2 debug.
 LLAMA_LOG_LEVEL: int = _as_int(os.environ.get("APEXMTP_LLAMA_LOG"), 0)
+
+# API keys `apexmtp run` requires (comma-separated; added to those given with --api-key).
+API_KEY: str = os.environ.get("APEXMTP_API_KEY", "")

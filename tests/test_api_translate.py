@@ -159,7 +159,8 @@ def test_grpc_errors_map_to_http():
     status, body = http_error(Err(grpc.StatusCode.INVALID_ARGUMENT, "prompt is 9 tokens but the context window is 4"))
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
     # UNAVAILABLE: the backend died, or unloaded the model while the request ran.
-    assert http_error(Err(grpc.StatusCode.UNAVAILABLE, "the model was unloaded while this request was running"))[0] == 503
+    unloaded = Err(grpc.StatusCode.UNAVAILABLE, "the model was unloaded while this request was running")
+    assert http_error(unloaded)[0] == 503
     assert http_error(Err(grpc.StatusCode.INTERNAL, "boom"))[0] == 500
     assert not is_bug(Err(grpc.StatusCode.INTERNAL, "boom"))  # the backend logged it already
 

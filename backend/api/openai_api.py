@@ -436,7 +436,8 @@ def http_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
                                   (500, "server_error", None))
         message = str(exc)
     else:
-        status, kind, message = 500, "server_error", f"internal error ({type(exc).__name__}: {exc}); see the server log"
+        status, kind = 500, "server_error"
+        message = f"internal error ({type(exc).__name__}: {exc}); see the server log"
     return status, error_body(message, kind, code, param)
 
 

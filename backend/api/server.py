@@ -730,7 +730,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ref", nargs="?", help="model: gallery name, owner/repo@Tier, owner/repo@File.gguf, "
                         "hf:// URI, a .gguf path, `demo` (default: SmolLM2, offline) or `demo-mtp`")
     parser.add_argument("--tier", help="force a tier, e.g. I-Balanced (default: the best that fits this machine)")
-    parser.add_argument("--context", type=int, help="context of each request, prompt + answer (default: as large as fits)")
+    parser.add_argument("--context", type=int,
+                        help="context of each request, prompt + answer (default: as large as fits)")
     parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL,
                         help=f"requests served at once, each with the whole --context (default {DEFAULT_PARALLEL})")
     parser.add_argument("--models-dir", type=Path, help="models directory (default: APEXMTP_MODELS_DIR)")

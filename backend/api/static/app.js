@@ -77,8 +77,12 @@ async function* events(resp) {
 
 // ---------------------------------------------------------------------------------------------- formatting
 
-const GiB = 2 ** 30, MiB = 2 ** 20;
-const bytes = (n) => (n >= GiB ? `${(n / GiB).toFixed(1)} GiB` : `${(n / MiB).toFixed(n >= 100 * MiB ? 0 : 1)} MiB`);
+const GiB = 2 ** 30, MiB = 2 ** 20, KiB = 2 ** 10;
+function bytes(n) {
+  if (n >= GiB) return `${(n / GiB).toFixed(1)} GiB`;
+  if (n >= MiB) return `${(n / MiB).toFixed(n >= 100 * MiB ? 0 : 1)} MiB`;
+  return `${Math.round(n / KiB)} KiB`;
+}
 const count = (n) => (n ?? 0).toLocaleString("en-US");
 const percent = (part, whole) => (whole ? `${Math.round((100 * part) / whole)}%` : "–");
 const context = (n) => (n % 1024 === 0 ? `${n / 1024}k` : `${n}`);
@@ -394,7 +398,7 @@ async function refreshStatus() {
   } catch (e) {
     $("pill").className = "pill down";
     $("pill").textContent = e.status === 401 ? "API key needed" : "unreachable";
-    banner(e.status === 401 ? "This server needs an API key: enter it above." : `server unreachable: ${e.message}`);
+    banner(e.status === 401 ? "This server needs an API key: enter it below." : `server unreachable: ${e.message}`);
     $("banner").dataset.fromStatus = "1";
   }
 }

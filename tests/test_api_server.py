@@ -264,6 +264,13 @@ def test_api_keys(run_env):
         r = openai.OpenAI(base_url=f"{keyed.base}/v1", api_key="k2", max_retries=0).chat.completions.create(
             model="demo", messages=HELLO, temperature=0, max_tokens=4)
         assert r.usage.completion_tokens == 4
+        cmd = [sys.executable, "-m", "backend.cli", "chat", "--url", keyed.base, "--max-tokens", "4"]
+        done = subprocess.run(cmd, check=False, cwd=ROOT, input="hi\n", capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "APEXMTP_API_KEY": "k3"})
+        assert done.returncode == 0 and "4 tokens" in done.stdout, done.stderr
+        done = subprocess.run([*cmd, "--api-key", "nope"], check=False, cwd=ROOT, input="hi\n", capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 1 and "HTTP 401" in done.stderr
         assert "without an API key" not in keyed.output()  # loopback: no warning either way
     finally:
         keyed.stop()

@@ -14,16 +14,14 @@ import json
 import os
 import re
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import test_gallery_pull as tiny
 import yaml
 from fakehub import FakeHub
 from test_api_server import RunProcess
-from test_gallery_pull import REPO, TIERS, TINY_ARCH, _entry
 
-from backend.synth.qwen35moe import PRESETS, write_model
 from gallery.catalog import DATA_DIR, load_catalog
 from gallery.detect import detect
 from gallery.select import Request, candidates_for, select
@@ -36,6 +34,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 HARDWARE = {"APEXMTP_VRAM": "0", "APEXMTP_RAM": "24GiB"}  # the machine the verdicts are computed for
 LAST_ANSWER = "#messages .msg.assistant:last-child"
+REPO = tiny.REPO
+# The tiny synthetic APEX family of tests/test_gallery_pull.py: its tier GGUFs (`models`) and gallery (`gallery_dir`).
+models, gallery_dir = tiny.models, tiny.gallery_dir
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -50,30 +51,22 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tier_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiers")
-    cfg = replace(PRESETS["tiny"], mtp=True)
-    return {t: write_model(root / f"Tiny-APEX-MTP-{t}.gguf", cfg, dtype="f16", seed=i) for i, t in enumerate(TIERS)}
-
-
-@pytest.fixture(scope="module")
-def gallery_dir(tmp_path_factory: pytest.TempPathFactory, tier_models: dict[str, Path]) -> Path:
-    """The packaged gallery plus the tiny family (its tier entries as tests/test_gallery_pull.py writes them)."""
-    d = tmp_path_factory.mktemp("gallery")
-    shutil.copy(DATA_DIR / "hardware.yaml", d / "hardware.yaml")
+def webui_gallery(tmp_path_factory: pytest.TempPathFactory, gallery_dir: Path) -> Path:
+    """The packaged gallery plus the tiny family of tests/test_gallery_pull.py (`gallery_dir`)."""
+    d = tmp_path_factory.mktemp("webui-gallery")
+    shutil.copy(gallery_dir / "hardware.yaml", d / "hardware.yaml")
     archs = yaml.safe_load((DATA_DIR / "architectures.yaml").read_text())
-    archs["architectures"]["synthetic-tiny"] = TINY_ARCH
+    archs["architectures"].update(yaml.safe_load((gallery_dir / "architectures.yaml").read_text())["architectures"])
     (d / "architectures.yaml").write_text(yaml.safe_dump(archs, sort_keys=False))
-    tiers = [_entry(f"tiny-apex-mtp-{t.lower()}", t, tier_models[t]) for t in TIERS]
-    hub = dict(tiers[0], name="tiny-apex-mtp", variants=[{"model": e["name"]} for e in tiers])
-    index = yaml.safe_load((DATA_DIR / "index.yaml").read_text())
-    (d / "index.yaml").write_text(yaml.safe_dump([*index, hub, *tiers], sort_keys=False))
+    index = [*yaml.safe_load((DATA_DIR / "index.yaml").read_text()),
+             *yaml.safe_load((gallery_dir / "index.yaml").read_text())]
+    (d / "index.yaml").write_text(yaml.safe_dump(index, sort_keys=False))
     return d
 
 
 @pytest.fixture(scope="module")
-def hub(tier_models: dict[str, Path]):
-    files = {f"Tiny-APEX-MTP-{t}.gguf": p.read_bytes() for t, p in tier_models.items()}
+def hub(models: dict[str, Path]):
+    files = {f"Tiny-APEX-MTP-{t}.gguf": p.read_bytes() for t, p in models.items()}
     with FakeHub({REPO: files}, throttle=(256 * 1024, 0.02)) as h:  # ~2 s for 20 MB: progress has steps to show
         yield h
 
@@ -84,10 +77,10 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, gallery_dir: Path, hub: FakeHub, models_dir: Path):
+def server(tmp_path_factory, webui_gallery: Path, hub: FakeHub, models_dir: Path):
     env = {"APEXMTP_MODELS_DIR": str(models_dir), "APEXMTP_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
            "HF_ENDPOINT": hub.url, **HARDWARE}
-    s = RunProcess("--context", "1024", "--gallery", str(gallery_dir), env=env)
+    s = RunProcess("--context", "1024", "--gallery", str(webui_gallery), env=env)
     yield s
     s.stop()
 
@@ -309,11 +302,11 @@ def test_markup_in_model_output_stays_inert(tab: Tab, shots: Path) -> None:
     assert tab.problems == []
 
 
-def test_gallery_lists_tiers_with_verdicts(tab: Tab, shots: Path, gallery_dir: Path) -> None:
+def test_gallery_lists_tiers_with_verdicts(tab: Tab, shots: Path, webui_gallery: Path) -> None:
     page = tab.page
     tab.tab("gallery")
     page.wait_for_selector(".family[data-family=tiny-apex-mtp]")
-    catalog = load_catalog(gallery_dir)
+    catalog = load_catalog(webui_gallery)
     profile = detect(vram=HARDWARE["APEXMTP_VRAM"], ram=HARDWARE["APEXMTP_RAM"])
     labels = {"fits on the GPU", "GPU + RAM", "CPU", "does not fit"}
     seen = set()
@@ -339,7 +332,7 @@ def test_gallery_lists_tiers_with_verdicts(tab: Tab, shots: Path, gallery_dir: P
 
 
 def test_pull_with_progress_then_switch_models(tab: Tab, shots: Path, server: RunProcess, hub: FakeHub,
-                                               models_dir: Path, tier_models: dict[str, Path]) -> None:
+                                               models_dir: Path, models: dict[str, Path]) -> None:
     page = tab.page
     name = "tiny-apex-mtp-i-quality"
     row = f".family[data-family=tiny-apex-mtp] tr[data-name={name}]"
@@ -363,7 +356,7 @@ def test_pull_with_progress_then_switch_models(tab: Tab, shots: Path, server: Ru
     steps = [int(m.group(1)) for t in page.evaluate("window.progress") if (m := re.search(r"\((\d+)%\)", t))]
     assert any(0 < s < 100 for s in steps) and steps == sorted(steps) and steps[-1] == 100, steps
     on_disk = models_dir / f"llama-cpp/models/{REPO}/Tiny-APEX-MTP-I-Quality.gguf"
-    assert on_disk.read_bytes() == tier_models["I-Quality"].read_bytes()
+    assert on_disk.read_bytes() == models["I-Quality"].read_bytes()
     assert len(hub.gets("Tiny-APEX-MTP-I-Quality.gguf")) == 1
     # Switch the served model to the pulled tier: LoadModel on the same backend process.
     pid = server.backend()["pid"]

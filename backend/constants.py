@@ -1,45 +1,140 @@
-"""Environment variables apexmtp reads, each read once here (tests patch these constants)."""
+"""Environment variables apexmtp reads, each read once here, at import (tests patch these constants).
+
+A knob with a value that does not parse never stops a process from starting: it logs a warning naming the variable
+and the default, and the default applies. Durations are written the way Go (and so LocalAI) writes them: `500ms`,
+`2s`, `1m30s`, `1h`, `300us`; a plain number means seconds.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TRUE, _FALSE = {"1", "on", "yes", "true"}, {"0", "off", "no", "false"}
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+(?:\.\d*)?|\.\d+)")
 
 
-def _is_true(value: str | None, default: bool = False) -> bool:
-    if value is None or value == "":
+def parse_duration(text: str) -> float:
+    """Seconds in a Go duration (`time.ParseDuration`: `500ms`, `1m30s`, `-1.5h`, `0`) or a plain number of seconds.
+
+    Raises:
+        ValueError: not a duration.
+    """
+    s = text.strip()
+    if _PLAIN_NUMBER.fullmatch(s):
+        return float(s)
+    sign, body = (-1.0, s[1:]) if s.startswith("-") else (1.0, s.removeprefix("+"))
+    total, pos = 0.0, 0
+    while pos < len(body):
+        m = _DURATION_PART.match(body, pos)
+        if m is None:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if not body or pos != len(body) or not math.isfinite(total):
+        raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 2s, 1m30s or a number of seconds)")
+    return sign * total
+
+
+def parse_bool(text: str) -> bool:
+    """`1/0`, `true/false`, `yes/no`, `on/off` in any case.
+
+    Raises:
+        ValueError: anything else.
+    """
+    value = text.strip().lower()
+    if value in _TRUE | _FALSE:
+        return value in _TRUE
+    raise ValueError(f"not a boolean: {text!r} (use true/false, 1/0, yes/no or on/off)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text.strip())
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text.strip())
+    if value < 0:
+        raise ValueError(f"must not be negative, got {value}")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"must be longer than zero, got {text.strip()!r}")
+    return value
+
+
+def _memory_size(text: str) -> int:
+    from gallery.units import parse_size  # a pure module; its InvalidRequestError is a ValueError
+
+    return parse_size(text)
+
+
+def _path(text: str) -> Path:
+    return Path(text.strip()).expanduser()
+
+
+def knob(name: str, parse: Callable[[str], T], default: T, environ: Mapping[str, str] = os.environ) -> T:
+    """`parse(environ[name])`; the default when unset or blank, and (with a logged warning) when it does not parse."""
+    raw = environ.get(name)
+    if raw is None or not raw.strip():
         return default
-    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _as_int(value: str | None, default: int) -> int:
     try:
-        return int(value) if value not in (None, "") else default
-    except ValueError:
+        return parse(raw)
+    except ValueError as exc:
+        log.warning("ignoring %s=%r: %s; using the default (%s)", name, raw, exc, default)
         return default
 
 
 # Slots (parallel requests) of a loaded model unless its options say `parallel:N` (LocalAI's llama-cpp knob).
-LLAMACPP_PARALLEL: int = max(1, _as_int(os.environ.get("LLAMACPP_PARALLEL"), 1))
+LLAMACPP_PARALLEL: int = knob("LLAMACPP_PARALLEL", _positive_int, 1)
 
 # When set, every RPC must carry `authorization: Bearer <token>` (LocalAI distributed mode).
-GRPC_AUTH_TOKEN: str = os.environ.get("LOCALAI_GRPC_AUTH_TOKEN", "")
+GRPC_AUTH_TOKEN: str = knob("LOCALAI_GRPC_AUTH_TOKEN", str, "")
 
 # Exit when the parent process (LocalAI) dies, so backends are never orphaned. On by default.
-PARENT_WATCH: bool = _is_true(os.environ.get("LOCALAI_BACKEND_PARENT_WATCH"), default=True)
-PARENT_WATCH_INTERVAL_S: float = float((os.environ.get("LOCALAI_BACKEND_PARENT_WATCH_INTERVAL") or "2s").rstrip("s") or 2)
+PARENT_WATCH: bool = knob("LOCALAI_BACKEND_PARENT_WATCH", parse_bool, True)
+PARENT_WATCH_INTERVAL_S: float = knob("LOCALAI_BACKEND_PARENT_WATCH_INTERVAL", _positive_duration, 2.0)
 
 # LocalAI's gRPC client limit (pkg/grpc/client.go): 50 MB each way.
 GRPC_MESSAGE_LIMIT: int = 50 * 1024 * 1024
 
 # Where `apexmtp pull`/`run` keep models and their LocalAI YAML configs.
-MODELS_DIR: Path = Path(os.path.expanduser(os.environ.get("APEXMTP_MODELS_DIR", "~/.cache/apexmtp/models")))
+MODELS_DIR: Path = knob("APEXMTP_MODELS_DIR", _path, Path("~/.cache/apexmtp/models").expanduser())
 
 # Where the demo's synthetic models and other generated artefacts are cached.
-CACHE_DIR: Path = Path(os.path.expanduser(os.environ.get("APEXMTP_CACHE_DIR", "~/.cache/apexmtp")))
+CACHE_DIR: Path = knob("APEXMTP_CACHE_DIR", _path, Path("~/.cache/apexmtp").expanduser())
 
 # Verbosity of llama.cpp's own log (forwarded to Python logging): 0 warnings and errors, 1 info, 2 debug.
-LLAMA_LOG_LEVEL: int = _as_int(os.environ.get("APEXMTP_LLAMA_LOG"), 0)
+LLAMA_LOG_LEVEL: int = knob("APEXMTP_LLAMA_LOG", _non_negative_int, 0)
+
+# Memory to assume instead of detecting it (`24GiB`; VRAM 0 = no GPU), what `--vram` / `--ram` give per command.
+VRAM_OVERRIDE: int | None = knob("APEXMTP_VRAM", _memory_size, None)
+RAM_OVERRIDE: int | None = knob("APEXMTP_RAM", _memory_size, None)
+
+# The GPUs CUDA will show llama.cpp, read as it is: set but empty means none (CUDA's meaning), unset means all.
+CUDA_VISIBLE_DEVICES: str | None = os.environ.get("CUDA_VISIBLE_DEVICES")
 
 # API keys `apexmtp run` requires (comma-separated; added to those given with --api-key).
-API_KEY: str = os.environ.get("APEXMTP_API_KEY", "")
+API_KEY: str = knob("APEXMTP_API_KEY", str, "")
+
+
+def hf_endpoint() -> str | None:
+    """HF_ENDPOINT as set now. huggingface_hub reads it once, when it is imported; we pass the endpoint to every
+    hub call ourselves, so a process (or test) that sets it later is still followed."""
+    return os.environ.get("HF_ENDPOINT") or None

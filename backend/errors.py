@@ -56,6 +56,19 @@ class InsufficientMemoryError(ApexError, MemoryError):
     """The model (or its context) does not fit in the memory available."""
 
 
+class InsufficientDiskSpaceError(ApexError, OSError):
+    """A download or quantization would not fit in the free space of its filesystem (nothing was written)."""
+
+    def __init__(self, message: str, *, path: str | Path, need: int, free: int) -> None:
+        self.path = str(path)
+        self.need = need
+        self.free = free
+        super().__init__(message)
+
+    def __str__(self) -> str:  # OSError would otherwise format (errno, strerror)
+        return self.args[0]
+
+
 class ModelMismatchError(ApexError, LookupError):
     """A request named a model (ModelIdentity) other than the one loaded."""
 

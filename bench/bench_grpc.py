@@ -66,17 +66,17 @@ def main() -> int:
         local = Scheduler(Engine(path, EngineConfig(n_ctx=1024, n_batch=128, n_threads=args.threads)), SpecConfig(),
                           name="local")
         grpc_tps(stub, 16), inproc_tps(local, 16)  # warm-up
-        g, l = [], []
+        remote, inproc = [], []
         for _ in range(args.rounds):
-            g.append(grpc_tps(stub, args.tokens))
-            l.append(inproc_tps(local, args.tokens))
+            remote.append(grpc_tps(stub, args.tokens))
+            inproc.append(inproc_tps(local, args.tokens))
     finally:
         backend.stop()
     print(f"# machine: {machine()}")
     print(f"# model {path.name}, {args.tokens} tokens, greedy, {args.threads} threads, median of {args.rounds} rounds")
-    print(f"in-process   {median(l):8.1f} tok/s")
-    print(f"gRPC stream  {median(g):8.1f} tok/s")
-    print(f"gRPC / in-process: {median(g) / median(l):.3f}")
+    print(f"in-process   {median(inproc):8.1f} tok/s")
+    print(f"gRPC stream  {median(remote):8.1f} tok/s")
+    print(f"gRPC / in-process: {median(remote) / median(inproc):.3f}")
     return 0
 
 

@@ -3,7 +3,7 @@
 Every probe is optional, time-boxed and never fatal: a missing driver, tool or file becomes a note in the profile,
 and the next probe runs. Order: NVML (nvidia-ml-py) -> `nvidia-smi` -> AMD sysfs -> Apple `sysctl`; RAM from psutil
 (or /proc/meminfo under a test root) capped by cgroup v2/v1 limits. Explicit values (`--vram 24GiB`, `--ram 64GiB`,
-or APEXMTP_VRAM / APEXMTP_RAM) replace what was detected. Paths are read under `root`, so tests feed fake sysfs/proc
+or APEXMTP_VRAM / APEXMTP_RAM, read by `backend.constants`) replace what was detected. Paths are read under `root`, so tests feed fake sysfs/proc
 trees; external tools are found on PATH, so tests put fake executables there.
 """
 
@@ -15,10 +15,12 @@ import re
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
+
+from backend import constants
 
 from .units import GiB, MiB, parse_size
 
@@ -87,9 +89,8 @@ def _bounded(fn: Callable[[], T], timeout: float, notes: list[str], label: str) 
     return box.get("value")
 
 
-def _visible(gpus: list[GPU], env: Mapping[str, str]) -> list[GPU]:
-    """Apply CUDA_VISIBLE_DEVICES (indices or GPU-UUID prefixes) to NVIDIA devices."""
-    spec = env.get("CUDA_VISIBLE_DEVICES")
+def _visible(gpus: list[GPU], spec: str | None) -> list[GPU]:
+    """Apply CUDA_VISIBLE_DEVICES (indices or GPU-UUID prefixes; None = unset) to NVIDIA devices."""
     if spec is None:
         return gpus
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
@@ -285,7 +286,6 @@ def detect(
     system: str | None = None,
     vram: str | int | None = None,
     ram: str | int | None = None,
-    env: Mapping[str, str] | None = None,
     nvml: bool = True,
     timeout: float = PROBE_TIMEOUT_S,
 ) -> HardwareProfile:
@@ -296,18 +296,16 @@ def detect(
         system: `platform.system()` value to assume ("Linux", "Darwin", "Windows").
         vram: GPU memory to assume instead of detecting ("24GiB"; 0 = no GPU). Default: APEXMTP_VRAM.
         ram: system RAM to assume ("64GiB"). Default: APEXMTP_RAM.
-        env: environment (default os.environ), for CUDA_VISIBLE_DEVICES and the APEXMTP_* overrides.
         nvml: try NVML before nvidia-smi.
         timeout: seconds each probe may take.
 
     Raises:
         InvalidRequestError: only for a malformed explicit `vram`/`ram` value.
     """
-    env = os.environ if env is None else env
     root, system = Path(root), system or platform.system()
     notes: list[str] = []
-    vram = vram if vram is not None else env.get("APEXMTP_VRAM") or None
-    ram = ram if ram is not None else env.get("APEXMTP_RAM") or None
+    vram = vram if vram is not None else constants.VRAM_OVERRIDE
+    ram = ram if ram is not None else constants.RAM_OVERRIDE
     total, available = _bounded(lambda: _ram(root, notes), timeout, notes, "ram") or (0, 0)
     cpu = _cpu_name(root, system)
     gpus: list[GPU] = []
@@ -317,12 +315,12 @@ def detect(
             gpus, cpu = [found[0]], found[1]
             total = total or found[0].total
     elif vram is None:
-        gpus = _detect_linux_gpus(root, env, nvml, timeout, total, available, notes)
+        gpus = _detect_linux_gpus(root, constants.CUDA_VISIBLE_DEVICES, nvml, timeout, total, available, notes)
     profile = HardwareProfile(system, cpu, os.cpu_count() or 1, total, available, tuple(gpus), tuple(notes))
     return apply_overrides(profile, vram=vram, ram=ram)
 
 
-def _detect_linux_gpus(root: Path, env: Mapping[str, str], nvml: bool, timeout: float, ram_total: int,
+def _detect_linux_gpus(root: Path, visible: str | None, nvml: bool, timeout: float, ram_total: int,
                        ram_available: int, notes: list[str]) -> list[GPU]:
     nvidia = _bounded(_nvml, timeout, notes, "nvml") if nvml else None
     if not nvidia:
@@ -330,7 +328,7 @@ def _detect_linux_gpus(root: Path, env: Mapping[str, str], nvml: bool, timeout: 
     amd = _bounded(lambda: _amd_sysfs(root, ram_available), timeout, notes, "amd-sysfs") or []
     if not nvidia and not amd:
         notes.append("gpu: none found")
-    return _visible(nvidia, env) + amd
+    return _visible(nvidia, visible) + amd
 
 
 def apply_overrides(profile: HardwareProfile, *, vram: str | int | None = None,

@@ -6,11 +6,15 @@ its retries and its progress bar all apply). What it does not do, we add (hf-hub
 * **sha256 verification**: against the gallery's pin, else the hub's LFS sha256 (the HEAD's linked ETag, or the
   paths-info API). `hf_hub_download` stores a corrupted file silently; here a mismatch deletes the data and raises
   `ChecksumMismatchError` before anything is installed. A pin that differs from what the hub now serves is refused
-  before downloading.
+  before downloading. A file already at the destination is verified the same way (size first, when the hub says it)
+  before it is trusted, and fetched again when it fails.
+* **free space**: the bytes still to transfer must fit on the disk before the transfer starts
+  (`backend.files.require_free_space`, shared with the quantizer).
 * **resume across processes**: `hf_hub_download` writes to a per-process `<uuid>.incomplete`, so a new process
   starts from zero. We keep one stable partial file next to the destination (`.<name>.partial`, with a small
   `.partial.json` recording which sha256/size it belongs to) and hand it to `http_get` with `resume_size`, which
-  sends `Range: bytes=<size>-`. A lock file keeps two processes from appending to the same partial.
+  sends `Range: bytes=<size>-`. A lock file keeps two processes from appending to the same partial. A resumed file
+  that fails its sha256 is fetched once more from the start (the partial's bytes could not be checked on their own).
 * **atomic landing**: the verified partial is fsynced and `os.replace`d onto the destination, so a file at the
   destination is always complete and verified.
 * **no traversal**: destinations must stay inside the models dir (checked before any request).
@@ -18,7 +22,6 @@ its retries and its progress bar all apply). What it does not do, we add (hf-hub
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,14 +29,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend import constants
 from backend.errors import ChecksumMismatchError, DownloadError, EntryNotFoundError, UnsafePathError
+from backend.files import require_free_space, sha256_file
 
 from .resolve import HubFile
 from .schema import safe_relative_path
 
 log = logging.getLogger(__name__)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_HASH_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -62,21 +66,12 @@ def safe_join(root: Path, relative: str) -> Path:
     return dest
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 8 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def hub_endpoint(endpoint: str | None = None) -> str:
     """The hub URL: `endpoint`, else HF_ENDPOINT as set now (huggingface_hub reads it once, at import), else its
     default."""
-    from huggingface_hub import constants
+    from huggingface_hub import constants as hf_constants
 
-    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+    return (endpoint or constants.hf_endpoint() or hf_constants.ENDPOINT).rstrip("/")
 
 
 def _metadata(file: HubFile, endpoint: str, token: str | None):
@@ -179,6 +174,9 @@ def fetch(file: HubFile, destination: str, *, models_dir: Path, sha256: str | No
           endpoint: str | None = None, progress: bool = True) -> FetchResult:
     """Download `file` to `models_dir/destination`, verified and resumable (see the module doc).
 
+    A file already at the destination is trusted only once verified: against the pin alone when there is one (no
+    request, so it works offline), else against the hub's size and LFS sha256. A file that fails is fetched again.
+
     Args:
         file: the hub file.
         destination: relative path under `models_dir` (e.g. `llama-cpp/models/owner/repo/File.gguf`).
@@ -186,20 +184,29 @@ def fetch(file: HubFile, destination: str, *, models_dir: Path, sha256: str | No
         sha256: the pinned digest; None means "use the hub's LFS sha256".
         token: hub token (default: huggingface_hub's, i.e. HF_TOKEN or the stored login).
         endpoint: hub URL (default: HF_ENDPOINT, else huggingface.co).
-        progress: show huggingface_hub's progress bar.
+        progress: show progress bars (transfer, and hashing of big files).
+
+    Returns:
+        The file, with the sha256 computed from its bytes by this call.
 
     Raises:
         UnsafePathError: `destination` escapes `models_dir` (nothing is requested).
         EntryNotFoundError: the repo or file does not exist.
+        InsufficientDiskSpaceError: the rest of the file does not fit on the disk (checked before transferring).
         ChecksumMismatchError: the bytes do not match; nothing is installed and the partial is deleted.
-        DownloadError: the hub is unreachable, no sha256 is known, the pin disagrees with the hub, or the transfer
-            broke off (the partial is kept; running again resumes it).
+        DownloadError: the hub is unreachable (and the file is not already there, verified by its pin), no sha256 is
+            known, the pin disagrees with the hub, or the transfer broke off (the partial is kept; running again
+            resumes it).
     """
+    from filelock import FileLock
     from huggingface_hub.utils import build_hf_headers
 
     dest = safe_join(models_dir, destination)
-    if dest.is_file():
-        return FetchResult(dest, sha256 or "", dest.stat().st_size, 0, reused=True)
+    rejected = None  # identity of a destination file already found bad
+    if sha256 and dest.is_file():
+        if (found := _verified(dest, sha256, None, progress)) is not None:
+            return found
+        rejected = _identity(dest)
     endpoint = hub_endpoint(endpoint)
     url, meta = _metadata(file, endpoint, token)
     expected = _expected_sha256(file, sha256, _hub_sha256(file, meta.etag, endpoint, token))
@@ -209,27 +216,68 @@ def fetch(file: HubFile, destination: str, *, models_dir: Path, sha256: str | No
     if _origin(download_url) != _origin(url):
         headers.pop("authorization", None)  # signed CDN URL: never forward the token off the hub
     partial = _Partial(dest)
-    from filelock import FileLock
-
     with FileLock(partial.lock):
-        if dest.is_file():  # another process finished it while we waited
-            return FetchResult(dest, expected, dest.stat().st_size, 0, reused=True)
-        have = partial.prepare(expected, meta.size)
-        if have:
-            log.info("resuming %s at %d of %s bytes", dest.name, have, meta.size)
-        transferred = _transfer(download_url, partial, have, meta.size, dest.name, headers, progress)
-        actual = sha256_file(partial.data)
-        if actual != expected:
-            partial.discard()
-            partial.lock.unlink(missing_ok=True)  # nothing left to resume
-            raise ChecksumMismatchError(dest, expected, actual)
-        os.replace(partial.data, dest)
-        partial.state.unlink(missing_ok=True)
-        _fsync_dir(dest.parent)
+        # Checked under the lock: another process may have landed the file while we waited.
+        unchecked = dest.is_file() and _identity(dest) != rejected
+        found = _verified(dest, expected, meta.size, progress) if unchecked else None
+        if found is None:
+            dest.unlink(missing_ok=True)  # a bad file is no use to anyone, and its space counts for the new one
+            found = _download(download_url, partial, dest, expected, meta.size, headers, progress)
     # Safe once the destination exists: a process still waiting on this lock finds the file and returns.
     # An interrupted download keeps its lock next to its partial.
     partial.lock.unlink(missing_ok=True)
-    return FetchResult(dest, expected, dest.stat().st_size, transferred, reused=False)
+    return found
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _verified(dest: Path, sha256: str, size: int | None, progress: bool) -> FetchResult | None:
+    """`dest` as a reused FetchResult when its size (if known) and sha256 match; None (logged) when not."""
+    have = dest.stat().st_size
+    if size is not None and have != size:
+        log.warning("%s is %d bytes, the hub's file %d: fetching it again", dest, have, size)
+        return None
+    actual = sha256_file(dest, progress=progress)
+    if actual != sha256:
+        log.warning("%s has sha256 %s, expected %s (corrupt, or changed on the hub): fetching it again",
+                    dest, actual, sha256)
+        return None
+    return FetchResult(dest, actual, have, 0, reused=True)
+
+
+def _download(url: str, partial: _Partial, dest: Path, expected: str, size: int | None, headers: dict[str, str],
+              progress: bool) -> FetchResult:
+    """Transfer (resuming a matching partial), verify and land `dest`. Called under the destination's lock.
+
+    A partial holds bytes of an earlier run that cannot be checked on their own (the hub publishes only the whole
+    file's sha256): when a resumed file fails its check, the partial is the suspect, so it is dropped and the file
+    fetched once more from the start before the mismatch counts.
+    """
+    have = partial.prepare(expected, size)
+    if size is not None:
+        require_free_space(dest.parent, size - have, what=f"downloading {dest.name}")
+    if have:
+        log.info("resuming %s at %d of %s bytes", dest.name, have, size)
+    transferred = _transfer(url, partial, have, size, dest.name, headers, progress)
+    actual = sha256_file(partial.data, progress=progress)
+    if actual != expected and have:
+        log.warning("%s: resumed from a partial of %d bytes, the result has sha256 %s instead of %s: "
+                    "downloading it again from the start", dest.name, have, actual, expected)
+        partial.discard()
+        have = partial.prepare(expected, size)
+        transferred += _transfer(url, partial, have, size, dest.name, headers, progress)
+        actual = sha256_file(partial.data, progress=progress)
+    if actual != expected:
+        partial.discard()
+        partial.lock.unlink(missing_ok=True)  # nothing left to resume
+        raise ChecksumMismatchError(dest, expected, actual)
+    os.replace(partial.data, dest)
+    partial.state.unlink(missing_ok=True)
+    _fsync_dir(dest.parent)
+    return FetchResult(dest, actual, dest.stat().st_size, transferred, reused=False)
 
 
 def _origin(url: str) -> tuple[str, str]:

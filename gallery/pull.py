@@ -39,6 +39,7 @@ class PulledModel:
     cache_type_k: str
     cache_type_v: str
     explanation: str
+    sha256: str | None = None  # computed from the file's bytes by this pull (None for a local path)
 
 
 def _exact_candidate(path: Path, name: str, tier: str, base_options: tuple[str, ...], mtp_default: bool) -> Candidate:
@@ -98,11 +99,11 @@ def pull(
     plan = _plan(resolved, catalog, profile, request)
     entry: Entry | None = catalog.get(plan.name) if plan else None
     if resolved.local_path is not None:
-        path, model_ref = resolved.local_path, str(resolved.local_path)
+        path, model_ref, sha256 = resolved.local_path, str(resolved.local_path), None
     else:
         hub_file, dest, pin = _source(resolved, entry)
-        path = fetch(hub_file, dest, models_dir=models_dir, sha256=pin, progress=progress).path
-        model_ref = dest
+        fetched = fetch(hub_file, dest, models_dir=models_dir, sha256=pin, progress=progress)
+        path, model_ref, sha256 = fetched.path, dest, fetched.sha256
     base_options = entry.options if entry else tuple(catalog.policy["default_options"])
     mtp_default = entry is None or "spec_type:draft-mtp" in entry.options
     exact = _exact_candidate(path, resolved.name, entry.tier if entry else "file", base_options, mtp_default)
@@ -118,7 +119,7 @@ def pull(
     header = f"written by `apexmtp pull {ref}`\n{final.explanation}"
     config_path = write_config(models_dir, config, comment=header)
     return PulledModel(resolved.name, path, config_path, final.options, final.context_size, final.gpu_layers,
-                       final.cache_type_k, final.cache_type_v, final.explanation)
+                       final.cache_type_k, final.cache_type_v, final.explanation, sha256)
 
 
 def _source(resolved: Resolved, entry: Entry | None) -> tuple[HubFile, str, str | None]:
@@ -153,6 +154,8 @@ def main(argv: list[str]) -> int:
         print(f"apexmtp pull: error: {exc}", file=sys.stderr)
         return 1
     print(f"{pulled.name}: {pulled.model_path}")
+    if pulled.sha256:
+        print(f"sha256: {pulled.sha256} (verified)")
     print(f"config: {pulled.config_path}")
     print(f"options: {' '.join(pulled.options)}")
     print(pulled.explanation)

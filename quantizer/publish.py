@@ -9,7 +9,6 @@ tiers first; the upload is one `create_commit` with those exact files, and `--dr
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import yaml
 
 from backend.errors import QuantizerError
+from backend.files import sha256_file
 
 from .evaluate import EvalResult, load_json, table
 from .quantize import PARTIAL_SUFFIX, check_published
@@ -45,14 +45,6 @@ class TierFile:
     architecture: str
     embedding_length: int
     trunk_layers: int
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def inspect_tier(path: Path) -> TierFile:

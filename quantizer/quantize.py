@@ -12,7 +12,6 @@ import ctypes
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.errors import InvalidGGUFError, MissingImatrixError, QuantizerError
+from backend.files import require_free_space
 
 from . import types as gt
 from .imatrix_file import Imatrix, coverage_report, imatrix_arrays
@@ -98,12 +98,6 @@ def check_requantize(plan: Plan, allow: bool) -> None:
             f"source tensors are already quantized ({already[0].name} is {already[0].source_type}); "
             "quantize from a BF16/F16/F32 GGUF, or pass --allow-requantize"
         )
-
-
-def _check_disk(out_dir: Path, need: int) -> None:
-    free = shutil.disk_usage(out_dir).free
-    if free < need * 1.02:
-        raise QuantizerError(f"{out_dir}: {free / 2**30:.2f} GiB free, the tier needs {need / 2**30:.2f} GiB")
 
 
 def _kv_overrides(tier: Tier, imatrix: Imatrix | None, n_entries: int) -> list[tuple[str, int | str]]:
@@ -270,7 +264,8 @@ def quantize_tier(
     arrays = imatrix_arrays(used, {t.name: t.imatrix_size for t in plan.quantized}) if used else {}
     kv = _kv_overrides(tier, used, len(arrays))
     predicted = plan.predicted_bytes(_kv_bytes(kv))
-    _check_disk(out_dir, predicted)
+    # 2% headroom over the predicted size, so a slightly larger output never fills the disk
+    require_free_space(out_dir, int(predicted * 1.02), what=f"tier {tier.name} ({final.name})")
     tmp = final.with_name(final.name + PARTIAL_SUFFIX)
     report("quantizing", 0.0, f"{source.name} -> {final.name}")
     try:

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 from fakehub import FakeHub
 
-from backend.errors import ChecksumMismatchError, DownloadError, EntryNotFoundError, UnsafePathError
+from backend import files
+from backend.errors import (ChecksumMismatchError, DownloadError, EntryNotFoundError, InsufficientDiskSpaceError,
+                            UnsafePathError)
+from gallery import download
 from gallery.download import fetch
 from gallery.resolve import HubFile
 
@@ -65,6 +68,113 @@ def test_fetch_verifies_and_lands_atomically(hub: FakeHub, payload: bytes, tmp_p
 
 def test_hub_sha256_is_used_when_nothing_is_pinned(hub: FakeHub, payload: bytes, tmp_path: Path) -> None:
     assert _fetch(hub, tmp_path).sha256 == hashlib.sha256(payload).hexdigest()
+    again = _fetch(hub, tmp_path)  # present, no pin: the hub's size and sha256 decide (a HEAD, no transfer)
+    assert again.reused and again.sha256 == hashlib.sha256(payload).hexdigest() and len(hub.gets(NAME)) == 1
+
+
+@pytest.fixture()
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the files `gallery.download` hashes, in order."""
+    names: list[str] = []
+
+    def recording(path: Path, *, progress: bool = False) -> str:
+        names.append(Path(path).name)
+        return files.sha256_file(path, progress=progress)
+
+    monkeypatch.setattr(download, "sha256_file", recording)
+    return names
+
+
+def _corrupt(data: bytes) -> bytes:
+    bad = bytearray(data)
+    bad[len(bad) // 2] ^= 0xFF
+    return bytes(bad)
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "hub-sha256"])
+def test_corrupted_destination_is_fetched_again(hub: FakeHub, payload: bytes, tmp_path: Path, hashed: list[str],
+                                                pinned: bool) -> None:
+    sha = hashlib.sha256(payload).hexdigest()
+    dest = tmp_path / DEST
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(_corrupt(payload))  # right size, wrong bytes: only the sha256 tells
+    result = _fetch(hub, tmp_path, sha256=sha if pinned else None)
+    assert (result.reused, result.sha256, result.transferred) == (False, sha, len(payload))
+    assert dest.read_bytes() == payload and _leftovers(tmp_path) == [NAME]
+    assert hashed == [NAME, f".{NAME}.partial"]  # the bad file, then the fresh download
+    [get] = hub.gets(NAME)
+    assert get.range is None  # the bad file was not taken as a partial to resume
+
+
+def test_wrong_size_destination_is_fetched_again_without_hashing_it(hub: FakeHub, payload: bytes, tmp_path: Path,
+                                                                    hashed: list[str]) -> None:
+    dest = tmp_path / DEST
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(payload[:-1000])  # a truncated copy
+    result = _fetch(hub, tmp_path)
+    assert not result.reused and dest.read_bytes() == payload
+    assert hashed == [f".{NAME}.partial"]  # the size already ruled the old file out
+
+
+def test_pinned_destination_is_verified_offline(payload: bytes, tmp_path: Path, hashed: list[str]) -> None:
+    dest = tmp_path / DEST
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(payload)
+    offline = "http://127.0.0.1:9"
+    result = fetch(HubFile(REPO, NAME), DEST, models_dir=tmp_path, endpoint=offline, progress=False,
+                   sha256=hashlib.sha256(payload).hexdigest())
+    assert result.reused and result.sha256 == hashlib.sha256(payload).hexdigest() and hashed == [NAME]
+    dest.write_bytes(_corrupt(payload))
+    with pytest.raises(DownloadError, match="cannot get metadata"):  # bad, and no hub to fetch it again from
+        fetch(HubFile(REPO, NAME), DEST, models_dir=tmp_path, endpoint=offline, progress=False,
+              sha256=hashlib.sha256(payload).hexdigest())
+
+
+def test_corrupt_partial_is_dropped_and_the_file_fetched_from_the_start(hub: FakeHub, payload: bytes,
+                                                                       tmp_path: Path) -> None:
+    """A partial of the right version but with wrong bytes (a disk error, another writer) must not poison the file."""
+    sha = hashlib.sha256(payload).hexdigest()
+    partial = tmp_path / f"llama-cpp/models/{REPO}/.{NAME}.partial"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(_corrupt(payload[:1_000_000]))
+    partial.with_name(partial.name + ".json").write_text(f'{{"sha256": "{sha}", "size": {len(payload)}}}')
+    result = _fetch(hub, tmp_path, sha256=sha)
+    assert (result.sha256, result.reused) == (sha, False) and result.path.read_bytes() == payload
+    resumed, fresh = hub.gets(NAME)
+    assert resumed.range == "bytes=1000000-" and fresh.range is None and fresh.sent == len(payload)
+    assert result.transferred == resumed.sent + fresh.sent
+    assert _leftovers(tmp_path) == [NAME]
+
+
+def test_too_little_disk_space_is_refused_before_transferring(hub: FakeHub, payload: bytes, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "free_bytes", lambda path: 1_000_000)
+    with pytest.raises(InsufficientDiskSpaceError) as err:
+        _fetch(hub, tmp_path)
+    assert (err.value.need, err.value.free) == (len(payload), 1_000_000)
+    assert f"downloading {NAME} needs 4 MiB ({len(payload)} bytes)" in str(err.value)
+    assert "only 977 KiB (1000000 bytes) is free" in str(err.value)
+    assert hub.gets(NAME) == []  # only the HEAD that told the size
+    assert not (tmp_path / DEST).exists()
+
+
+def test_disk_space_counts_only_what_is_left_to_transfer(hub: FakeHub, payload: bytes, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    sha = hashlib.sha256(payload).hexdigest()
+    partial = tmp_path / f"llama-cpp/models/{REPO}/.{NAME}.partial"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(payload[:4_000_000])
+    partial.with_name(partial.name + ".json").write_text(f'{{"sha256": "{sha}", "size": {len(payload)}}}')
+    monkeypatch.setattr(files, "free_bytes", lambda path: len(payload) - 4_000_000)
+    assert _fetch(hub, tmp_path, sha256=sha).path.read_bytes() == payload
+
+
+def test_free_space_of_a_real_directory(tmp_path: Path) -> None:
+    free = files.free_bytes(tmp_path / "not" / "made" / "yet")  # measured on the nearest existing parent
+    assert free > 0
+    files.require_free_space(tmp_path / "not", 1, what="one byte")
+    with pytest.raises(InsufficientDiskSpaceError, match=r"^a petabyte more needs .* TiB \(\d+ bytes\) in .* only"):
+        files.require_free_space(tmp_path, free + 2**50, what="a petabyte more")
 
 
 def test_interrupted_transfer_resumes_with_range(hub: FakeHub, payload: bytes, tmp_path: Path,

@@ -143,6 +143,19 @@ def test_pull_hub_file_outside_the_gallery(hub: FakeHub, models: dict[str, Path]
     assert "spec_type:draft-mtp" in pulled.options  # the file has a head, so MTP is on
 
 
+def test_pull_cli_reports_the_sha256_it_computed(hub: FakeHub, models: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`apexmtp pull` prints the digest of the bytes on disk, also for a file that was there already (and bad)."""
+    good = hashlib.sha256(models["I-Mini"].read_bytes()).hexdigest()
+    args = [f"hf://{REPO}/Tiny-APEX-MTP-I-Mini.gguf", "--models-dir", str(tmp_path), "--vram", "0", "--ram", "8GiB",
+            "--quiet"]
+    assert pull_mod.main(args) == 0 and f"sha256: {good} (verified)" in capsys.readouterr().out
+    dest = tmp_path / f"llama-cpp/models/{REPO}/Tiny-APEX-MTP-I-Mini.gguf"
+    dest.write_bytes(dest.read_bytes()[:-1] + b"\1")
+    assert pull_mod.main(args) == 0 and f"sha256: {good} (verified)" in capsys.readouterr().out
+    assert dest.read_bytes() == models["I-Mini"].read_bytes() and len(hub.gets("Tiny-APEX-MTP-I-Mini.gguf")) == 2
+
+
 def test_pull_local_file_and_cli(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pulled = pull(str(models["I-Mini"]), models_dir=tmp_path, profile=CPU_16G, progress=False)
     assert pulled.model_path == models["I-Mini"] and pulled.name == "tiny-apex-mtp-i-mini"

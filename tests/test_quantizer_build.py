@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.errors import InvalidGGUFError, MissingImatrixError, QuantizerError
+from backend.errors import InsufficientDiskSpaceError, InvalidGGUFError, MissingImatrixError, QuantizerError
 from backend.synth.qwen35moe import SynthConfig, write_model
 from quantizer.evaluate import DEFAULT_CALIBRATION_TEXT
 from quantizer.imatrix import collect_imatrix
@@ -177,6 +177,20 @@ def test_llama_cpp_failure_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(q, "check_requantize", lambda plan, allow: None)  # let llama.cpp itself refuse
     with pytest.raises(QuantizerError, match="requantizing from type q4_1 is disabled"):
         quantize_tier(smol, get_tier("Compact"), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_too_little_disk_space_is_refused_before_llama_cpp(source: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import llama_cpp
+
+    from backend import files
+
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", lambda *_a: pytest.fail("llama.cpp must not run"))
+    monkeypatch.setattr(files, "free_bytes", lambda path: 1024)  # the check pull uses too
+    with pytest.raises(InsufficientDiskSpaceError, match=r"^tier Compact \(Synth-APEX-MTP-Compact.gguf\) needs .* "
+                                                         r"but only 1 KiB \(1024 bytes\) is free"):
+        quantize_tier(source, get_tier("Compact", "scaled"), tmp_path)
     assert not any(tmp_path.iterdir())
 
 

@@ -252,7 +252,7 @@ def timings(reply: pb.Reply) -> dict[str, float | int]:
     pms, gms = reply.timing_prompt_processing, reply.timing_token_generation
     steps = max(gn - 1, 0)
     return {
-        "prompt_n": pn, "prompt_ms": pms,
+        "id_slot": reply.slot, "cache_n": reply.cached_prompt_tokens, "prompt_n": pn, "prompt_ms": pms,
         "prompt_per_token_ms": pms / pn if pn else 0.0, "prompt_per_second": 1000.0 * pn / pms if pms > 0 else 0.0,
         "predicted_n": gn, "predicted_ms": gms,
         "predicted_per_token_ms": gms / steps if steps else 0.0,

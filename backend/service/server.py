@@ -45,9 +45,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return self._deny_stream if handler is not None and handler.response_streaming else self._deny
 
 
-def _watch_parent(interval: float) -> None:
+# Read at import, before the servicer and llama.cpp load: a parent that exits during start-up is still noticed.
+_PARENT = os.getppid()
+
+
+def _watch_parent(interval: float, parent: int = _PARENT) -> None:
     """Exit when the process that started us (LocalAI) is gone, so no backend is ever orphaned."""
-    parent = os.getppid()
 
     def loop() -> None:
         while True:

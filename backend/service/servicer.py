@@ -23,8 +23,9 @@ from ..engine.generation import Chunk, GenerationRequest, Result
 from ..engine.llama import Engine
 from ..engine.sampling import SamplingParams, parse_logit_bias
 from ..engine.scheduler import Scheduler, llama_thread
-from ..errors import (ApexError, EngineClosedError, EntryNotFoundError, InsufficientMemoryError, InvalidRequestError,
-                      ModelMismatchError, ModelNotFoundError, NoModelLoadedError)
+from ..errors import (ApexError, EngineClosedError, EntryNotFoundError, InsufficientDiskSpaceError,
+                      InsufficientMemoryError, InvalidRequestError, ModelMismatchError, ModelNotFoundError,
+                      NoModelLoadedError)
 from ..gguf_file import read_gguf
 from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc
@@ -41,6 +42,7 @@ _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NoModelLoadedError, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineClosedError, grpc.StatusCode.UNAVAILABLE),
     (InsufficientMemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (InsufficientDiskSpaceError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
     (EntryNotFoundError, grpc.StatusCode.NOT_FOUND),
@@ -422,6 +424,7 @@ def _final_reply(result: Result, logprobs: list[dict], tools: bool, *, with_text
         chat_deltas=[delta] if (with_text or calls) else [],
         draft_n=result.stats.drafted, draft_n_accepted=result.stats.accepted,
         draft_verify_steps=result.stats.verify_steps, finish_reason=result.finish_reason,
+        slot=result.slot, cached_prompt_tokens=result.n_cached,
     )
 
 

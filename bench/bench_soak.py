@@ -1,0 +1,82 @@
+"""Speed that holds across reloads: one backend process, many LoadModel / generate / Free cycles, as LocalAI drives it.
+
+Each cycle loads the model (every other cycle after a Free, the others straight over the loaded one, and every
+fourth switching through a second model first), streams a fixed number of greedy tokens, and records the decode
+tok/s the backend reports, the process's thread count and RSS. Printed per cycle, then the last-10/first-10
+tok/s ratio, the thread delta and the RSS growth, with MTP off and on.
+
+    python bench/bench_soak.py [--cycles 50] [--tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mtp import model_file  # noqa: E402
+from common import machine, median  # noqa: E402
+
+from backend.api.server import Backend  # noqa: E402
+from backend.proto import backend_pb2 as pb  # noqa: E402
+
+PROMPT = "Benchmarking a backend that stays up for hours. " * 4
+
+
+def cycle_options(path: Path, mtp: bool, threads: int) -> pb.ModelOptions:
+    return pb.ModelOptions(ModelFile=str(path), Model=path.name, ContextSize=1024, Threads=threads, NBatch=256,
+                           MMap=True, Options=["spec_n_max:4", "spec_adaptive:false"] if mtp else ["spec_type:none"])
+
+
+def soak(path: Path, other: Path, mtp: bool, args: argparse.Namespace) -> list[tuple[float, int, int]]:
+    backend = Backend(echo=False)
+    rows = []
+    try:
+        backend.wait_healthy()
+        proc = psutil.Process(backend.proc.pid)
+        # run.sh execs python: the backend is the process itself (or its only child)
+        proc = next(iter(proc.children()), proc)
+        for c in range(args.cycles):
+            if c % 4 == 3:
+                backend.load(cycle_options(other, False, args.threads))  # a model switch in between
+            elif c % 2:
+                backend.stub.Free(pb.HealthMessage())
+            backend.load(cycle_options(path, mtp, args.threads))
+            final = list(backend.stub.PredictStream(pb.PredictOptions(Prompt=PROMPT, Tokens=args.tokens,
+                                                                      IgnoreEOS=True)))[-1]
+            tps = 1000.0 * max(final.tokens - 1, 0) / final.timing_token_generation
+            rows.append((tps, proc.num_threads(), proc.memory_info().rss))
+            print(f"  cycle {c + 1:3d}: {tps:7.1f} tok/s, {rows[-1][1]:3d} threads, {rows[-1][2] / 2**20:7.1f} MiB",
+                  flush=True)
+    finally:
+        backend.stop()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cycles", type=int, default=50)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    print(f"# machine: {machine()}")
+    print(f"# {args.cycles} cycles, {args.tokens} greedy tokens each, {args.threads} threads")
+    path = model_file("bench", 1.0, 4)
+    other = model_file("tiny", 1.0, 4)
+    for mtp in (False, True):
+        print(f"\n## {path.name}, MTP {'on (k=4)' if mtp else 'off'}")
+        rows = soak(path, other, mtp, args)
+        n = min(10, len(rows) // 2)
+        first, last = median([r[0] for r in rows[:n]]), median([r[0] for r in rows[-n:]])
+        print(f"last-{n}/first-{n} tok/s: {last / first:.3f} ({first:.1f} -> {last:.1f}); threads "
+              f"{rows[0][1]} -> {rows[-1][1]} (max {max(r[1] for r in rows)}); RSS "
+              f"{rows[0][2] / 2**20:.0f} -> {rows[-1][2] / 2**20:.0f} MiB "
+              f"(+{(rows[-1][2] - rows[0][2]) / 2**20:.1f} MiB after cycle 1)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

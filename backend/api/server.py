@@ -36,8 +36,8 @@ from urllib.parse import unquote, urlsplit
 
 import grpc
 
-from gallery.catalog import Catalog
-from gallery.detect import HardwareProfile
+from gallery.catalog import Catalog, load_catalog
+from gallery.detect import HardwareProfile, detect
 
 from .. import constants
 from ..errors import ApexError, EntryNotFoundError, ModelLoadError, NoModelLoadedError
@@ -200,8 +200,6 @@ class Backend:
 # ---------------------------------------------------------------------------- the HTTP shell
 
 
-
-
 class ClientGone(Exception):
     """The HTTP client closed its connection (or missed a deadline); the work behind it is cancelled."""
 
@@ -254,8 +252,7 @@ class Handler(DeadlineHandler):
     def _dispatch(self, method: str) -> None:
         self.head_done()
         self._streaming = False
-        path = urlsplit(self.path).path
-        path = path.rstrip("/") or "/"
+        path = urlsplit(self.path).path.rstrip("/") or "/"
         prefix = next((p for p in self.PREFIXES if path.startswith(p)), None)
         route = self.PREFIXES[prefix] if prefix else self.ROUTES.get(path)
         if route is None:
@@ -562,8 +559,6 @@ class ApiServer(PooledHTTPServer):
     def catalog(self) -> Catalog:
         """The gallery (`--gallery DIR`, else the packaged one), loaded on first use."""
         if self._catalog is None:
-            from gallery.catalog import load_catalog
-
             self._catalog = load_catalog(self.options.gallery)
         return self._catalog
 
@@ -571,8 +566,6 @@ class ApiServer(PooledHTTPServer):
     def profile(self) -> HardwareProfile:
         """This machine as the selector sees it, detected once (before a model takes its memory)."""
         if self._profile is None:
-            from gallery.detect import detect
-
             self._profile = detect()
         return self._profile
 

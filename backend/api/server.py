@@ -828,7 +828,10 @@ def main(argv: list[str]) -> int:
         print(f"apexmtp: serving {model.name} on {server.url}/v1 (context {model.context_size}, "
               f"MTP {'on' if model.mtp else 'off'}); web page: {server.url}/ ; Ctrl-C stops",
               file=sys.stderr, flush=True)
-        threading.Event().wait()
+        # Python runs signal handlers in the main thread only, and SIGTERM may be delivered to any of the worker
+        # threads: an untimed wait would never see it. Waking twice a second lets the handler run.
+        while True:
+            time.sleep(0.5)
     except KeyboardInterrupt:
         print("apexmtp: stopping", file=sys.stderr)
         return 0

@@ -130,6 +130,9 @@ RAM_OVERRIDE: int | None = knob("APEXMTP_RAM", _memory_size, None)
 # The GPUs CUDA will show llama.cpp, read as it is: set but empty means none (CUDA's meaning), unset means all.
 CUDA_VISIBLE_DEVICES: str | None = os.environ.get("CUDA_VISIBLE_DEVICES")
 
+# API keys `apexmtp run` requires (comma-separated; added to those given with --api-key).
+API_KEY: str = knob("APEXMTP_API_KEY", str, "")
+
 
 def hf_endpoint() -> str | None:
     """HF_ENDPOINT as set now. huggingface_hub reads it once, when it is imported; we pass the endpoint to every

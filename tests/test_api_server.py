@@ -48,10 +48,12 @@ class RunProcess:
             time.sleep(0.2)
         raise TimeoutError(f"apexmtp run did not become healthy:\n{self.output()}")
 
-    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 60) -> tuple[int, dict]:
+    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 60,
+                headers: dict[str, str] | None = None) -> tuple[int, dict]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
-            conn.request(method, path, body, {"Content-Type": "application/json"} if body is not None else {})
+            sent = {"Content-Type": "application/json"} if body is not None else {}
+            conn.request(method, path, body, {**sent, **(headers or {})})
             resp = conn.getresponse()
             return resp.status, json.loads(resp.read() or b"{}")
         except OSError:
@@ -244,6 +246,34 @@ def test_error_statuses(smol):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="demo", prompt="x " * 2000, max_tokens=4, stream=True)
     assert err.value.body["code"] == "context_length_exceeded"
+
+
+def test_api_keys(run_env):
+    # Keys from repeated flags, a comma list and APEXMTP_API_KEY all count; /health stays open for probes.
+    keyed = RunProcess("--context", "256", "--parallel", "1", "--api-key", "k1,k2", "--api-key", "k3",
+                       env={**run_env, "APEXMTP_API_KEY": "k4"})
+    try:
+        assert keyed.request("GET", "/health")[0] == 200
+        status, body = keyed.request("GET", "/v1/models")
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        assert keyed.request("GET", "/v1/models", headers={"Authorization": "Bearer nope"})[0] == 401
+        for key in ("k1", "k3", "k4"):
+            assert keyed.request("GET", "/v1/models", headers={"Authorization": f"Bearer {key}"})[0] == 200
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{keyed.base}/v1", api_key="nope", max_retries=0).models.list()
+        r = openai.OpenAI(base_url=f"{keyed.base}/v1", api_key="k2", max_retries=0).chat.completions.create(
+            model="demo", messages=HELLO, temperature=0, max_tokens=4)
+        assert r.usage.completion_tokens == 4
+        cmd = [sys.executable, "-m", "backend.cli", "chat", "--url", keyed.base, "--max-tokens", "4"]
+        done = subprocess.run(cmd, check=False, cwd=ROOT, input="hi\n", capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "APEXMTP_API_KEY": "k3"})
+        assert done.returncode == 0 and "4 tokens" in done.stdout, done.stderr
+        done = subprocess.run([*cmd, "--api-key", "nope"], check=False, cwd=ROOT, input="hi\n", capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 1 and "HTTP 401" in done.stderr
+        assert "without an API key" not in keyed.output()  # loopback: no warning either way
+    finally:
+        keyed.stop()
 
 
 def test_cli_errors_exit_nonzero(run_env, tmp_path):

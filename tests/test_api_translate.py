@@ -8,9 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from backend.api.server import model_options
 from backend.api.demo import DEMOS, is_demo, merge_options
-from backend.errors import InvalidRequestError
 from backend.api.openai_api import (
     INT32_MAX,
     Job,
@@ -20,8 +18,22 @@ from backend.api.openai_api import (
     completion_request,
     completion_response,
     http_error,
+    is_bug,
     legacy_logprobs,
     timings,
+)
+from backend.api.server import model_options
+from backend.errors import (
+    ChecksumMismatchError,
+    ContextOverflowError,
+    EngineClosedError,
+    EntryNotFoundError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelMismatchError,
+    ModelNotFoundError,
+    NoModelLoadedError,
+    SchemaError,
 )
 from backend.proto import backend_pb2 as pb
 
@@ -146,9 +158,51 @@ def test_grpc_errors_map_to_http():
 
     status, body = http_error(Err(grpc.StatusCode.INVALID_ARGUMENT, "prompt is 9 tokens but the context window is 4"))
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
-    assert http_error(Err(grpc.StatusCode.UNAVAILABLE, "gone"))[0] == 503
+    # UNAVAILABLE: the backend died, or unloaded the model while the request ran.
+    unloaded = Err(grpc.StatusCode.UNAVAILABLE, "the model was unloaded while this request was running")
+    assert http_error(unloaded)[0] == 503
     assert http_error(Err(grpc.StatusCode.INTERNAL, "boom"))[0] == 500
-    assert http_error(LookupError("no such model"))[1]["error"]["code"] == "model_not_found"
+    assert not is_bug(Err(grpc.StatusCode.INTERNAL, "boom"))  # the backend logged it already
+
+
+@pytest.mark.parametrize("exc, status, code", [
+    (ContextOverflowError(9, 4), 400, "context_length_exceeded"),
+    (InvalidRequestError("bad"), 400, None),
+    (EntryNotFoundError("no such model"), 404, "model_not_found"),
+    (ModelNotFoundError("/x.gguf"), 404, "model_not_found"),
+    (ModelMismatchError("other model"), 404, "model_not_found"),
+    (NoModelLoadedError("loading"), 503, None),
+    (EngineClosedError("unloaded"), 503, None),
+    (ModelLoadError("could not load"), 503, None),
+    (ChecksumMismatchError("/x", "a" * 64, "b" * 64), 502, "download_failed"),
+    (SchemaError("index.yaml", "e", "f", "bad"), 500, None),  # ours, and it explains itself: no traceback
+])
+def test_our_errors_map_to_http(exc, status, code):
+    got, body = http_error(exc)
+    assert (got, body["error"]["code"]) == (status, code) and body["error"]["message"] == str(exc)
+    assert not is_bug(exc)
+
+
+@pytest.mark.parametrize("exc", [KeyError("k"), IndexError("i"), LookupError("l"), ValueError("v"), TypeError("t")])
+def test_anything_else_is_a_500_bug(exc):
+    # These used to read as client mistakes (KeyError/IndexError/LookupError -> 404 model_not_found).
+    status, body = http_error(exc)
+    assert status == 500 and body["error"]["type"] == "server_error" and type(exc).__name__ in body["error"]["message"]
+    assert is_bug(exc)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"top_k": 10**12}, "top_k"),  # used to escape as protobuf's ValueError: a 500 for a client's mistake
+    ({"repeat_last_n": -2**40}, "repeat_last_n"),
+    ({"top_logprobs": 2**40, "logprobs": True}, "top_logprobs"),
+    ({"max_tokens": 10**400}, "max_tokens"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": float("inf")}, "top_p"),
+])
+def test_out_of_range_numbers_are_400(extra, param):
+    with pytest.raises(InvalidRequestError) as err:
+        chat_request({"messages": HI, **extra}, MODEL)
+    assert err.value.param == param and http_error(err.value)[0] == 400
 
 
 def test_model_options_from_a_localai_config(tmp_path: Path):

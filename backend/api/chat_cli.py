@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
+from .. import constants
 from ..errors import ApexError
 
 HELP = "commands: /reset (forget the conversation), /exit (leave), /help"
@@ -51,11 +52,16 @@ def _error_message(status: int, raw: bytes) -> str:
         return f"HTTP {status}: {raw[:200].decode('utf-8', 'replace')}"
 
 
-def get_json(base: str, path: str) -> dict[str, Any]:
-    """GET `path` on the server; raises ApexError with the server's message on an error status."""
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def get_json(base: str, path: str, key: str = "") -> dict[str, Any]:
+    """GET `path` on the server (with API key `key`, if any); raises ApexError with the server's message on an
+    error status."""
     conn = _connection(base)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=_auth(key))
         resp = conn.getresponse()
         raw = resp.read()
         if resp.status != 200:
@@ -67,12 +73,13 @@ def get_json(base: str, path: str) -> dict[str, Any]:
         conn.close()
 
 
-def stream_chat(base: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def stream_chat(base: str, body: dict[str, Any], key: str = "") -> Iterator[dict[str, Any]]:
     """POST a streaming chat completion and yield its chunks. Closing the generator closes the connection,
     which is how the server learns to cancel the generation."""
     conn = _connection(base)
     try:
-        conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                     {"Content-Type": "application/json", **_auth(key)})
         resp = conn.getresponse()
         if resp.status != 200:
             raise ApexError(_error_message(resp.status, resp.read()))
@@ -96,8 +103,8 @@ class ChatSession:
     """The conversation so far and one streamed turn at a time."""
 
     def __init__(self, base: str, model: str, out: TextIO, *, system: str | None = None,
-                 sampling: dict[str, Any] | None = None) -> None:
-        self.base, self.model, self.out = base, model, out
+                 sampling: dict[str, Any] | None = None, key: str = "") -> None:
+        self.base, self.model, self.out, self.key = base, model, out, key
         self.system = system
         self.sampling = sampling or {}
         self.color = out.isatty()
@@ -113,7 +120,7 @@ class ChatSession:
         body = {"model": self.model, "messages": self.messages, "stream": True, **self.sampling}
         answer: list[str] = []
         timings = None
-        chunks = stream_chat(self.base, body)
+        chunks = stream_chat(self.base, body, self.key)
         try:
             for chunk in chunks:
                 timings = chunk.get("timings") or timings
@@ -182,6 +189,8 @@ def main(argv: list[str]) -> int:
     add_run_arguments(parser)
     parser.add_argument("--url", help="attach to a running `apexmtp run` (e.g. http://127.0.0.1:8080) "
                         "instead of starting one")
+    parser.add_argument("--api-key", default=constants.API_KEY.split(",")[0].strip(),
+                        help="API key of the server at --url (default: the first of APEXMTP_API_KEY)")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--temperature", type=float, help="sampling temperature (0 = greedy)")
     parser.add_argument("--max-tokens", type=int, help="longest answer in tokens")
@@ -190,8 +199,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     server = None
     try:
+        key = ""
         if args.url:
-            base = args.url.rstrip("/").removesuffix("/v1")
+            base, key = args.url.rstrip("/").removesuffix("/v1"), args.api_key
         else:
             logging.getLogger().setLevel(logging.WARNING)  # the chat owns the terminal: no request log
             print(f"loading {args.ref or 'demo'} ...", file=sys.stderr, flush=True)
@@ -199,8 +209,8 @@ def main(argv: list[str]) -> int:
                                       models_dir=args.models_dir, threads=args.threads, embeddings=args.embeddings,
                                       no_mtp=args.no_mtp, parallel=args.parallel, echo_backend=False))
             base = server.url
-        model = get_json(base, "/v1/models")["data"][0]["id"]
-        return ChatSession(base, model, sys.stdout, system=args.system, sampling=sampling).run(sys.stdin)
+        model = get_json(base, "/v1/models", key)["data"][0]["id"]
+        return ChatSession(base, model, sys.stdout, system=args.system, sampling=sampling, key=key).run(sys.stdin)
     except KeyboardInterrupt:
         return 0
     except (ApexError, OSError) as exc:

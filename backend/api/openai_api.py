@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 import time
 import uuid
@@ -18,9 +19,20 @@ from typing import Any
 
 import grpc
 
+from ..errors import (
+    ApexError,
+    ContextOverflowError,
+    DownloadError,
+    EngineClosedError,
+    EntryNotFoundError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    ModelLoadError,
+    ModelMismatchError,
+    ModelNotFoundError,
+    NoModelLoadedError,
+)
 from ..proto import backend_pb2 as pb
-
-from ..errors import ContextOverflowError, InvalidRequestError, ModelLoadError, NoModelLoadedError
 
 INT32_MAX = 2**31 - 1
 
@@ -37,16 +49,32 @@ SAMPLING_FIELDS: dict[str, tuple[str, type]] = {
     "repeat_penalty": ("Penalty", float),
     "repeat_last_n": ("Repeat", int),
 }
-# The backend's gRPC status -> (HTTP status, OpenAI error type); anything else is a 500 server_error.
+# The backend's gRPC status -> (HTTP status, OpenAI error type); anything else is a 500 server_error. UNAVAILABLE is
+# a dead backend or a model unloaded while the request ran; CANCELLED that reaches a client is the channel closing.
 GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
     grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
     grpc.StatusCode.FAILED_PRECONDITION: (503, "unavailable_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "unavailable_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "unavailable_error"),
+    grpc.StatusCode.CANCELLED: (503, "unavailable_error"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error"),
     grpc.StatusCode.UNIMPLEMENTED: (501, "invalid_request_error"),
 }
+# Our own error types -> (HTTP status, OpenAI error type, code); the first matching class wins. Another ApexError is
+# a 500 with its message; any other exception is a bug: 500, and the HTTP layer logs its traceback (`is_bug`).
+ERROR_TO_HTTP: tuple[tuple[type[ApexError], int, str, str | None], ...] = (
+    (ContextOverflowError, 400, "invalid_request_error", "context_length_exceeded"),
+    (InvalidRequestError, 400, "invalid_request_error", None),
+    (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (EntryNotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (ModelMismatchError, 404, "invalid_request_error", "model_not_found"),
+    (NoModelLoadedError, 503, "unavailable_error", None),
+    (EngineClosedError, 503, "unavailable_error", None),
+    (InsufficientMemoryError, 503, "unavailable_error", "insufficient_memory"),
+    (ModelLoadError, 503, "unavailable_error", None),
+    (DownloadError, 502, "server_error", "download_failed"),
+)
 
 
 # ------------------------------------------------------------------------------- the model being served
@@ -79,11 +107,17 @@ def invalid(param: str | None, message: str) -> InvalidRequestError:
 
 
 def _number(body: dict[str, Any], key: str, kind: type) -> Any:
+    """`body[key]` as a finite `kind`; integers must fit the int32 fields they travel in."""
     v = body.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and isinstance(v, float)
+                                                                    and not v.is_integer()):
         raise invalid(key, f"{key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise invalid(key, f"{key} must be a finite number, got {v!r}")
+    if kind is int and not -INT32_MAX - 1 <= v <= INT32_MAX:
+        raise invalid(key, f"{key} must be between {-INT32_MAX - 1} and {INT32_MAX}, got {v!r}")
     return kind(v)
 
 
@@ -112,8 +146,6 @@ def generation_fields(body: dict[str, Any], model: ServedModel) -> dict[str, Any
     # No limit means "until the context is full": the backend clamps to what the context has left.
     fields["Tokens"] = min(max_tokens or model.context_size, INT32_MAX)
     seed = _number(merged, "seed", int)
-    if seed is not None and seed > INT32_MAX:
-        raise invalid("seed", f"seed must be at most {INT32_MAX}, got {seed}")
     if seed is not None and seed >= 0:
         # On the wire 0 means "unset" (random); a client asking for seed 0 wants it fixed, so send another constant.
         fields["Seed"] = seed or INT32_MAX
@@ -385,22 +417,30 @@ def embeddings_response(results: list[pb.EmbeddingResult], model: ServedModel, e
             "data": [{"object": "embedding", "index": i, "embedding": vector(r)} for i, r in enumerate(results)]}
 
 
+def is_bug(exc: BaseException) -> bool:
+    """True for an exception that is neither ours nor the backend's status: a bug, logged with its traceback."""
+    return not isinstance(exc, (ApexError, grpc.RpcError))
+
+
 def http_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """The one mapping from errors (ours and the backend's gRPC statuses) to an HTTP status and OpenAI error body."""
     code, param = None, getattr(exc, "param", None)
     if isinstance(exc, grpc.RpcError):
         message = exc.details() or str(exc.code())
         status, kind = GRPC_TO_HTTP.get(exc.code(), (500, "server_error"))
+        # The backend's ContextOverflowError crosses gRPC as INVALID_ARGUMENT; its message is the only mark it has.
         if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "context window" in message:
             code = "context_length_exceeded"
-    elif isinstance(exc, ContextOverflowError):
-        status, kind, code, message = 400, "invalid_request_error", "context_length_exceeded", str(exc)
-    elif isinstance(exc, InvalidRequestError):
-        status, kind, message = 400, "invalid_request_error", str(exc)
-    elif isinstance(exc, LookupError):
-        status, kind, code, message = 404, "invalid_request_error", "model_not_found", str(exc)
-    elif isinstance(exc, (NoModelLoadedError, ModelLoadError)):
-        status, kind, message = 503, "unavailable_error", str(exc)
+    elif isinstance(exc, ApexError):
+        status, kind, code = next(((s, k, c) for cls, s, k, c in ERROR_TO_HTTP if isinstance(exc, cls)),
+                                  (500, "server_error", None))
+        message = str(exc)
     else:
-        status, kind, message = 500, "server_error", f"{type(exc).__name__}: {exc}"
-    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        status, kind = 500, "server_error"
+        message = f"internal error ({type(exc).__name__}: {exc}); see the server log"
+    return status, error_body(message, kind, code, param)
+
+
+def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error object."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

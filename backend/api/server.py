@@ -5,8 +5,14 @@ as `backend/run.sh --addr 127.0.0.1:<port>`, polled with Health and given LoadMo
 names; every request then goes over gRPC only (PredictStream for streams, Predict otherwise, Embedding).
 
 Layers, innermost first: the pure translation between OpenAI JSON and proto messages (`backend.api.openai_api`), the
-backend subprocess (`Backend`), and the HTTP shell (`Handler`, `ApiServer`, `serve`). Responses carry
-llama-server's `timings` object, so speculation (`draft_n`, `draft_n_accepted`) is visible.
+backend subprocess (`Backend`), what the web page shows (`backend.api.webui`), the hardened HTTP server
+(`backend.api.httpd`: worker pool, deadlines, API keys) and the HTTP shell (`Handler`, `ApiServer`, `serve`).
+Responses carry llama-server's `timings` object, so speculation (`draft_n`, `draft_n_accepted`) is visible.
+
+Besides the OpenAI routes it serves the web page (`GET /`, static files, no build step), `/api/status`,
+`/api/gallery`, `/api/pull` (server-sent download progress), `/api/switch` (LoadModel of another model on the
+same backend) and `/metrics` (Prometheus text). With API keys every route but `/health` and the page's files needs
+`Authorization: Bearer KEY`.
 """
 
 from __future__ import annotations
@@ -23,19 +29,30 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 import grpc
 
-from ..proto import backend_pb2 as pb
-from ..proto import backend_pb2_grpc as pb_grpc
+from gallery.catalog import Catalog, load_catalog
+from gallery.detect import HardwareProfile, detect
 
 from .. import constants
 from ..errors import ApexError, EntryNotFoundError, ModelLoadError, NoModelLoadedError
+from ..proto import backend_pb2 as pb
+from ..proto import backend_pb2_grpc as pb_grpc
+from . import webui
+from .httpd import (
+    DEFAULT_BACKLOG,
+    DEFAULT_WORKERS,
+    DeadlineHandler,
+    PooledHTTPServer,
+    authorized,
+    exposure_warning,
+    parse_keys,
+)
 from .openai_api import (
     Job,
     ServedModel,
@@ -45,15 +62,17 @@ from .openai_api import (
     completion_response,
     embeddings_request,
     embeddings_response,
+    error_body,
     http_error,
     invalid,
+    is_bug,
 )
 
 log = logging.getLogger(__name__)
 
 RUN_SH = Path(__file__).resolve().parents[1] / "run.sh"
 DEFAULT_PARALLEL = 4  # slots, as llama-server's automatic -np
-MAX_BODY = constants.GRPC_MESSAGE_LIMIT  # a request that could not cross the gRPC link is refused at the door
+MAX_BODY = 64 * 1024 * 1024  # room for base64 images; refused with 413 before a byte of the body is read
 
 
 # ---------------------------------------------------------------------------- the backend subprocess
@@ -153,6 +172,18 @@ class Backend:
         if self.exit_reason is not None or self.proc.poll() is not None:
             raise NoModelLoadedError(f"{self.exit_reason or 'the backend exited'}; restart `apexmtp run`")
 
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Status and GetMetrics as `webui.backend_view` reads them; raises grpc.RpcError when it does not answer."""
+        status = self.stub.Status(pb.HealthMessage(), timeout=timeout)
+        return webui.backend_view(status, self.stub.GetMetrics(pb.MetricsRequest(), timeout=timeout))
+
+    def has_model(self) -> bool:
+        """Whether the backend holds a loaded model (False when it does not answer)."""
+        try:
+            return self.stub.Status(pb.HealthMessage(), timeout=5).state != pb.StatusResponse.UNINITIALIZED
+        except grpc.RpcError:
+            return False
+
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds (LocalAI's shutdown)."""
         self._stopping = True
@@ -170,21 +201,44 @@ class Backend:
 
 
 class ClientGone(Exception):
-    """The HTTP client closed its connection; the generation behind it is cancelled."""
+    """The HTTP client closed its connection (or missed a deadline); the work behind it is cancelled."""
 
 
-class Handler(BaseHTTPRequestHandler):
+class Refusal(Exception):
+    """A request refused at the HTTP level, before its body is read or used (411, 413, 403, ...)."""
+
+    def __init__(self, status: int, message: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+# The web page's own policy: its scripts and styles come from this server only, and nothing it renders may run code.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "Cache-Control": "no-cache",
+}
+
+
+class Handler(DeadlineHandler):
     """Routes, JSON bodies, SSE streams; every error becomes an OpenAI-style JSON error."""
 
-    protocol_version = "HTTP/1.1"
     server: ApiServer
     ROUTES: ClassVar[dict[str, tuple[str, str]]] = {
+        "/": ("GET", "page"),
         "/health": ("GET", "health"), "/v1/health": ("GET", "health"),
         "/v1/models": ("GET", "models"), "/models": ("GET", "models"),
         "/v1/chat/completions": ("POST", "chat"), "/chat/completions": ("POST", "chat"),
         "/v1/completions": ("POST", "completions"), "/completions": ("POST", "completions"),
         "/v1/embeddings": ("POST", "embeddings"), "/embeddings": ("POST", "embeddings"),
+        "/metrics": ("GET", "metrics"),
+        "/api/status": ("GET", "status"), "/api/gallery": ("GET", "gallery"),
+        "/api/pull": ("POST", "pull"), "/api/switch": ("POST", "switch"),
     }
+    PREFIXES: ClassVar[dict[str, tuple[str, str]]] = {"/v1/models/": ("GET", "model_info"),
+                                                      "/static/": ("GET", "static")}
+    OPEN: ClassVar[frozenset[str]] = frozenset({"page", "static", "health"})  # answered without an API key
+    PAGE_ACTIONS: ClassVar[frozenset[str]] = frozenset({"pull", "switch"})  # change state: same-origin JSON only
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -196,37 +250,61 @@ class Handler(BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), format % args)
 
     def _dispatch(self, method: str) -> None:
+        self.head_done()
+        self._streaming = False
         path = urlsplit(self.path).path.rstrip("/") or "/"
-        if method == "GET" and path.startswith("/v1/models/"):
-            return self._guard(lambda: self.model_info(unquote(path[len("/v1/models/"):])))
-        route = self.ROUTES.get(path)
+        prefix = next((p for p in self.PREFIXES if path.startswith(p)), None)
+        route = self.PREFIXES[prefix] if prefix else self.ROUTES.get(path)
         if route is None:
             return self._send_error(404, f"no route {method} {path}", "not_found")
         if route[0] != method:
             return self._send_error(405, f"{path} takes {route[0]}, not {method}", "method_not_allowed")
+        if route[1] not in self.OPEN and not authorized(self.headers.get("Authorization"), self.server.keys):
+            return self._send_error(401, "missing or wrong API key: send the header `Authorization: Bearer KEY` with "
+                                    "a key this server was started with (--api-key)", "invalid_api_key",
+                                    headers={"WWW-Authenticate": 'Bearer realm="apexmtp"'})
         handler = getattr(self, route[1])
-        self._guard(lambda: handler(self._body()) if method == "POST" else handler())
+        if method == "POST":
+            self._guard(lambda: handler(self._body(page_action=route[1] in self.PAGE_ACTIONS)))
+        elif prefix:
+            self._guard(lambda: handler(unquote(path[len(prefix):])))
+        else:
+            self._guard(handler)
 
     def _guard(self, action: Callable[[], None]) -> None:
         try:
             action()
         except ClientGone:
             self.close_connection = True
+        except Refusal as exc:
+            self._send_error(exc.status, str(exc), exc.code)
         except Exception as exc:
             status, body = http_error(exc)
-            if status >= 500 and not isinstance(exc, (grpc.RpcError, ApexError)):
-                log.exception("request failed")
-            self._send_json(status, body)
+            if is_bug(exc):  # ours and the backend's errors explain themselves; anything else is a bug
+                log.exception("%s %s failed", self.command, self.path)
+            if not self._streaming:
+                return self._send_json(status, body)
+            try:
+                self._event(body)  # headers are out: the error travels as an event
+            except ClientGone:
+                pass
 
-    def _body(self) -> dict[str, Any]:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY:
-            self.close_connection = True
-            raise invalid(None, f"Content-Length must be 0 to {MAX_BODY} bytes, got {self.headers['Content-Length']}")
-        raw = self.rfile.read(length) if length else b""
+    def _body(self, page_action: bool = False) -> dict[str, Any]:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            raise Refusal(411, "send the body with a Content-Length (chunked uploads are not accepted)",
+                          "length_required")
+        raw_length = self.headers.get("Content-Length") or "0"
+        if not raw_length.isdigit():
+            raise Refusal(400, f"Content-Length must be a number of bytes, got {raw_length!r}", "invalid_request")
+        length = int(raw_length)
+        if length > MAX_BODY:
+            raise Refusal(413, f"the request body is {length} bytes; this server accepts at most {MAX_BODY}",
+                          "request_too_large")
+        if page_action:
+            self._same_origin_json()
+        raw = self.read_body(length) if length else b""
+        if raw is None:
+            raise ClientGone()
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -235,21 +313,67 @@ class Handler(BaseHTTPRequestHandler):
             raise invalid(None, "request body must be a JSON object")
         return body
 
-    def _send_json(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
+    def _same_origin_json(self) -> None:
+        """Refuse a cross-site request: any web page can POST text to localhost, but not JSON without a preflight."""
+        if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
+            raise Refusal(415, "send Content-Type: application/json", "unsupported_media_type")
+        origin = self.headers.get("Origin")
+        if origin and urlsplit(origin).netloc != self.headers.get("Host"):
+            raise Refusal(403, f"requests from {origin} are not accepted; use the page this server serves",
+                          "cross_origin")
+
+    def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
+            self.send_header("X-Content-Type-Options", "nosniff")
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             self.end_headers()
             self.wfile.write(data)
         except OSError:
             self.close_connection = True
 
-    def _send_error(self, status: int, message: str, code: str) -> None:
+    def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(body).encode(), "application/json", headers)
+
+    def _send_error(self, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
         self.close_connection = True  # a body we did not read would be taken for the next request
-        self._send_json(status, {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                           "code": code}})
+        self._send_json(status, error_body(message, "invalid_request_error", code),
+                        {"Connection": "close", **(headers or {})})
+
+    # -- the page ------------------------------------------------------------------------------------------
+
+    def page(self) -> None:
+        self.static("index.html")
+
+    def static(self, name: str) -> None:
+        path = webui.STATIC_DIR / name
+        kind = webui.STATIC_TYPES.get(path.suffix)
+        if "/" in name or name.startswith(".") or kind is None or not path.is_file():
+            return self._send_error(404, f"no file {name!r}", "not_found")
+        self._send(200, path.read_bytes(), kind, PAGE_HEADERS)
+
+    def status(self) -> None:
+        self._send_json(200, self.server.status_view())
+
+    def metrics(self) -> None:
+        text = webui.prometheus_text(self.server.status_view())
+        self._send(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def gallery(self) -> None:
+        self._send_json(200, self.server.gallery_view())
+
+    def pull(self, body: dict[str, Any]) -> None:
+        job = self.server.pull(_name(body))
+        self._start_stream()
+        for snapshot in webui.progress_events(job):
+            self._event(snapshot)
+        self._write(b"data: [DONE]\n\n")
+
+    def switch(self, body: dict[str, Any]) -> None:
+        self._send_json(200, self.server.model_card(self.server.switch(_name(body))))
 
     # -- routes ------------------------------------------------------------------------------------------
 
@@ -276,12 +400,15 @@ class Handler(BaseHTTPRequestHandler):
         if not model.embeddings:
             raise invalid("model", f"{model.name} is served without embeddings: start `apexmtp run --embeddings`")
         requests = embeddings_request(body, model)
+        for r in requests:
+            _fits_grpc(r)
         results = [self._watched(self.server.stub.Embedding.future(r)).result() for r in requests]
         self._send_json(200, embeddings_response(results, model, body.get("encoding_format", "float")))
 
     # -- generation ----------------------------------------------------------------------------------------
 
     def _complete(self, job: Job) -> None:
+        _fits_grpc(job.request)
         if not job.stream:
             reply = self._watched(self.server.stub.Predict.future(job.request)).result()
             return self._send_json(200, completion_response(job, reply))
@@ -295,13 +422,17 @@ class Handler(BaseHTTPRequestHandler):
             watch.set()
             call.cancel()  # a no-op once the stream has ended
 
-    def _stream(self, job: Job, first: pb.Reply | None, replies: Iterator[pb.Reply]) -> None:
+    def _start_stream(self) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")  # the stream's end is the connection's end
         self.end_headers()
         self.close_connection = True
+        self._streaming = True
+
+    def _stream(self, job: Job, first: pb.Reply | None, replies: Iterator[pb.Reply]) -> None:
+        self._start_stream()
         fmt = StreamFormatter(job)
         for chunk in fmt.opening():
             self._event(chunk)
@@ -313,9 +444,9 @@ class Handler(BaseHTTPRequestHandler):
                 if chunk is not None:
                     self._event(chunk)
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                self._event(http_error(exc)[1])  # headers are out: the error travels as an event
-            return
+            if exc.code() == grpc.StatusCode.CANCELLED:
+                return  # the client left (the watch cancelled the call) or the server is stopping
+            raise
         if last is not None:
             for chunk in fmt.closing(last):
                 self._event(chunk)
@@ -329,7 +460,7 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
             self.wfile.flush()
         except OSError:
-            log.info("client %s went away mid-stream; cancelling its generation", self.address_string())
+            log.info("client %s went away mid-stream; cancelling its work", self.address_string())
             raise ClientGone() from None
 
     def _watched(self, future: grpc.Future) -> grpc.Future:
@@ -379,18 +510,40 @@ def _stream_flags(body: dict[str, Any]) -> dict[str, bool]:
     return {"stream": bool(body.get("stream")), "include_usage": bool(opts.get("include_usage"))}
 
 
-class ApiServer(ThreadingHTTPServer):
+def _name(body: dict[str, Any]) -> str:
+    name = body.get("name")
+    if not isinstance(name, str) or not name:
+        raise invalid("name", "name must be a gallery entry or demo name")
+    return name
+
+
+def _fits_grpc(request: pb.PredictOptions) -> None:
+    """Refuse (413) a request the gRPC link to the backend could not carry, instead of a confusing gRPC error."""
+    size = request.ByteSize()
+    if size > constants.GRPC_MESSAGE_LIMIT:
+        raise Refusal(413, f"the request is {size} bytes as a backend message; the backend link carries at most "
+                      f"{constants.GRPC_MESSAGE_LIMIT}", "request_too_large")
+
+
+class ApiServer(PooledHTTPServer):
     """The HTTP server; it answers 503 until `attach` gives it a backend with a loaded model."""
 
-    daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__((host, port), Handler)
+    def __init__(self, host: str, port: int, *, options: RunOptions | None = None,
+                 backlog: int = DEFAULT_BACKLOG) -> None:
+        self.options = options or RunOptions(host=host, port=port)
+        super().__init__((host, port), Handler, workers=self.options.http_workers, backlog=backlog)
+        self.keys = self.options.api_keys
         self.backend: Backend | None = None
         self.model: ServedModel | None = None
-        self.loading = ""
+        self.loading = ""  # the model being loaded, while one is
+        self.load_error = ""  # why no model is served after a failed switch
+        self.pulls = webui.Pulls()
         self._thread: threading.Thread | None = None
+        self._switch_lock = threading.Lock()
+        self._catalog: Catalog | None = None
+        self._profile: HardwareProfile | None = None
 
     @property
     def url(self) -> str:
@@ -402,6 +555,20 @@ class ApiServer(ThreadingHTTPServer):
         assert self.backend is not None
         return self.backend.stub
 
+    @property
+    def catalog(self) -> Catalog:
+        """The gallery (`--gallery DIR`, else the packaged one), loaded on first use."""
+        if self._catalog is None:
+            self._catalog = load_catalog(self.options.gallery)
+        return self._catalog
+
+    @property
+    def profile(self) -> HardwareProfile:
+        """This machine as the selector sees it, detected once (before a model takes its memory)."""
+        if self._profile is None:
+            self._profile = detect()
+        return self._profile
+
     def start(self) -> ApiServer:
         self._thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
         self._thread.start()
@@ -412,14 +579,17 @@ class ApiServer(ThreadingHTTPServer):
 
     def ready(self, name: str | None = None) -> ServedModel:
         """The served model if it is up and `name` refers to it; raises for 503 (loading, dead) and 404."""
-        if self.backend is None or self.model is None:
+        model = self.model
+        if self.backend is None or model is None:
+            if self.load_error and not self.loading:
+                raise NoModelLoadedError(self.load_error)
             raise NoModelLoadedError(f"loading model {self.loading}".rstrip())
         self.backend.check()
         if name is not None and not isinstance(name, str):
             raise invalid("model", "model must be a string")
-        if not self.model.matches(name):
-            raise EntryNotFoundError(f"model {name!r} is not served here; this server serves {self.model.name!r}")
-        return self.model
+        if not model.matches(name):
+            raise EntryNotFoundError(f"model {name!r} is not served here; this server serves {model.name!r}")
+        return model
 
     def health(self) -> tuple[int, dict[str, Any]]:
         try:
@@ -430,6 +600,75 @@ class ApiServer(ThreadingHTTPServer):
         assert self.backend is not None
         return 200, {"status": "ok", "model": model.name,
                      "backend": {"addr": self.backend.addr, "pid": self.backend.proc.pid}}
+
+    def status_view(self) -> dict[str, Any]:
+        """What the page's status panel and /metrics show: state, served model, the backend's figures, pulls."""
+        try:
+            model: ServedModel | None = self.ready()
+            state, message = "ready", ""
+        except ApexError as exc:
+            model, message = None, str(exc)
+            state = "loading" if self.loading else "down"
+        backend = None
+        if self.backend is not None and self.backend.exit_reason is None:
+            try:
+                backend = dict(self.backend.status(), addr=self.backend.addr, pid=self.backend.proc.pid)
+            except grpc.RpcError as exc:
+                message = message or f"the backend does not answer Status: {exc.details()}"
+        return {
+            "state": state, "message": message, "auth": bool(self.keys), "backend": backend,
+            "model": None if model is None else {
+                "name": model.name, "aliases": sorted(model.aliases), "context_size": model.context_size,
+                "mtp": model.mtp, "embeddings": model.embeddings},
+            "pulls": self.pulls.snapshots(),
+        }
+
+    def gallery_view(self) -> dict[str, Any]:
+        view = webui.gallery_view(self.catalog, self.profile, self.options.models_path)
+        model = self.model
+        view["serving"] = None if model is None else [model.name, *sorted(model.aliases)]
+        return view
+
+    def pull(self, name: str) -> webui.PullJob:
+        """Start (or follow) the verified download of gallery tier `name`, as `apexmtp pull NAME` does."""
+        from gallery.pull import pull
+
+        entry = self.catalog.get(name)
+        if entry.is_hub:
+            raise invalid("name", f"{name} is a family: pull one of its tiers ({', '.join(entry.variants)})")
+        opts = self.options
+        return self.pulls.start(entry, opts.models_path, lambda: pull(
+            entry.name, models_dir=opts.models_path, context=opts.context, profile=self.profile, progress=False,
+            catalog=self.catalog, mtp=False if opts.no_mtp else None))
+
+    def switch(self, ref: str) -> ServedModel:
+        """Serve `ref` instead: LoadModel on the same backend with the options `prepare` builds for it.
+
+        Requests in flight on the old model end with 503 (the backend unloads it). If the backend refuses the new
+        model before unloading, the old one stays served; otherwise the failure is what /health reports.
+        """
+        with self._switch_lock:
+            backend = self.backend
+            if backend is None:
+                raise NoModelLoadedError(f"loading model {self.loading}".rstrip())
+            backend.check()
+            load, served = prepare(replace(self.options, ref=ref, tier=None), profile=self.profile,
+                                   catalog=self.catalog)
+            old = self.model
+            self.model, self.loading, self.load_error = None, served.name, ""
+            try:
+                message = backend.load(load)
+            except ApexError as exc:
+                if backend.has_model():
+                    self.model = old
+                else:
+                    self.load_error = f"no model is served: loading {served.name} failed: {exc}"
+                raise
+            finally:
+                self.loading = ""
+            log.info("now serving %s: %s", served.name, message)
+            self.model = served
+            return served
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client resetting its connection is routine; socketserver would print a traceback for it.
@@ -470,6 +709,13 @@ class RunOptions:
     parallel: int = DEFAULT_PARALLEL
     progress: bool = True
     echo_backend: bool = True
+    gallery: Path | None = None  # gallery data directory (default: the packaged gallery)
+    api_keys: tuple[str, ...] = ()
+    http_workers: int = DEFAULT_WORKERS
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.models_dir or constants.MODELS_DIR).expanduser()
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -477,7 +723,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ref", nargs="?", help="model: gallery name, owner/repo@Tier, owner/repo@File.gguf, "
                         "hf:// URI, a .gguf path, `demo` (default: SmolLM2, offline) or `demo-mtp`")
     parser.add_argument("--tier", help="force a tier, e.g. I-Balanced (default: the best that fits this machine)")
-    parser.add_argument("--context", type=int, help="context of each request, prompt + answer (default: as large as fits)")
+    parser.add_argument("--context", type=int,
+                        help="context of each request, prompt + answer (default: as large as fits)")
     parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL,
                         help=f"requests served at once, each with the whole --context (default {DEFAULT_PARALLEL})")
     parser.add_argument("--models-dir", type=Path, help="models directory (default: APEXMTP_MODELS_DIR)")
@@ -486,7 +733,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mtp", action="store_true", help="decode without MTP speculation")
 
 
-def prepare(opts: RunOptions) -> tuple[pb.ModelOptions, ServedModel]:
+def prepare(opts: RunOptions, *, profile: HardwareProfile | None = None,
+            catalog: Catalog | None = None) -> tuple[pb.ModelOptions, ServedModel]:
     """Pull the model (or the embedded demo) and build LoadModel's message from the config pull wrote."""
     import yaml
 
@@ -494,16 +742,17 @@ def prepare(opts: RunOptions) -> tuple[pb.ModelOptions, ServedModel]:
 
     from .demo import DEFAULT_DEMO, DEMOS, demo_path, is_demo, merge_options
 
-    models_dir = Path(opts.models_dir or constants.MODELS_DIR).expanduser()
+    models_dir = opts.models_path
     mtp = False if opts.no_mtp else None
     if is_demo(opts.ref):
         demo = DEMOS[opts.ref or DEFAULT_DEMO]
-        pulled = pull(str(demo_path(demo.name)), context=opts.context, models_dir=models_dir, progress=False, mtp=mtp)
+        pulled = pull(str(demo_path(demo.name)), context=opts.context, models_dir=models_dir, progress=False, mtp=mtp,
+                      profile=profile, catalog=catalog)
         options = merge_options(pulled.options, ("spec_type:none",) if opts.no_mtp else demo.options)
         aliases = {demo.name} | ({"demo"} if demo.name == DEFAULT_DEMO else set())
     else:
         pulled = pull(opts.ref, tier=opts.tier, context=opts.context, models_dir=models_dir,
-                      progress=opts.progress, mtp=mtp)
+                      progress=opts.progress, mtp=mtp, profile=profile, catalog=catalog)
         options, aliases = list(pulled.options), {opts.ref}
     options = merge_options(options, (f"parallel:{opts.parallel}",))
     log.info("%s", pulled.explanation)
@@ -520,10 +769,10 @@ def prepare(opts: RunOptions) -> tuple[pb.ModelOptions, ServedModel]:
 
 def serve(opts: RunOptions) -> ApiServer:
     """Bind the HTTP port, serve (503 while loading), start the backend and load the model. Caller closes it."""
-    server = ApiServer(opts.host, opts.port).start()
+    server = ApiServer(opts.host, opts.port, options=opts).start()
     server.loading = opts.ref or "demo"
     try:
-        load, served = prepare(opts)
+        load, served = prepare(opts, profile=server.profile, catalog=server.catalog)
         backend = Backend(echo=opts.echo_backend)
         server.backend = backend  # stopped by close() even if loading fails
         backend.wait_healthy()
@@ -533,6 +782,8 @@ def serve(opts: RunOptions) -> ApiServer:
     except BaseException:
         server.close()
         raise
+    finally:
+        server.loading = ""
     return server
 
 
@@ -541,17 +792,30 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """`apexmtp run [REF] [--port 8080] [--host 127.0.0.1] [--tier T] [--context N] [--embeddings] ...`"""
+    """`apexmtp run [REF] [--port 8080] [--host 127.0.0.1] [--api-key KEY] [--tier T] [--context N] ...`"""
     parser = argparse.ArgumentParser(prog="apexmtp run", description=__doc__.splitlines()[0])
     add_run_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
+    parser.add_argument("--api-key", action="append", metavar="KEY",
+                        help="require `Authorization: Bearer KEY` on every route but /health and the page's files; "
+                        "repeat it or give a comma-separated list for several keys (also: APEXMTP_API_KEY)")
+    parser.add_argument("--gallery", type=Path, metavar="DIR",
+                        help="gallery data directory with index.yaml, architectures.yaml, hardware.yaml "
+                        "(default: the packaged gallery)")
+    parser.add_argument("--http-workers", type=int, default=DEFAULT_WORKERS,
+                        help=f"HTTP connections served at once (default {DEFAULT_WORKERS})")
     parser.add_argument("--quiet", action="store_true", help="no download progress, no backend log echo")
     args = parser.parse_args(argv)
     opts = RunOptions(ref=args.ref, host=args.host, port=args.port, tier=args.tier, context=args.context,
                       models_dir=args.models_dir, threads=args.threads, embeddings=args.embeddings,
                       no_mtp=args.no_mtp, parallel=args.parallel, progress=not args.quiet,
-                      echo_backend=not args.quiet)
+                      echo_backend=not args.quiet, gallery=args.gallery,
+                      api_keys=parse_keys([*(args.api_key or []), constants.API_KEY]),
+                      http_workers=args.http_workers)
+    warning = exposure_warning(opts.host, opts.api_keys)
+    if warning:
+        print(f"apexmtp run: warning: {warning}", file=sys.stderr, flush=True)
     # SIGTERM unwinds like Ctrl-C, through the `finally` that stops the backend. SIGINT is set too because a shell
     # starts background jobs with it ignored, and Python then never installs its own handler.
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -562,8 +826,12 @@ def main(argv: list[str]) -> int:
         model = server.model
         assert model is not None
         print(f"apexmtp: serving {model.name} on {server.url}/v1 (context {model.context_size}, "
-              f"MTP {'on' if model.mtp else 'off'}); Ctrl-C stops", file=sys.stderr, flush=True)
-        threading.Event().wait()
+              f"MTP {'on' if model.mtp else 'off'}); web page: {server.url}/ ; Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        # Python runs signal handlers in the main thread only, and SIGTERM may be delivered to any of the worker
+        # threads: an untimed wait would never see it. Waking twice a second lets the handler run.
+        while True:
+            time.sleep(0.5)
     except KeyboardInterrupt:
         print("apexmtp: stopping", file=sys.stderr)
         return 0

@@ -147,8 +147,9 @@ def test_legacy_logprobs_offsets():
 
 def test_grpc_errors_map_to_http():
     class Err(grpc.RpcError):
-        def __init__(self, code, details):
+        def __init__(self, code, details, error_type=""):
             self._code, self._details = code, details
+            self._trailing = (("apexmtp-error", error_type),) if error_type else ()
 
         def code(self):
             return self._code
@@ -156,8 +157,14 @@ def test_grpc_errors_map_to_http():
         def details(self):
             return self._details
 
-    status, body = http_error(Err(grpc.StatusCode.INVALID_ARGUMENT, "prompt is 9 tokens but the context window is 4"))
+        def trailing_metadata(self):
+            return self._trailing
+
+    # The backend names its error class in the trailing metadata; the message is never parsed.
+    overflow = Err(grpc.StatusCode.INVALID_ARGUMENT, "prompt is 9 tokens ...", "ContextOverflowError")
+    status, body = http_error(overflow)
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert http_error(Err(grpc.StatusCode.INVALID_ARGUMENT, "the context window is 4"))[1]["error"]["code"] is None
     # UNAVAILABLE: the backend died, or unloaded the model while the request ran.
     unloaded = Err(grpc.StatusCode.UNAVAILABLE, "the model was unloaded while this request was running")
     assert http_error(unloaded)[0] == 503

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from .. import errors
 from ..errors import (
     ApexError,
     ContextOverflowError,
@@ -417,6 +418,18 @@ def embeddings_response(results: list[pb.EmbeddingResult], model: ServedModel, e
             "data": [{"object": "embedding", "index": i, "embedding": vector(r)} for i, r in enumerate(results)]}
 
 
+def _http_of(cls: type[ApexError], default: tuple[int, str, str | None]) -> tuple[int, str, str | None]:
+    return next(((s, k, c) for ecls, s, k, c in ERROR_TO_HTTP if issubclass(cls, ecls)), default)
+
+
+def _backend_error_type(exc: grpc.RpcError) -> str:
+    """The error class the backend named in its trailing metadata (`apexmtp-error`), or ""."""
+    try:
+        return dict(exc.trailing_metadata() or ()).get("apexmtp-error", "")
+    except Exception:  # an RpcError raised without a call behind it (tests, cancellations) has no metadata
+        return ""
+
+
 def is_bug(exc: BaseException) -> bool:
     """True for an exception that is neither ours nor the backend's status: a bug, logged with its traceback."""
     return not isinstance(exc, (ApexError, grpc.RpcError))
@@ -428,12 +441,12 @@ def http_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
     if isinstance(exc, grpc.RpcError):
         message = exc.details() or str(exc.code())
         status, kind = GRPC_TO_HTTP.get(exc.code(), (500, "server_error"))
-        # The backend's ContextOverflowError crosses gRPC as INVALID_ARGUMENT; its message is the only mark it has.
-        if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "context window" in message:
-            code = "context_length_exceeded"
+        # The backend names its own error class in the trailing metadata: map it exactly as if raised here.
+        cls = getattr(errors, _backend_error_type(exc), None)
+        if isinstance(cls, type) and issubclass(cls, ApexError):
+            status, kind, code = _http_of(cls, (status, kind, None))
     elif isinstance(exc, ApexError):
-        status, kind, code = next(((s, k, c) for cls, s, k, c in ERROR_TO_HTTP if isinstance(exc, cls)),
-                                  (500, "server_error", None))
+        status, kind, code = _http_of(type(exc), (500, "server_error", None))
         message = str(exc)
     else:
         status, kind = 500, "server_error"

@@ -55,11 +55,15 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return next((code for cls, code in _STATUS if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
 
 
+ERROR_TYPE_KEY = "apexmtp-error"  # trailing metadata naming our error class, so clients need not parse messages
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code = status_for(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.error("internal error", exc_info=exc)
-    await context.abort(code, str(exc) or type(exc).__name__)
+    marker = ((ERROR_TYPE_KEY, type(exc).__name__),) if isinstance(exc, ApexError) else ()
+    await context.abort(code, str(exc) or type(exc).__name__, trailing_metadata=marker)
 
 
 @dataclass

@@ -31,7 +31,7 @@ import llama_cpp.llama_cpp_ext as X
 from ..errors import (ContextOverflowError, EngineClosedError, InsufficientMemoryError, InvalidRequestError,
                       ModelLoadError, UnsupportedArchitectureError)
 from ..gguf_file import GGUFInfo, read_gguf
-from .llamalog import LLAMA_LOG, parse_memory_lines
+from .llamalog import LIVE, LLAMA_LOG, parse_memory_lines
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class Batch:
         self.ptr = L.llama_batch_ext_init(ctx)
         if not self.ptr:
             raise ModelLoadError("llama.cpp could not allocate a batch")
+        LIVE["batch"] += 1
         self.n = 0
         self._pos = ctypes.c_int32()
 
@@ -182,6 +183,7 @@ class Batch:
         if self.ptr:
             L.llama_batch_ext_free(self.ptr)
             self.ptr = None
+            LIVE["batch"] -= 1
 
 
 @dataclass
@@ -289,6 +291,8 @@ class Engine:
             mp.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
         with LLAMA_LOG.capture() as lines:
             self._model = L.llama_model_load_from_file(self.path.encode(), mp)
+        if self._model:
+            LIVE["model"] += 1
         if not self._model:
             detail = next((ln for ln in reversed(lines) if "error" in ln.lower() or "unknown" in ln.lower()), "")
             if "unknown model architecture" in detail:
@@ -344,6 +348,8 @@ class Engine:
             cp.pooling_type = L.LLAMA_POOLING_TYPE_MEAN
         with LLAMA_LOG.capture() as lines:
             ctx = L.llama_init_from_model(self._model, cp)
+        if ctx:
+            LIVE["context"] += 1
         if not ctx:
             failed = next((ln.strip() for ln in lines if "failed to allocate" in ln), "")
             if failed:
@@ -378,9 +384,11 @@ class Engine:
             if ctx:
                 L.llama_free(ctx)
                 setattr(self, attr, None)
+                LIVE["context"] -= 1
         if self._model:
             L.llama_model_free(self._model)
             self._model = None
+            LIVE["model"] -= 1
 
     # -- vocabulary (any thread) -------------------------------------------------------------------
 

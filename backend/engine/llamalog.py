@@ -1,4 +1,4 @@
-"""The one bridge from llama.cpp's log to Python, and the one parser of the buffer sizes it logs.
+"""The one bridge from llama.cpp's log to Python, the one parser of the buffer sizes it logs, and live-object counts.
 
 llama.cpp has a single, process-global log callback. `LLAMA_LOG` installs ours once and keeps it (ctypes must
 never free a callback llama.cpp may still call); it forwards lines to the `llama.cpp` Python logger and lets
@@ -13,6 +13,7 @@ import ctypes
 import logging
 import re
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -81,6 +82,10 @@ class LlamaLog:
 
 
 LLAMA_LOG = LlamaLog()
+
+# llama.cpp objects alive in this process, by kind (model, context, batch, sampler): their owners count them in
+# and out, so a lifecycle test (and Status) can see that an unloaded model leaves nothing behind.
+LIVE: Counter[str] = Counter()
 
 # "llama_kv_cache: size = ..." (not its "KV buffer size" line, which prints 0.00 under no_alloc), the recurrent
 # state, and the per-backend model/compute/output buffers (summed across backends).

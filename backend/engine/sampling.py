@@ -20,6 +20,7 @@ import numpy as np
 import llama_cpp.llama_cpp as L
 
 from ..errors import InvalidRequestError
+from .llamalog import LIVE
 
 DEFAULT_REPEAT_LAST_N = 64
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per request
@@ -122,6 +123,7 @@ class Sampler:
     def __init__(self, params: SamplingParams, vocab: int, n_vocab: int) -> None:
         self.params = params
         self._chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        LIVE["sampler"] += 1
         self._vocab = vocab
         self._penalties = None
         self._grammar = None  # owned by the chain; kept to ask it alone whether it can end
@@ -204,6 +206,7 @@ class Sampler:
         if self._chain:
             L.llama_sampler_free(self._chain)
             self._chain = None
+            LIVE["sampler"] -= 1
 
     def __enter__(self) -> "Sampler":
         return self

@@ -21,6 +21,7 @@ import grpc
 
 from ..engine.generation import Chunk, GenerationRequest, Result
 from ..engine.llama import Engine
+from ..engine.llamalog import LIVE
 from ..engine.sampling import SamplingParams, parse_logit_bias
 from ..engine.scheduler import Scheduler, llama_thread
 from ..errors import (ApexError, EngineClosedError, EntryNotFoundError, InsufficientDiskSpaceError,
@@ -253,7 +254,8 @@ class BackendServicer(pb_grpc.BackendServicer):
     async def Status(self, request: pb.HealthMessage, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         model = self._model
         if model is None:
-            return pb.StatusResponse(state=pb.StatusResponse.UNINITIALIZED, memory=pb.MemoryUsageData(total=_rss()))
+            return pb.StatusResponse(state=pb.StatusResponse.UNINITIALIZED,
+                                     memory=pb.MemoryUsageData(total=_rss(), breakdown=_live()))
         busy = model.scheduler.busy_slots or model.scheduler.queue_depth
         state = pb.StatusResponse.BUSY if busy else pb.StatusResponse.READY
         return pb.StatusResponse(state=state, memory=pb.MemoryUsageData(total=_rss(), breakdown=memory_breakdown(model)))
@@ -447,12 +449,18 @@ def memory_breakdown(model: LoadedModel) -> dict[str, int]:
     mem.update(slots=engine.n_seq, slots_busy=sched.busy_slots, queue_depth=sched.queue_depth,
                slot_context=engine.n_ctx, requests_total=m.requests, prompt_tokens_total=m.prompt_tokens,
                generated_tokens_total=m.generated_tokens, drafted_total=m.drafted, accepted_total=m.accepted)
+    mem.update(_live())
     last = sched.metrics.last
     if last is not None:
         mem["spec_drafted"] = last.stats.drafted
         mem["spec_accepted"] = last.stats.accepted
         mem["spec_verify_steps"] = last.stats.verify_steps
     return {k: int(v) for k, v in mem.items()}
+
+
+def _live() -> dict[str, int]:
+    """llama.cpp objects alive in the process (`live_model`, `live_context`, ...): a reload leaves none behind."""
+    return {f"live_{kind}": n for kind, n in LIVE.items()}
 
 
 def _rss() -> int:

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("backend.api.server:main", "serve an OpenAI-compatible API for a model (no REF: offline demo)"),
     "chat": ("backend.api.chat_cli:main", "interactive terminal chat over the OpenAI-compatible API"),
     "backend": ("backend.service.server:main", "start the gRPC model-runner LocalAI launches (--addr HOST:PORT)"),
+    "worker": ("backend.rpc.worker:main", "serve this host's devices to a backend over llama.cpp RPC (--addr HOST:PORT)"),
     "package-backend": ("backend.service.server:package_main", "write a LocalAI backend directory (run.sh) for this install"),
     "pull": ("gallery.pull:main", "resolve a model reference, pick the tier for this machine, download and verify"),
     "gallery": ("gallery.browse:main", "list, search or show gallery entries"),

@@ -85,6 +85,12 @@ def _memory_size(text: str) -> int:
     return parse_size(text)
 
 
+def _endpoints(text: str) -> tuple[str, ...]:
+    from .rpc.protocol import parse_endpoints  # a pure module; its InvalidRequestError is a ValueError
+
+    return parse_endpoints(text)
+
+
 def _path(text: str) -> Path:
     return Path(text.strip()).expanduser()
 
@@ -132,6 +138,14 @@ CUDA_VISIBLE_DEVICES: str | None = os.environ.get("CUDA_VISIBLE_DEVICES")
 
 # API keys `apexmtp run` requires (comma-separated; added to those given with --api-key).
 API_KEY: str = knob("APEXMTP_API_KEY", str, "")
+
+# RPC workers (`apexmtp worker`, llama.cpp's rpc-server) every model is split across, `host:port,host:port`, as
+# LocalAI's llama-cpp backend reads it; a model's `rpc_servers:` option takes precedence.
+RPC_SERVERS: tuple[str, ...] = knob("LLAMACPP_GRPC_SERVERS", _endpoints, ())
+
+# How long an RPC worker may take to answer one request (the compute of a long prompt included) before it counts as
+# lost; a vanished host is noticed sooner, by TCP keepalive.
+RPC_TIMEOUT_S: float = knob("APEXMTP_RPC_TIMEOUT", _positive_duration, 300.0)
 
 
 def hf_endpoint() -> str | None:

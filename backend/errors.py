@@ -77,6 +77,22 @@ class EngineClosedError(ApexError, RuntimeError):
     """A call reached an engine whose llama.cpp objects were already freed (the model was unloaded)."""
 
 
+class WorkerUnreachableError(ModelLoadError, ConnectionError):
+    """An RPC worker (`apexmtp worker`, llama.cpp's rpc-server) cannot be used: unreachable, busy or incompatible."""
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        super().__init__(f"RPC worker {endpoint}: {reason}")
+        self.endpoint = endpoint
+
+
+class WorkerLostError(EngineClosedError):
+    """An RPC worker holding part of the model went away; the model must be loaded again once it is back."""
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        super().__init__(f"RPC worker {endpoint} was lost ({reason}); load the model again once the worker is back")
+        self.endpoint = endpoint
+
+
 class NoModelLoadedError(ApexError, RuntimeError):
     """A request needs a model and none is loaded (call LoadModel first)."""
 

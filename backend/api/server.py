@@ -41,6 +41,7 @@ from gallery.detect import HardwareProfile, detect
 
 from .. import constants
 from ..errors import ApexError, EntryNotFoundError, ModelLoadError, NoModelLoadedError
+from ..rpc.protocol import parse_endpoints
 from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc
 from . import webui
@@ -712,6 +713,7 @@ class RunOptions:
     gallery: Path | None = None  # gallery data directory (default: the packaged gallery)
     api_keys: tuple[str, ...] = ()
     http_workers: int = DEFAULT_WORKERS
+    rpc: tuple[str, ...] = ()  # RPC workers (`apexmtp worker`) to split the model across
 
     @property
     def models_path(self) -> Path:
@@ -731,6 +733,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: the backend's choice)")
     parser.add_argument("--embeddings", action="store_true", help="enable /v1/embeddings")
     parser.add_argument("--no-mtp", action="store_true", help="decode without MTP speculation")
+    parser.add_argument("--rpc", type=parse_endpoints, default=(), metavar="HOST:PORT,...",
+                        help="split the model across these RPC workers (`apexmtp worker` on each host)")
 
 
 def prepare(opts: RunOptions, *, profile: HardwareProfile | None = None,
@@ -754,7 +758,8 @@ def prepare(opts: RunOptions, *, profile: HardwareProfile | None = None,
         pulled = pull(opts.ref, tier=opts.tier, context=opts.context, models_dir=models_dir,
                       progress=opts.progress, mtp=mtp, profile=profile, catalog=catalog)
         options, aliases = list(pulled.options), {opts.ref}
-    options = merge_options(options, (f"parallel:{opts.parallel}",))
+    options = merge_options(options, (f"parallel:{opts.parallel}",) + ((f"rpc_servers:{','.join(opts.rpc)}",)
+                                                                     if opts.rpc else ()))
     log.info("%s", pulled.explanation)
     config = yaml.safe_load(pulled.config_path.read_text(encoding="utf-8"))
     config["options"] = options
@@ -812,7 +817,7 @@ def main(argv: list[str]) -> int:
                       no_mtp=args.no_mtp, parallel=args.parallel, progress=not args.quiet,
                       echo_backend=not args.quiet, gallery=args.gallery,
                       api_keys=parse_keys([*(args.api_key or []), constants.API_KEY]),
-                      http_workers=args.http_workers)
+                      http_workers=args.http_workers, rpc=args.rpc)
     warning = exposure_warning(opts.host, opts.api_keys)
     if warning:
         print(f"apexmtp run: warning: {warning}", file=sys.stderr, flush=True)

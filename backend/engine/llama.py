@@ -31,7 +31,8 @@ import llama_cpp.llama_cpp_ext as X
 from ..errors import (ContextOverflowError, EngineClosedError, InsufficientMemoryError, InvalidRequestError,
                       ModelLoadError, UnsupportedArchitectureError)
 from ..gguf_file import GGUFInfo, read_gguf
-from .llamalog import LIVE, LLAMA_LOG, parse_memory_lines
+from ..rpc.client import Workers, split_array
+from .llamalog import LIVE, LLAMA_LOG, parse_device_lines, parse_memory_lines
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class EngineConfig:
     n_draft_max: int = 0
     embeddings: bool = False
     n_cpu_moe: int = 0  # keep the routed experts of the first N trunk layers in system RAM (-1: all layers)
+    rpc_servers: tuple[str, ...] = ()  # RPC workers (host:port) to split the layers across, with local GPUs
+    tensor_split: tuple[float, ...] = ()  # proportion of layers per device (workers first); () splits by free memory
 
     def __post_init__(self) -> None:
         if self.n_ctx < 8:
@@ -259,6 +262,7 @@ class Engine:
         self._dbatch: Batch | None = None
         self._ebatch: Batch | None = None
         self._eval_callback = eval_callback
+        self.workers: Workers | None = None
         self.mirror_seconds = 0.0  # time spent decoding mirror entries (left out of the controller's step costs)
         _init_backend()
         try:
@@ -289,8 +293,18 @@ class Engine:
         overrides = _expert_overrides(cfg.n_cpu_moe, self.info.trunk_layers) if cfg.n_cpu_moe else None
         if overrides is not None:
             mp.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+        if cfg.rpc_servers:  # probed before llama.cpp connects; it aborts on a worker it cannot reach
+            self.workers = Workers(cfg.rpc_servers)
+            mp.devices = self.workers.devices_pointer
+            mp.n_gpu_layers = cfg.n_gpu_layers or -1  # the workers are there to hold layers
+        split = (self.workers.tensor_split(cfg.tensor_split) if self.workers else split_array(cfg.tensor_split)
+                 ) if cfg.tensor_split else None
+        if split is not None:
+            mp.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
         with LLAMA_LOG.capture() as lines:
             self._model = L.llama_model_load_from_file(self.path.encode(), mp)
+        self._check_workers()
+        self._record_devices(lines, "")
         if self._model:
             LIVE["model"] += 1
         if not self._model:
@@ -359,7 +373,22 @@ class Engine:
             raise ModelLoadError(f"{self.path}: llama.cpp could not create the {kind} context (n_ctx={cp.n_ctx})")
         for what, n in parse_memory_lines(lines).items():
             self.memory[f"{kind}_{what}"] = n
+        self._check_workers()
+        self._record_devices(lines, f"{kind}_")
         return ctx
+
+    def _record_devices(self, lines: list[str], prefix: str) -> None:
+        """Per-device buffer sizes as `device:<name>:<prefix><kind>` (only when the model is split across RPC
+        workers, where the share of each host is the point)."""
+        if self.workers is not None:
+            for device, kinds in parse_device_lines(lines).items():
+                for what, n in kinds.items():
+                    self.memory[f"device:{self.workers.device_name(device)}:{prefix}{what}"] = n
+
+    def _check_workers(self) -> None:
+        """Raise `WorkerLostError` when an RPC worker is gone: what llama.cpp computed meanwhile is garbage."""
+        if self.workers is not None:
+            self.workers.check()
 
     def _fresh_seq(self) -> Sequence:
         return Sequence(pending_h=np.zeros(self.n_embd, dtype=np.float32))
@@ -491,7 +520,9 @@ class Engine:
             last = len(row.tokens) - 1
             for i, tok in enumerate(row.tokens):
                 b.add(tok, p0 + i, row.seq, output=row.logits == "all" or (row.logits == "last" and i == last))
+        self._check_workers()
         rc = L.llama_process(self._ctx, L.LLAMA_PROCESS_TYPE_DECODE, b.ptr)
+        self._check_workers()
         if rc != 0:
             for row in rows:
                 self.reset(row.seq)  # earlier ubatches of the batch may have landed: start those sequences over
@@ -680,7 +711,9 @@ class Engine:
         b.clear()
         for i, tok in enumerate(tokens):
             b.add(tok, i, 0, output=True)
-        if L.llama_process(self._ectx, L.LLAMA_PROCESS_TYPE_DECODE, b.ptr) != 0:
+        rc = L.llama_process(self._ectx, L.LLAMA_PROCESS_TYPE_DECODE, b.ptr)
+        self._check_workers()
+        if rc != 0:
             raise RuntimeError("llama.cpp failed to compute embeddings")
         n_embd = int(L.llama_model_n_embd(self._model))
         ptr = L.llama_get_embeddings_seq(self._ectx, 0)

@@ -108,3 +108,29 @@ def parse_memory_lines(lines: Iterable[str]) -> dict[str, int]:
             kind = _KIND[m.group("what") or m.group("buf")]
             out[kind] = out.get(kind, 0) + round(float(m.group("mib") or m.group("mib2")) * MiB)
     return out
+
+
+# "<buffer type> model|KV|RS|compute|output buffer size = X MiB": one line per buffer, named by its buffer type.
+_DEVICE_SIZE = re.compile(r"^\w+: +(?P<buft>\S+) +(?P<kind>model|KV|RS|compute|output) buffer size = +(?P<mib>[\d.]+) MiB")
+_DEVICE_KIND = {"model": "model", "KV": "kv", "RS": "recurrent", "compute": "compute", "output": "output"}
+
+
+def device_of(buffer_type: str) -> str:
+    """The device a buffer type's memory is on: every host buffer type (CPU, CPU_Mapped, CPU_REPACK, CUDA_Host) is
+    `CPU`; others are the device's own name (CUDA0, RPC0[host:port])."""
+    return "CPU" if buffer_type.startswith("CPU") or buffer_type.endswith("_Host") else buffer_type
+
+
+def parse_device_lines(lines: Iterable[str]) -> dict[str, dict[str, int]]:
+    """Bytes per device and kind — model, kv, recurrent, compute, output — from llama.cpp's buffer-size lines.
+
+    Under `no_alloc` llama.cpp logs these buffers as 0.00 MiB; `parse_memory_lines` has the totals then.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for line in lines:
+        m = _DEVICE_SIZE.match(line.strip())
+        if m:
+            kinds = out.setdefault(device_of(m.group("buft")), {})
+            kind = _DEVICE_KIND[m.group("kind")]
+            kinds[kind] = kinds.get(kind, 0) + round(float(m.group("mib")) * MiB)
+    return out

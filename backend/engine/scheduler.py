@@ -250,8 +250,11 @@ class Scheduler:
             for s in self.slots:
                 if s.ticket is not None and s.seq in exc.seqs:
                     self._end(s, error=exc)
-        except Exception as exc:  # a bug: fail the requests in flight, keep serving the next ones
-            log.exception("%s: generation step failed", self.name)
+        except Exception as exc:  # a bug, or an engine that cannot go on: fail the requests in flight, keep serving
+            if isinstance(exc, EngineClosedError):  # e.g. a lost RPC worker: no traceback, it is not a bug
+                log.error("%s: %s", self.name, exc)
+            else:
+                log.exception("%s: generation step failed", self.name)
             for s in self.slots:
                 if s.ticket is not None:
                     self._end(s, error=exc)

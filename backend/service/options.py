@@ -17,6 +17,8 @@ from .. import constants
 from ..engine.llama import EngineConfig
 from ..errors import InvalidOptionError, ModelNotFoundError
 from ..gguf_file import GGUFInfo
+from ..rpc.client import parse_tensor_split
+from ..rpc.protocol import parse_endpoints
 from ..engine.speculative import SpecConfig
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,8 @@ OWNED: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ubatch": ("n_ubatch", _nonneg_int),
     "parallel": ("parallel", _positive_int),
     "n_parallel": ("parallel", _positive_int),
+    "rpc_servers": ("rpc_servers", parse_endpoints),
+    "tensor_split": ("tensor_split", parse_tensor_split),
 }
 
 
@@ -163,6 +167,8 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         n_draft_max=n_max,
         embeddings=req.Embeddings,
         n_cpu_moe=-1 if opts.get("cpu_moe") else opts.get("n_cpu_moe", 0),
+        rpc_servers=opts.get("rpc_servers", constants.RPC_SERVERS),
+        tensor_split=opts.get("tensor_split") or (parse_tensor_split(req.TensorSplit) if req.TensorSplit else ()),
     )
     spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
                       adaptive=opts.get("adaptive", True))

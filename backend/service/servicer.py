@@ -450,6 +450,8 @@ def memory_breakdown(model: LoadedModel) -> dict[str, int]:
                slot_context=engine.n_ctx, requests_total=m.requests, prompt_tokens_total=m.prompt_tokens,
                generated_tokens_total=m.generated_tokens, drafted_total=m.drafted, accepted_total=m.accepted)
     mem.update(_live())
+    if engine.workers is not None:
+        mem.update(rpc_workers=len(engine.workers.guards), rpc_workers_lost=len(engine.workers.lost))
     last = sched.metrics.last
     if last is not None:
         mem["spec_drafted"] = last.stats.drafted

@@ -19,13 +19,15 @@ from backend.constants import knob, parse_bool, parse_duration
 ROOT = Path(__file__).resolve().parent.parent
 KNOBS = ("LLAMACPP_PARALLEL", "LOCALAI_GRPC_AUTH_TOKEN", "LOCALAI_BACKEND_PARENT_WATCH",
          "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL", "APEXMTP_MODELS_DIR", "APEXMTP_CACHE_DIR", "APEXMTP_LLAMA_LOG",
-         "APEXMTP_VRAM", "APEXMTP_RAM", "CUDA_VISIBLE_DEVICES", "HF_ENDPOINT")
+         "APEXMTP_VRAM", "APEXMTP_RAM", "CUDA_VISIBLE_DEVICES", "HF_ENDPOINT", "LLAMACPP_GRPC_SERVERS",
+         "APEXMTP_RPC_TIMEOUT")
 GARBAGE = {"LLAMACPP_PARALLEL": "lots", "LOCALAI_BACKEND_PARENT_WATCH": "maybe",
            "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": "soon", "APEXMTP_LLAMA_LOG": "-3", "APEXMTP_VRAM": "huge",
-           "APEXMTP_RAM": "1.5 bananas"}
+           "APEXMTP_RAM": "1.5 bananas", "LLAMACPP_GRPC_SERVERS": "host-without-port", "APEXMTP_RPC_TIMEOUT": "0s"}
 DUMP = ("import json, backend.constants as c; print(json.dumps({'parallel': c.LLAMACPP_PARALLEL, "
         "'watch': c.PARENT_WATCH, 'interval': c.PARENT_WATCH_INTERVAL_S, 'log': c.LLAMA_LOG_LEVEL, "
-        "'vram': c.VRAM_OVERRIDE, 'ram': c.RAM_OVERRIDE, 'models': str(c.MODELS_DIR)}))")
+        "'vram': c.VRAM_OVERRIDE, 'ram': c.RAM_OVERRIDE, 'models': str(c.MODELS_DIR), 'rpc': c.RPC_SERVERS, "
+        "'rpc_timeout': c.RPC_TIMEOUT_S}))")
 
 
 def _python(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -70,18 +72,21 @@ def test_bad_knob_logs_a_warning_and_keeps_the_default(caplog: pytest.LogCapture
 def test_knobs_parse_at_import() -> None:
     env = {"LLAMACPP_PARALLEL": "3", "LOCALAI_BACKEND_PARENT_WATCH": "off",
            "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": "500ms", "APEXMTP_LLAMA_LOG": "1", "APEXMTP_VRAM": "24GiB",
-           "APEXMTP_RAM": "64G", "APEXMTP_MODELS_DIR": "~/m"}
+           "APEXMTP_RAM": "64G", "APEXMTP_MODELS_DIR": "~/m", "LLAMACPP_GRPC_SERVERS": "10.0.0.2:50052,b:1",
+           "APEXMTP_RPC_TIMEOUT": "1m30s"}
     done = _python(["-c", DUMP], env)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert json.loads(done.stdout) == {"parallel": 3, "watch": False, "interval": 0.5, "log": 1, "vram": 24 * 2**30,
-                                       "ram": 64 * 2**30, "models": str(Path("~/m").expanduser())}
+                                       "ram": 64 * 2**30, "models": str(Path("~/m").expanduser()),
+                                       "rpc": ["10.0.0.2:50052", "b:1"], "rpc_timeout": 90.0}
 
 
 def test_garbage_in_every_knob_warns_and_uses_the_defaults() -> None:
     done = _python(["-c", DUMP], GARBAGE)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"parallel": 1, "watch": True, "interval": 2.0, "log": 0, "vram": None,
-                                       "ram": None, "models": str(constants.MODELS_DIR)}
+                                       "ram": None, "models": str(constants.MODELS_DIR), "rpc": [],
+                                       "rpc_timeout": 300.0}
     warned = re.findall(r"^ignoring (\w+)=", done.stderr, re.MULTILINE)
     assert warned == list(GARBAGE), done.stderr
 

@@ -10,13 +10,22 @@ no repeat penalty, repeat 0 = penalty window of 64 tokens (llama.cpp's default).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import os
+import re
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import llama_cpp.llama_cpp as L
 
 from ..errors import InvalidRequestError
+from .llamalog import ERROR, LLAMA_LOG
 
 DEFAULT_REPEAT_LAST_N = 64
 DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per request
@@ -36,6 +45,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     grammar: str = ""
+    # A lazy grammar waits until the output matches one of these ECMAScript regexes (from their first match on);
+    # they must come from `grammars.trigger_patterns`: llama.cpp aborts on a regex it cannot compile.
+    grammar_triggers: tuple[str, ...] = ()
     logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -84,6 +96,53 @@ def parse_logit_bias(text: str, n_vocab: int) -> dict[int, float]:
     return out
 
 
+def _grammar_sampler(p: SamplingParams, vocab: int) -> int:
+    """The grammar stage (lazy when there are triggers); a grammar llama.cpp cannot parse fails with its reason."""
+    banned = [t for t, b in p.logit_bias.items() if b == -math.inf]
+    if banned:
+        # A grammar left with no allowed token makes llama.cpp accept a token it rejects, which aborts the process.
+        raise InvalidRequestError(f"a grammar cannot be combined with banned tokens ({len(banned)} at -inf: "
+                                  "ignore_eos or a false/-inf LogitBias); use a finite bias such as -100")
+    with LLAMA_LOG.capture(ERROR) as lines, _stderr() as direct:
+        if p.grammar_triggers:
+            patterns = (ctypes.c_char_p * len(p.grammar_triggers))(*(t.encode() for t in p.grammar_triggers))
+            smpl = L.llama_sampler_init_grammar_lazy_patterns(vocab, p.grammar.encode(), b"root", patterns,
+                                                              len(p.grammar_triggers), None, 0)
+        else:
+            smpl = L.llama_sampler_init_grammar(vocab, p.grammar.encode(), b"root")
+    if smpl:
+        if direct:
+            os.write(2, direct[0].encode())  # someone else's output, caught in passing
+        return smpl
+    # The parser's reason goes to stderr ("parse: error parsing grammar: <why>\n\n<grammar>"), the rest to the log.
+    reasons = _PARSE_ERROR.findall(direct[0] if direct else "")
+    why = "; ".join(reasons + [line.strip() for line in lines if line.strip()]) or "see the log"
+    raise InvalidRequestError(f"grammar could not be parsed (GBNF with a root rule expected): {why}")
+
+
+_PARSE_ERROR = re.compile(r"error parsing grammar: ([^\n]*)")
+_STDERR_LOCK = threading.Lock()
+
+
+@contextmanager
+def _stderr() -> Iterator[list[str]]:
+    """What llama.cpp writes straight to file descriptor 2 (not through its log callback) while the block runs."""
+    out: list[str] = []
+    with _STDERR_LOCK, tempfile.TemporaryFile() as tmp:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", "replace")
+            if text:
+                out.append(text)
+
+
 class Sampler:
     """A llama.cpp sampler chain for one request. Use as a context manager; `sample` also accepts the token."""
 
@@ -112,10 +171,7 @@ class Sampler:
                 arr[i].token, arr[i].bias = tok, bias
             self._add(L.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), arr))
         if p.grammar:
-            smpl = L.llama_sampler_init_grammar(vocab, p.grammar.encode(), b"root")
-            if not smpl:
-                raise InvalidRequestError("grammar could not be parsed (GBNF expected, root rule 'root')")
-            self._add(smpl)
+            self._add(_grammar_sampler(p, vocab))
         penalty = p.repeat_penalty if p.repeat_penalty > 0 else 1.0
         if penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
             last_n = p.repeat_last_n or DEFAULT_REPEAT_LAST_N

@@ -77,14 +77,14 @@ class Parsed:
         return self
 
 
-def merge_calls(deltas: list[CallDelta]) -> list[dict[str, str]]:
-    """Deltas -> whole calls `{"id", "name", "arguments"}` in index order (what a client assembles)."""
-    calls: dict[int, dict[str, str]] = {}
+def merge_calls(deltas: list[CallDelta]) -> list[CallDelta]:
+    """Deltas -> one whole call per index, in index order (what a client assembles from a stream)."""
+    calls: dict[int, CallDelta] = {}
     for d in deltas:
-        call = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
-        call["id"] = call["id"] or d.id
-        call["name"] = call["name"] or d.name
-        call["arguments"] += d.arguments
+        call = calls.setdefault(d.index, CallDelta(d.index))
+        call.id = call.id or d.id
+        call.name = call.name or d.name
+        call.arguments += d.arguments
     return [calls[i] for i in sorted(calls)]
 
 
@@ -480,8 +480,8 @@ class ToolCallParser:
 
 
 def parse_tool_calls(text: str, syntax: ToolSyntax, tools: list[dict[str, Any]] | None = None
-                     ) -> tuple[str, list[dict[str, str]]]:
-    """Whole text -> (content without call markup, calls as `{"id", "name", "arguments"}`)."""
+                     ) -> tuple[str, list[CallDelta]]:
+    """Whole text -> (content without call markup, whole calls)."""
     parser = ToolCallParser(syntax, tools)
     out = parser.feed(text)
     out += parser.finish()

@@ -34,7 +34,7 @@ def accepts(smollm2_path):
 
     def check(grammar: str, text: str) -> bool:
         with Sampler(SamplingParams(grammar=grammar), engine.vocab, engine.n_vocab) as sampler:
-            smpl = sampler._chain  # the grammar is the chain's only stage that can refuse a token here
+            smpl = sampler._grammar
             for token in engine.tokenize(text, add_special=False, parse_special=False):
                 if not allowed(smpl, token):
                     return False
@@ -184,3 +184,32 @@ def test_trigger_patterns_compile_in_llama_cpp(smollm2_path):
                 engine.n_vocab).close()
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
+def test_grammar_output_is_the_same_with_mtp(synth_model, seeded):
+    """With a grammar (the check-one-token-then-mask path) MTP output still equals plain decoding token for token,
+    and the output follows the grammar."""
+    from backend.engine.generation import GenerationRequest
+    from backend.engine.llama import Engine, EngineConfig
+    from backend.engine.scheduler import Scheduler, collect
+    from backend.engine.speculative import SpecConfig
+
+    path = synth_model("predictable", acceptance=0.5)
+    grammar = schema_grammar({"type": "array", "items": {"type": "string", "pattern": "^[a-z ]{1,12}$"},
+                              "maxItems": 6})
+    sampling = SamplingParams(grammar=grammar, **({"temperature": 0.9, "top_k": 40, "seed": 7} if seeded else {}))
+    outs = []
+    for n_max in (0, 3):
+        cfg = EngineConfig(n_ctx=512, n_batch=64, n_ubatch=64, n_threads=2, mtp=n_max > 0, n_draft_max=n_max)
+        s = Scheduler(Engine(path, cfg), SpecConfig(n_max=n_max, adaptive=False))
+        try:
+            outs.append(collect(s, GenerationRequest(prompt=s.engine.tokenize("Names: "), max_tokens=120,
+                                                     sampling=sampling)))
+        finally:
+            s.close()
+    plain, mtp = outs
+    assert mtp.token_ids == plain.token_ids and mtp.stats.drafted > 0
+    if plain.finish_reason == "stop":
+        items = json.loads(plain.content)
+        assert len(items) <= 6 and all(len(x) <= 12 for x in items)

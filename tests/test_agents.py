@@ -105,7 +105,8 @@ def test_json_schema_output_validates(smol, strict):
 def test_json_object_output_is_an_object(smol):
     client = smol.client()
     msgs = [{"role": "user", "content": "Give me a JSON object with a name and a city."}]
-    kw = dict(model="demo", messages=msgs, response_format={"type": "json_object"}, temperature=0, max_tokens=200)
+    kw = {"model": "demo", "messages": msgs, "response_format": {"type": "json_object"}, "temperature": 0,
+          "max_tokens": 200}
     r = client.chat.completions.create(**kw)
     assert isinstance(json.loads(r.choices[0].message.content), dict)
     assert stream(client, **kw)[0] == r.choices[0].message.content
@@ -151,7 +152,7 @@ def test_tool_choice_required_stream_equals_non_stream(smol):
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and not choice.message.content
     expected = check_calls(choice.message.tool_calls)
-    content, calls, finish, deltas = stream(client, **kw)
+    content, calls, finish, _ = stream(client, **kw)
     assert finish == "tool_calls" and content == ""
     assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())] == expected
     assert sorted(calls) == list(range(len(calls)))
@@ -183,8 +184,8 @@ def test_tool_choice_auto(smol, smol_vocab):
                                            tools=TOOLS, temperature=0, max_tokens=24)
     assert not plain.choices[0].message.tool_calls and "<tool_call>" not in plain.choices[0].message.content
     bias = {str(t): 30 for t in smol_vocab("<tool_call>")}
-    kw = dict(model="demo", messages=ASK, tools=TOOLS, temperature=0, max_tokens=160, logit_bias=bias,
-              parallel_tool_calls=False)  # else this biased model goes on calling until max_tokens
+    kw = {"model": "demo", "messages": ASK, "tools": TOOLS, "temperature": 0, "max_tokens": 160,
+          "logit_bias": bias, "parallel_tool_calls": False}  # else this biased model goes on calling until the end
     r = client.chat.completions.create(**kw)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"

@@ -7,9 +7,8 @@ import ctypes
 import json
 import math
 
-import pytest
-
 import llama_cpp.llama_cpp as L
+import pytest
 
 from backend.engine.sampling import Sampler, SamplingParams
 from backend.errors import InvalidRequestError

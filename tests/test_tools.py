@@ -41,8 +41,8 @@ XML_TWO = ("Let me check.\n\n<tool_call>\n<function=get_weather>\n<parameter=cit
            "<tool_call>\n<function=ping>\n</function>\n</tool_call>")
 CASES = [
     (HERMES, HERMES_TWO, "Sure.", [("get_weather", {"city": 'Paris "x"', "days": 3}), ("get_weather", {"city": "Rome"})]),
-    (HERMES, '<tool_call>[{"name": "a", "arguments": {}}, {"name": "b", "arguments": {"x": [1, {"y": "}"}]}}]'
-             "</tool_call>", "", [("a", {}), ("b", {"x": [1, {"y": "}"}]})]),  # SmolLM2's list form
+    (HERMES, ('<tool_call>[{"name": "a", "arguments": {}}, {"name": "b", "arguments": {"x": [1, {"y": "}"}]}}]'
+              "</tool_call>"), "", [("a", {}), ("b", {"x": [1, {"y": "}"}]})]),  # SmolLM2's list form
     (HERMES, '<tool_call>{"arguments": {"q": 1}, "name": "late"}</tool_call> after', "after", [("late", {"q": 1})]),
     (HERMES, '<tool_call>{"name": "s", "arguments": "{\\"q\\": 2}"}</tool_call>', "", [("s", {"q": 2})]),
     (HERMES, "no calls <tool_ok> and <tool_call>not json</tool_call> end\n",

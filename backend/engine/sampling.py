@@ -22,9 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import numpy as np
-
 import llama_cpp.llama_cpp as L
+import numpy as np
 
 from ..errors import InvalidRequestError
 from .llamalog import ERROR, LLAMA_LOG
@@ -240,7 +239,7 @@ class Sampler:
             L.llama_sampler_free(self._grammar)
             self._grammar = None
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         return self
 
     def __exit__(self, *exc: object) -> None:

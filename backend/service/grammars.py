@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import InvalidRequestError
 from .tools import CALL_CLOSE, CALL_OPEN, FUNC_CLOSE, FUNC_OPEN, PARAM_CLOSE, PARAM_OPEN, ToolSyntax
@@ -41,8 +41,8 @@ _PRIMITIVES: dict[str, tuple[str, tuple[str, ...]]] = {
                ("string", "value", "space")),
     "array": ('"[" space ( value ("," space value)* )? "]" space', ("value", "space")),
     "date": ('[0-9]{4} "-" ( "0" [1-9] | "1" [0-2] ) "-" ( "0" [1-9] | [1-2] [0-9] | "3" [0-1] )', ()),
-    "time": ('([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ( "." [0-9]{3} )? '
-             '( "Z" | ( "+" | "-" ) ( [01] [0-9] | "2" [0-3] ) ":" [0-5] [0-9] )', ()),
+    "time": (('([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ( "." [0-9]{3} )? '
+              '( "Z" | ( "+" | "-" ) ( [01] [0-9] | "2" [0-3] ) ":" [0-5] [0-9] )'), ()),
     "date-time": ('date "T" time', ("date", "time")),
     "uuid": ('[0-9a-fA-F]{8} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{4} "-" [0-9a-fA-F]{12}', ()),
 }
@@ -155,7 +155,7 @@ class _Pattern:
     """A JSON Schema `pattern` (ECMA regex subset) -> GBNF over the characters of a JSON string's content."""
 
     # \s is a space only: a JSON string holds tabs and newlines escaped
-    _CLASSES = {"d": "[0-9]", "w": "[a-zA-Z0-9_]", "s": "[ ]", "D": "[^0-9\"\\\\\\x00-\\x1F\\x7F]",
+    _CLASSES: ClassVar[dict[str, str]] = {"d": "[0-9]", "w": "[a-zA-Z0-9_]", "s": "[ ]", "D": "[^0-9\"\\\\\\x00-\\x1F\\x7F]",
                 "W": "[^a-zA-Z0-9_\"\\\\\\x00-\\x1F\\x7F]", "S": "[^ \\t\"\\\\\\x00-\\x1F\\x7F]"}
 
     def __init__(self, pattern: str, path: str) -> None:

@@ -377,7 +377,7 @@ class ToolCallParser:
             self._param_streamed = _types(self._param_schema) in (set(), {"string"})
             self._state = "xml_value_start"
             return True
-        if rest.startswith(FUNC_CLOSE) or rest.startswith(CALL_CLOSE):  # a missing </function> is forgiven
+        if rest.startswith((FUNC_CLOSE, CALL_CLOSE)):  # a missing </function> is forgiven
             if rest.startswith(FUNC_CLOSE):
                 self._consume(len(self._buf) - len(rest) + len(FUNC_CLOSE))
             out.calls.append(CallDelta(self._index, arguments=self._closing_arguments()))
@@ -422,7 +422,7 @@ class ToolCallParser:
             return False
         value = self._consume(end)
         self._consume(len(PARAM_CLOSE))
-        out.calls.append(CallDelta(self._index, arguments=self._value_end(value[:-1] if value.endswith("\n") else value)))
+        out.calls.append(CallDelta(self._index, arguments=self._value_end(value.removesuffix("\n"))))
         self._state = "xml_params"
         return True
 

@@ -18,8 +18,9 @@ from typing import Any
 
 import grpc
 
-from ..errors import ContextOverflowError, InvalidRequestError, ModelLoadError, NoModelLoadedError
 from ..proto import backend_pb2 as pb
+
+from ..errors import ContextOverflowError, InvalidRequestError, ModelLoadError, NoModelLoadedError
 from ..service.grammars import response_format_grammar, schema_grammar
 
 INT32_MAX = 2**31 - 1

@@ -22,8 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import llama_cpp.llama_cpp as L
 import numpy as np
+
+import llama_cpp.llama_cpp as L
 
 from ..errors import InvalidRequestError
 from .llamalog import ERROR, LLAMA_LOG
@@ -239,7 +240,7 @@ class Sampler:
             L.llama_sampler_free(self._grammar)
             self._grammar = None
 
-    def __enter__(self) -> Sampler:
+    def __enter__(self) -> "Sampler":
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import constants
 from ..engine.llama import EngineConfig
-from ..engine.speculative import SpecConfig
 from ..errors import InvalidOptionError, ModelNotFoundError
 from ..gguf_file import GGUFInfo
+from ..engine.speculative import SpecConfig
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +153,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         n_seq=opts.get("parallel", constants.LLAMACPP_PARALLEL),
         n_batch=n_batch,
         n_ubatch=opts.get("n_ubatch") or n_batch,
-        n_threads=max(0, req.Threads),
+        n_threads=req.Threads if req.Threads > 0 else 0,
         n_gpu_layers=-1 if req.NGPULayers >= 9_999_999 else req.NGPULayers,
         use_mmap=req.MMap,
         use_mlock=req.MLock,

@@ -23,23 +23,15 @@ from ..engine.generation import Chunk, GenerationRequest, Result
 from ..engine.llama import Engine
 from ..engine.sampling import SamplingParams, parse_logit_bias
 from ..engine.scheduler import Scheduler, llama_thread
-from ..errors import (
-    ApexError,
-    EngineClosedError,
-    EntryNotFoundError,
-    InsufficientMemoryError,
-    InvalidRequestError,
-    ModelMismatchError,
-    ModelNotFoundError,
-    NoModelLoadedError,
-)
+from ..errors import (ApexError, EngineClosedError, EntryNotFoundError, InsufficientMemoryError, InvalidRequestError,
+                      ModelMismatchError, ModelNotFoundError, NoModelLoadedError)
 from ..gguf_file import read_gguf
 from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc
 from .chat import ChatTemplate, ToolPlan, message_dicts
 from .grammars import trigger_patterns
-from .options import LoadPlan, plan_load, resolve_model_path
 from .tools import Parsed, ToolCallParser, merge_calls
+from .options import LoadPlan, plan_load, resolve_model_path
 
 log = logging.getLogger(__name__)
 

@@ -117,6 +117,7 @@ def test_schema_grammar_accepts_exactly_the_valid(accepts, schema, good, bad):
     ({"type": "object", "dependentRequired": {}}, "dependentRequired"), ({"type": "string", "format": "email"}, "email"),
     ({"type": "string", "pattern": "^(?=a)b$"}, "lookaround"), ({"$ref": "https://example.com/s.json"}, "only references inside"),
     ({"properties": {"a": {"$ref": "#/$defs/missing"}}}, "does not resolve"),
+    ({"$defs": {"s": {"type": "string"}}, "$ref": "#/$defs/s", "maxLength": 3}, "beside \\$ref"),
     ({"type": "array", "maxItems": 5000}, "maxItems"), ({"type": "integer", "minimum": 5, "maximum": 1}, "greater"),
 ])
 def test_unsupported_keywords_are_named(schema, keyword):

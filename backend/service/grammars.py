@@ -211,7 +211,7 @@ class _Pattern:
             raise self.fail("anchor inside the pattern")
         if c in "*+?{":
             raise self.fail(f"nothing to repeat before {c!r}")
-        return literal(json.dumps(c)[1:-1])
+        return literal(json.dumps(c, ensure_ascii=False)[1:-1])
 
     def escape(self, *, in_class: bool) -> str:
         if self.i >= len(self.src):
@@ -226,7 +226,7 @@ class _Pattern:
             raise self.fail(f"\\{c} (control characters in a JSON string)")
         if c.isalnum():
             raise self.fail(f"escape \\{c}")
-        return c if in_class else literal(json.dumps(c)[1:-1])
+        return c if in_class else literal(json.dumps(c, ensure_ascii=False)[1:-1])
 
     def char_class(self) -> str:
         negate = self.src.startswith("^", self.i)
@@ -345,6 +345,9 @@ class GrammarBuilder:
             if key not in _SUPPORTED and key not in _ANNOTATIONS:
                 raise _fail(path, f"keyword {key!r} is not supported (the answer could not be held to it)")
         if "$ref" in schema:
+            beside = sorted(set(schema) - {"$ref"} - _ANNOTATIONS)
+            if beside:
+                raise _fail(path, f"keywords beside $ref are not supported: {', '.join(beside)}")
             return self._ref(schema["$ref"], path)
         if "allOf" in schema:
             return self.schema(_merge_all_of(schema, path), name, path)

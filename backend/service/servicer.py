@@ -172,9 +172,10 @@ class BackendServicer(pb_grpc.BackendServicer):
         tools = _tool_plan(model, r)
         text, thinking = self._prompt_text(model, r, tools)
         prompt = _tokenize_prompt(model, text)
-        grammar, triggers = tools.grammar(thinking=thinking)
         if r.Grammar:  # the client's own grammar (lazy when the model was loaded with GrammarTriggers)
             grammar, triggers = r.Grammar, tuple(trigger_patterns(model.plan.grammar_triggers))
+        else:
+            grammar, triggers = tools.grammar(thinking=thinking)
         sampling = SamplingParams(
             temperature=r.Temperature, top_k=r.TopK, top_p=r.TopP, min_p=r.MinP,
             repeat_penalty=r.Penalty, repeat_last_n=r.Repeat,

@@ -248,7 +248,7 @@ def test_logit_bias(smol, smol_vocab):
     for bias, where in (({"99999999": 1}, "vocabulary"), ({"x": 1}, "token id"), ({"1": 500}, "-100 to 100")):
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model="demo", messages=msgs, max_tokens=1, logit_bias=bias)
-        assert where in err.value.message
+        assert where in err.value.message and err.value.body["param"] == "logit_bias"
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,10 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error"),
     grpc.StatusCode.UNIMPLEMENTED: (501, "invalid_request_error"),
 }
+# PredictOptions fields the backend may blame -> the OpenAI body field a client sent them as.
+BODY_PARAM: dict[str, str] = {"LogitBias": "logit_bias", "Grammar": "grammar", "Tokens": "max_tokens",
+                              "TopLogprobs": "top_logprobs", "StopPrompts": "stop", "Messages": "messages",
+                              "Tools": "tools", "Images": "messages", "Prompt": "prompt"}
 # Our own error types -> (HTTP status, OpenAI error type, code); the first matching class wins. Another ApexError is
 # a 500 with its message; any other exception is a bug: 500, and the HTTP layer logs its traceback (`is_bug`).
 ERROR_TO_HTTP: tuple[tuple[type[ApexError], int, str, str | None], ...] = (
@@ -103,9 +107,7 @@ class ServedModel:
 
 def invalid(param: str | None, message: str) -> InvalidRequestError:
     """An InvalidRequestError (HTTP 400) that names the offending field, as OpenAI errors do."""
-    err = InvalidRequestError(message)
-    err.param = param
-    return err
+    return InvalidRequestError(message, param=param)
 
 
 def _number(body: dict[str, Any], key: str, kind: type) -> Any:
@@ -507,12 +509,13 @@ def _http_of(cls: type[ApexError], default: tuple[int, str, str | None]) -> tupl
     return next(((s, k, c) for ecls, s, k, c in ERROR_TO_HTTP if issubclass(cls, ecls)), default)
 
 
-def _backend_error_type(exc: grpc.RpcError) -> str:
-    """The error class the backend named in its trailing metadata (`apexmtp-error`), or ""."""
+def _backend_error(exc: grpc.RpcError) -> tuple[str, str]:
+    """The error class and the request field the backend named in its trailing metadata, or ("", "")."""
     try:
-        return dict(exc.trailing_metadata() or ()).get("apexmtp-error", "")
+        meta = dict(exc.trailing_metadata() or ())
     except Exception:  # an RpcError raised without a call behind it (tests, cancellations) has no metadata
-        return ""
+        meta = {}
+    return meta.get("apexmtp-error", ""), meta.get("apexmtp-param", "")
 
 
 def is_bug(exc: BaseException) -> bool:
@@ -527,9 +530,11 @@ def http_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
         message = exc.details() or str(exc.code())
         status, kind = GRPC_TO_HTTP.get(exc.code(), (500, "server_error"))
         # The backend names its own error class in the trailing metadata: map it exactly as if raised here.
-        cls = getattr(errors, _backend_error_type(exc), None)
+        name, field = _backend_error(exc)
+        cls = getattr(errors, name, None)
         if isinstance(cls, type) and issubclass(cls, ApexError):
             status, kind, code = _http_of(cls, (status, kind, None))
+        param = param or BODY_PARAM.get(field, field or None)
     elif isinstance(exc, ApexError):
         status, kind, code = _http_of(type(exc), (500, "server_error", None))
         message = str(exc)

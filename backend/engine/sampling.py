@@ -82,18 +82,20 @@ def parse_logit_bias(text: str, n_vocab: int) -> dict[int, float]:
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidRequestError(f"LogitBias is not valid JSON: {exc}") from None
+        raise InvalidRequestError(f"LogitBias is not valid JSON: {exc}", param="LogitBias") from None
     if not isinstance(raw, dict):
-        raise InvalidRequestError("LogitBias must be a JSON object mapping token ids to biases")
+        raise InvalidRequestError("LogitBias must be a JSON object mapping token ids to biases", param="LogitBias")
     out: dict[int, float] = {}
     for key, value in raw.items():
         try:
             tok = int(key)
             bias = -math.inf if value is False else float(value)
         except (TypeError, ValueError):
-            raise InvalidRequestError(f"LogitBias entry {key!r}: {value!r} is not token-id: number") from None
+            raise InvalidRequestError(f"LogitBias entry {key!r}: {value!r} is not token-id: number",
+                                      param="LogitBias") from None
         if not 0 <= tok < n_vocab:
-            raise InvalidRequestError(f"LogitBias token id {tok} is outside the vocabulary (0..{n_vocab - 1})")
+            raise InvalidRequestError(f"LogitBias token id {tok} is outside the vocabulary (0..{n_vocab - 1})",
+                                      param="LogitBias")
         out[tok] = bias
     return out
 
@@ -115,7 +117,7 @@ def _grammar_sampler(p: SamplingParams, vocab: int) -> int:
     # The parser's reason goes to stderr ("parse: error parsing grammar: <why>\n\n<grammar>"), the rest to the log.
     reasons = _PARSE_ERROR.findall(direct[0] if direct else "")
     why = "; ".join(reasons + [line.strip() for line in lines if line.strip()]) or "see the log"
-    raise InvalidRequestError(f"grammar could not be parsed (GBNF with a root rule expected): {why}")
+    raise InvalidRequestError(f"grammar could not be parsed (GBNF with a root rule expected): {why}", param="Grammar")
 
 
 _PARSE_ERROR = re.compile(r"error parsing grammar: ([^\n]*)")

@@ -58,14 +58,19 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return next((code for cls, code in _STATUS if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
 
 
-ERROR_TYPE_KEY = "apexmtp-error"  # trailing metadata naming our error class, so clients need not parse messages
+# Trailing metadata naming our error class and the PredictOptions field to blame: clients need not parse messages.
+ERROR_TYPE_KEY, ERROR_PARAM_KEY = "apexmtp-error", "apexmtp-param"
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code = status_for(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.error("internal error", exc_info=exc)
-    marker = ((ERROR_TYPE_KEY, type(exc).__name__),) if isinstance(exc, ApexError) else ()
+    marker: tuple[tuple[str, str], ...] = ()
+    if isinstance(exc, ApexError):
+        marker = ((ERROR_TYPE_KEY, type(exc).__name__),)
+        if getattr(exc, "param", None):
+            marker += ((ERROR_PARAM_KEY, exc.param),)
     await context.abort(code, str(exc) or type(exc).__name__, trailing_metadata=marker)
 
 

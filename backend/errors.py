@@ -104,7 +104,14 @@ class NoModelLoadedError(ApexError, RuntimeError):
 
 
 class InvalidRequestError(ApexError, ValueError):
-    """A request carries a value outside its domain (sampler values, options, messages)."""
+    """A request carries a value outside its domain (sampler values, options, messages).
+
+    `param` names the offending request field when one is to blame (OpenAI errors carry it as `param`).
+    """
+
+    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class InvalidOptionError(InvalidRequestError):

@@ -74,7 +74,7 @@ def test_chat_fields_pass_through():
     ({"messages": HI, "n": 2}, "n"),
     ({"messages": HI, "stop": [1]}, "stop"),
     ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": HI, "response_format": {"type": "yaml"}}, "response_format"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
     ({"messages": HI, "seed": 2**40}, "seed"),
 ])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backend.engine.textstream import ReasoningSplitter
-from backend.service.chat import ChatTemplate, extract_tool_calls
+from backend.service.chat import ChatTemplate
 from backend.errors import InvalidOptionError, InvalidRequestError
 from backend.service.options import parse_options
 from backend.engine.sampling import SamplingParams, parse_logit_bias
@@ -47,13 +47,6 @@ def test_reasoning_split_with_tags_across_chunks():
 def test_reasoning_when_prompt_opened_think_block():
     sp = ReasoningSplitter(thinking=True)
     assert sp.feed("because</think>yes") == ("yes", "because")
-
-
-def test_tool_calls_extracted():
-    text = 'Sure.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
-    rest, calls = extract_tool_calls(text)
-    assert rest == "Sure." and calls == [{"name": "get_weather", "arguments": '{"city": "Paris"}'}]
-    assert extract_tool_calls("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
 
 
 def test_chat_template_renders_tools_and_kwargs():

@@ -34,6 +34,7 @@ from ..errors import (
     NoModelLoadedError,
 )
 from ..proto import backend_pb2 as pb
+from ..service.grammars import response_format_grammar, schema_grammar
 
 INT32_MAX = 2**31 - 1
 
@@ -62,6 +63,10 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error"),
     grpc.StatusCode.UNIMPLEMENTED: (501, "invalid_request_error"),
 }
+# PredictOptions fields the backend may blame -> the OpenAI body field a client sent them as.
+BODY_PARAM: dict[str, str] = {"LogitBias": "logit_bias", "Grammar": "grammar", "Tokens": "max_tokens",
+                              "TopLogprobs": "top_logprobs", "StopPrompts": "stop", "Messages": "messages",
+                              "Tools": "tools", "Images": "messages", "Prompt": "prompt"}
 # Our own error types -> (HTTP status, OpenAI error type, code); the first matching class wins. Another ApexError is
 # a 500 with its message; any other exception is a bug: 500, and the HTTP layer logs its traceback (`is_bug`).
 ERROR_TO_HTTP: tuple[tuple[type[ApexError], int, str, str | None], ...] = (
@@ -102,9 +107,7 @@ class ServedModel:
 
 def invalid(param: str | None, message: str) -> InvalidRequestError:
     """An InvalidRequestError (HTTP 400) that names the offending field, as OpenAI errors do."""
-    err = InvalidRequestError(message)
-    err.param = param
-    return err
+    return InvalidRequestError(message, param=param)
 
 
 def _number(body: dict[str, Any], key: str, kind: type) -> Any:
@@ -154,10 +157,45 @@ def generation_fields(body: dict[str, Any], model: ServedModel) -> dict[str, Any
         raise invalid("n", "only n=1 is supported")
     fields["StopPrompts"] = _stop(given.get("stop"))
     fields["IgnoreEOS"] = bool(given.get("ignore_eos", False))
-    if not isinstance(given.get("grammar", ""), str):
-        raise invalid("grammar", "grammar must be a GBNF string")
-    fields["Grammar"] = given.get("grammar", "")
+    fields["Grammar"] = _grammar(given)
+    fields["LogitBias"] = _logit_bias(given.get("logit_bias"))
     return fields
+
+
+def _grammar(body: dict[str, Any]) -> str:
+    """The request's GBNF: its own `grammar`, or one made from `response_format` / llama-server's `json_schema`."""
+    grammar = body.get("grammar", "")
+    if not isinstance(grammar, str):
+        raise invalid("grammar", "grammar must be a GBNF string")
+    made = response_format_grammar(body.get("response_format"))
+    key = "response_format"
+    if body.get("json_schema") is not None:
+        if made:
+            raise invalid("json_schema", "json_schema and a JSON response_format cannot be combined")
+        try:
+            made, key = schema_grammar(body["json_schema"]), "json_schema"
+        except InvalidRequestError as exc:
+            raise invalid("json_schema", str(exc)) from None
+    if made and grammar:
+        raise invalid(key, f"grammar and {key} cannot be combined: send one of them")
+    return made or grammar
+
+
+def _logit_bias(bias: Any) -> str:
+    """OpenAI `logit_bias` ({"token id": -100..100}) -> LocalAI's LogitBias JSON; the backend checks the ids
+    against the vocabulary."""
+    if bias is None:
+        return ""
+    if not isinstance(bias, dict):
+        raise invalid("logit_bias", "logit_bias must be an object mapping token ids to biases")
+    out = {}
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.strip().lstrip("-").isdigit()):
+            raise invalid("logit_bias", f"logit_bias key {key!r} is not a token id")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise invalid("logit_bias", f"logit_bias for token {key} must be a number from -100 to 100, got {value!r}")
+        out[str(int(key))] = float(value)
+    return json.dumps(out) if out else ""
 
 
 def _content_text(content: Any, index: int) -> str:
@@ -196,6 +234,8 @@ def _chat_metadata(body: dict[str, Any]) -> dict[str, str]:
         meta["enable_thinking"] = "true" if body["enable_thinking"] else "false"
     if body.get("reasoning_effort"):
         meta["reasoning_effort"] = str(body["reasoning_effort"])
+    if body.get("parallel_tool_calls") is not None:
+        meta["parallel_tool_calls"] = "true" if body["parallel_tool_calls"] else "false"
     return meta
 
 
@@ -204,24 +244,49 @@ def chat_request(body: dict[str, Any], model: ServedModel) -> pb.PredictOptions:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "messages must be a non-empty array")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise invalid("response_format", "only response_format {\"type\": \"text\"} is supported (use grammar)")
     top = _number(body, "top_logprobs", int)
     if top is not None and not body.get("logprobs"):
         raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
-    tools, choice = body.get("tools"), body.get("tool_choice")
-    if tools is not None and not isinstance(tools, list):
-        raise invalid("tools", "tools must be an array")
-    if choice == "none":
-        tools = None  # the model must not call tools: do not show it any
+    tools, choice = _tools(body)
+    fields = generation_fields(body, model)
+    if tools and choice not in ("auto", None) and fields["Grammar"]:
+        raise invalid("tool_choice", "tool_choice required or a named function forces the tool-call grammar; "
+                                     "it cannot be combined with grammar or response_format")
     return pb.PredictOptions(
         Messages=[_message(m, i) for i, m in enumerate(messages)], UseTokenizerTemplate=True,
         Tools=json.dumps(tools) if tools else "",
-        ToolChoice=(choice if isinstance(choice, str) else json.dumps(choice)) if choice is not None else "",
+        ToolChoice=(choice if isinstance(choice, str) else json.dumps(choice)) if tools and choice is not None else "",
         Logprobs=1 if body.get("logprobs") else 0, TopLogprobs=top or 0,
-        Metadata=_chat_metadata(body), ModelIdentity=model.identity, **generation_fields(body, model),
+        Metadata=_chat_metadata(body), ModelIdentity=model.identity, **fields,
     )
+
+
+def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | dict[str, Any] | None]:
+    """Checked `tools` and `tool_choice`; no tools at all under tool_choice "none" (the model must not call one)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None and not isinstance(tools, list):
+        raise invalid("tools", "tools must be an array")
+    names = []
+    for i, tool in enumerate(tools or []):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise invalid(f"tools[{i}]", "each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise invalid(f"tools[{i}].function.parameters", "parameters must be a JSON Schema object")
+        names.append(fn["name"])
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or name not in names:
+            raise invalid("tool_choice", f"tool_choice names function {name!r}, which is not among the tools")
+    elif choice not in (None, "none", "auto", "required"):
+        raise invalid("tool_choice", "tool_choice must be none, auto, required or {\"type\": \"function\", "
+                                     "\"function\": {\"name\": ...}}")
+    if choice == "required" and not tools:
+        raise invalid("tool_choice", "tool_choice required needs tools")
+    if choice == "none" or not tools:
+        return None, None
+    return tools, choice
 
 
 def completion_request(body: dict[str, Any], model: ServedModel) -> pb.PredictOptions:
@@ -269,7 +334,7 @@ def usage(reply: pb.Reply) -> dict[str, int]:
 
 def finish_reason(reply: pb.Reply, request: pb.PredictOptions, context_size: int, tool_calls: bool) -> str:
     """"tool_calls", "length" (the token limit or the context ran out) or "stop" (EOS or a stop string)."""
-    if tool_calls:
+    if tool_calls and reply.finish_reason != "length":
         return "tool_calls"
     if reply.finish_reason:  # the backend knows; older backends leave it empty
         return reply.finish_reason
@@ -345,11 +410,16 @@ def completion_response(job: Job, reply: pb.Reply) -> dict[str, Any]:
 
 
 class StreamFormatter:
-    """Turns the Replies of one PredictStream into OpenAI stream chunks (`chat.completion.chunk` / text)."""
+    """Turns the Replies of one PredictStream into OpenAI stream chunks (`chat.completion.chunk` / text).
+
+    Tool calls arrive as the backend parses them: the first delta of a call carries index, id, type and name, later
+    ones only `function.arguments` fragments; the last chunk says `finish_reason: "tool_calls"` when any came.
+    """
 
     def __init__(self, job: Job) -> None:
         self.job = job
         self.offset = 0  # text offset for legacy logprobs
+        self.calls: set[int] = set()  # indexes of the tool calls announced so far
 
     def _chunk(self, payload: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
         key = "delta" if self.job.kind == "chat" else "text"
@@ -359,27 +429,44 @@ class StreamFormatter:
     def opening(self) -> list[dict[str, Any]]:
         return [self._chunk({"role": "assistant", "content": ""})] if self.job.kind == "chat" else []
 
+    def _tool_deltas(self, delta: pb.ChatDelta | None) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for tc in delta.tool_calls if delta is not None else []:
+            if out and out[-1]["index"] == tc.index:  # several pieces of one call in one Reply: one delta
+                out[-1]["function"]["arguments"] += tc.arguments
+            elif tc.index not in self.calls:
+                self.calls.add(tc.index)
+                out.append({"index": tc.index, "id": tc.id, "type": "function",
+                            "function": {"name": tc.name, "arguments": tc.arguments}})
+            else:
+                out.append({"index": tc.index, "function": {"arguments": tc.arguments}})
+        return out
+
     def delta(self, reply: pb.Reply) -> dict[str, Any] | None:
         d = reply.chat_deltas[0] if reply.chat_deltas else None
         content = d.content if d else reply.message.decode("utf-8", "replace")
         reasoning = d.reasoning_content if d else ""
-        if not content and not reasoning:
+        calls = self._tool_deltas(d) if self.job.kind == "chat" else []
+        if not content and not reasoning and not calls:
             return None
         items = _logprob_items(reply.logprobs)
         if self.job.kind == "text":
             lp = legacy_logprobs(items, self.offset) if self.job.request.Logprobs else None
             self.offset += len(content)
             return self._chunk(content, logprobs=lp)  # type: ignore[arg-type]
-        payload = {"content": content} if content else {}
+        payload: dict[str, Any] = {"content": content} if content else {}
         if reasoning:
             payload["reasoning_content"] = reasoning
+        if calls:
+            payload["tool_calls"] = calls
         return self._chunk(payload, logprobs={"content": items} if self.job.request.Logprobs else None)
 
     def closing(self, final: pb.Reply) -> list[dict[str, Any]]:
-        """Tool calls (if any), the chunk with finish_reason + usage + timings, and the usage-only chunk if asked."""
-        calls = _tool_calls(final.chat_deltas[0] if final.chat_deltas else None)
-        out = [self._chunk({"tool_calls": calls})] if calls else []
-        last = self._chunk({} if self.job.kind == "chat" else "", finish=self.job.finish(final, bool(calls)))
+        """What the final Reply still carries, the chunk with finish_reason + usage + timings, and the usage-only
+        chunk if asked."""
+        rest = self.delta(final)
+        out = [rest] if rest is not None else []
+        last = self._chunk({} if self.job.kind == "chat" else "", finish=self.job.finish(final, bool(self.calls)))
         out.append({**last, "usage": usage(final), "timings": timings(final)})
         if self.job.include_usage:
             out.append({**self.job.envelope(chunk=True), "choices": [], "usage": usage(final),
@@ -422,12 +509,13 @@ def _http_of(cls: type[ApexError], default: tuple[int, str, str | None]) -> tupl
     return next(((s, k, c) for ecls, s, k, c in ERROR_TO_HTTP if issubclass(cls, ecls)), default)
 
 
-def _backend_error_type(exc: grpc.RpcError) -> str:
-    """The error class the backend named in its trailing metadata (`apexmtp-error`), or ""."""
+def _backend_error(exc: grpc.RpcError) -> tuple[str, str]:
+    """The error class and the request field the backend named in its trailing metadata, or ("", "")."""
     try:
-        return dict(exc.trailing_metadata() or ()).get("apexmtp-error", "")
+        meta = dict(exc.trailing_metadata() or ())
     except Exception:  # an RpcError raised without a call behind it (tests, cancellations) has no metadata
-        return ""
+        meta = {}
+    return meta.get("apexmtp-error", ""), meta.get("apexmtp-param", "")
 
 
 def is_bug(exc: BaseException) -> bool:
@@ -442,9 +530,11 @@ def http_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
         message = exc.details() or str(exc.code())
         status, kind = GRPC_TO_HTTP.get(exc.code(), (500, "server_error"))
         # The backend names its own error class in the trailing metadata: map it exactly as if raised here.
-        cls = getattr(errors, _backend_error_type(exc), None)
+        name, field = _backend_error(exc)
+        cls = getattr(errors, name, None)
         if isinstance(cls, type) and issubclass(cls, ApexError):
             status, kind, code = _http_of(cls, (status, kind, None))
+        param = param or BODY_PARAM.get(field, field or None)
     elif isinstance(exc, ApexError):
         status, kind, code = _http_of(type(exc), (500, "server_error", None))
         message = str(exc)

@@ -18,6 +18,7 @@ import ctypes
 import functools
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +246,18 @@ def _open(method: F) -> F:
     return checked  # type: ignore[return-value]
 
 
+def _vocab(method: F) -> F:
+    """A vocabulary call from any thread: it holds the lock `close` takes, so the model cannot be freed under it."""
+    opened = _open(method)
+
+    @functools.wraps(method)
+    def locked(self: "Engine", *args, **kwargs):
+        with self._vocab_lock:
+            return opened(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
 # ------------------------------------------------------------------------------------------- engine
 
 
@@ -263,6 +276,7 @@ class Engine:
         self._ebatch: Batch | None = None
         self._eval_callback = eval_callback
         self.workers: Workers | None = None
+        self._vocab_lock = threading.Lock()
         self.mirror_seconds = 0.0  # time spent decoding mirror entries (left out of the controller's step costs)
         _init_backend()
         try:
@@ -414,14 +428,15 @@ class Engine:
                 L.llama_free(ctx)
                 setattr(self, attr, None)
                 LIVE["context"] -= 1
-        if self._model:
-            L.llama_model_free(self._model)
-            self._model = None
-            LIVE["model"] -= 1
+        with self._vocab_lock:  # no tokenize/piece from another thread is inside the model now
+            if self._model:
+                L.llama_model_free(self._model)
+                self._model = None
+                LIVE["model"] -= 1
 
     # -- vocabulary (any thread) -------------------------------------------------------------------
 
-    @_open
+    @_vocab
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
         data = text.encode("utf-8")
         cap = len(data) + 16
@@ -433,7 +448,7 @@ class Engine:
             n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         return list(buf[:n])
 
-    @_open
+    @_vocab
     def piece(self, token: int, *, special: bool = False) -> bytes:
         """The bytes of one token (may be part of a UTF-8 character)."""
         buf = ctypes.create_string_buffer(64)
@@ -446,7 +461,7 @@ class Engine:
     def detokenize(self, tokens: Iterable[int], *, special: bool = False) -> bytes:
         return b"".join(self.piece(t, special=special) for t in tokens)
 
-    @_open
+    @_vocab
     def is_eog(self, token: int) -> bool:
         return bool(L.llama_vocab_is_eog(self.vocab, token))
 
@@ -455,7 +470,7 @@ class Engine:
         if bad:
             raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.n_vocab - 1})")
 
-    @_open
+    @_vocab
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)
         n = L.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))

@@ -1,4 +1,10 @@
-"""Chat prompts from the GGUF's own Jinja template, and tool calls parsed out of the output."""
+"""Chat prompts from the GGUF's own Jinja template, and what a request's tools do to prompt, grammar and output.
+
+Templates that know nothing of tools (SmolLM2's, plain ChatML) get them anyway, the way llama.cpp polyfills them:
+the tools are described in a system message in the Hermes syntax, earlier assistant calls are written back as
+`<tool_call>` blocks and tool results as `<tool_response>` user turns. `ToolPlan` decides, per request, what the
+template shows, which grammar forces or (lazily) constrains the calls, and which parser reads them back.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..engine.textstream import THINK_OPEN
 from ..errors import InvalidRequestError
+from .grammars import tool_call_grammar, trigger_patterns
+from .tools import CALL_CLOSE, CALL_OPEN, ToolCallParser, ToolSyntax, syntax_for_template
 
 
 def _raise(message: str) -> None:
@@ -40,6 +48,14 @@ class ChatTemplate:
     def supports_thinking(self) -> bool:
         return THINK_OPEN in self.source or "enable_thinking" in self.source
 
+    @property
+    def tool_syntax(self) -> ToolSyntax:
+        return syntax_for_template(self.source)
+
+    @property
+    def renders_tools(self) -> bool:
+        return "tools" in self.source
+
     def render(
         self,
         messages: list[dict[str, Any]],
@@ -49,10 +65,11 @@ class ChatTemplate:
         **kwargs: Any,
     ) -> str:
         """Render `messages` (OpenAI-style dicts) to the prompt text the model was trained on."""
+        messages = polyfill_messages(messages, self.source, tools)
         try:
             return _compile(self.source).render(
                 messages=messages,
-                tools=tools or None,
+                tools=(tools or None) if self.renders_tools else None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
@@ -81,31 +98,127 @@ def message_dicts(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
-_TOOL_CALL = ("<tool_call>", "</tool_call>")
+_TOOLS_PROMPT = (
+    "# Tools\n\nYou may call one or more functions to help with the user's request. The functions, as JSON:\n"
+    "<tools>\n{tools}\n</tools>\n\nTo call functions, reply with one block per call and nothing after them:\n"
+    + CALL_OPEN + '\n{{"name": <function name>, "arguments": <arguments as a JSON object>}}\n' + CALL_CLOSE
+)
 
 
-def extract_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
-    """Pull Hermes/Qwen-style `<tool_call>{"name":..., "arguments":...}</tool_call>` blocks out of `text`.
+def _call_block(call: dict[str, Any]) -> str:
+    fn = call.get("function", call)
+    return f"{CALL_OPEN}\n{json.dumps({'name': fn.get('name'), 'arguments': fn.get('arguments')})}\n{CALL_CLOSE}"
 
-    Returns the text without them and the calls as `{"name", "arguments" (JSON string)}`; blocks that are
-    not valid JSON are left in the text.
-    """
-    calls: list[dict[str, Any]] = []
-    kept: list[str] = []
-    rest = text
-    while True:
-        start = rest.find(_TOOL_CALL[0])
-        end = rest.find(_TOOL_CALL[1], start + 1) if start >= 0 else -1
-        if start < 0 or end < 0:
-            kept.append(rest)
-            break
-        body = rest[start + len(_TOOL_CALL[0]):end].strip()
+
+def polyfill_messages(messages: list[dict[str, Any]], source: str,
+                      tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Messages as `source` can render them: call arguments as objects (templates iterate over them), and for
+    templates without tool support the tools, earlier calls and tool results written out as text."""
+    out: list[dict[str, Any]] = []
+    merged_into = -1  # index of the user turn that collects consecutive tool results
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [_object_arguments(c) for c in m["tool_calls"]]
+            if "tool_calls" not in source:
+                blocks = "\n".join(_call_block(c) for c in m.pop("tool_calls"))
+                m["content"] = f"{m.get('content') or ''}\n{blocks}".lstrip("\n")
+        if m.get("role") == "tool" and "'tool'" not in source and '"tool"' not in source:
+            text = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
+            if merged_into == len(out) - 1 >= 0:
+                out[-1]["content"] += "\n" + text
+                continue
+            m = {"role": "user", "content": text}
+            merged_into = len(out)
+        out.append(m)
+    if tools and "tools" not in source:
+        text = _TOOLS_PROMPT.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        if out and out[0].get("role") == "system":
+            out[0] = {**out[0], "content": f"{out[0].get('content') or ''}\n\n{text}".lstrip()}
+        else:
+            out.insert(0, {"role": "system", "content": text})
+    return out
+
+
+def _object_arguments(call: Any) -> Any:
+    """An OpenAI tool call with its `arguments` JSON string decoded (left as is when it is not JSON)."""
+    if not isinstance(call, dict):
+        return call
+    fn = call.get("function")
+    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
         try:
-            obj = json.loads(body)
-            args = obj.get("arguments", {})
-            calls.append({"name": str(obj["name"]), "arguments": args if isinstance(args, str) else json.dumps(args)})
-            kept.append(rest[:start])
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
-            kept.append(rest[:end + len(_TOOL_CALL[1])])
-        rest = rest[end + len(_TOOL_CALL[1]):]
-    return "".join(kept).strip() if calls else text, calls
+            return {**call, "function": {**fn, "arguments": json.loads(fn["arguments"] or "{}")}}
+        except json.JSONDecodeError:
+            return call
+    return call
+
+
+def _decode(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"{what} is not valid JSON: {exc}") from None
+
+
+def parse_tool_choice(raw: str) -> str | dict[str, Any]:
+    """LocalAI's ToolChoice: "auto"/"none"/"required", or a function choice, JSON-encoded or not ("" = auto)."""
+    if not raw:
+        return "auto"
+    try:
+        choice = json.loads(raw)
+    except json.JSONDecodeError:
+        choice = raw
+    if isinstance(choice, str) and choice in ("auto", "none", "required"):
+        return choice
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
+        if isinstance(name, str) and name:
+            return {"name": name}
+    raise InvalidRequestError(f"ToolChoice must be auto, none, required or {{\"type\": \"function\", "
+                              f"\"function\": {{\"name\": ...}}}}, not {raw[:80]!r}")
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """What a request's tools do: the tools the template shows, and how calls are constrained and read back.
+
+    `choice`: "auto" (a lazy grammar that waits for the syntax's call marker), "required" or {"name": ...}
+    (grammar-forced from the first token), "none" (no tools at all). A request's own Grammar takes the place of
+    the tool grammar under "auto" (LocalAI sends one when its function grammar is on); with a forced choice the
+    two would contradict each other and are refused.
+    """
+
+    tools: list[dict[str, Any]] | None = None
+    syntax: ToolSyntax | None = None
+    choice: str | dict[str, Any] = "auto"
+    parallel: bool = True
+
+    @classmethod
+    def from_request(cls, template: ChatTemplate | None, tools_json: str, tool_choice: str, *,
+                     parallel: bool = True, user_grammar: str = "") -> ToolPlan:
+        if not tools_json:
+            return cls()
+        tools = _decode(tools_json, "Tools")
+        if not isinstance(tools, list):
+            raise InvalidRequestError("Tools must be a JSON array of tools")
+        choice = parse_tool_choice(tool_choice)
+        if choice == "none" or not tools:
+            return cls(choice="none")
+        if choice != "auto" and user_grammar:
+            raise InvalidRequestError("a Grammar cannot be combined with tool_choice required or a named function")
+        syntax = template.tool_syntax if template is not None else syntax_for_template("")
+        return cls(tools=tools, syntax=syntax, choice=choice, parallel=parallel)
+
+    def grammar(self, *, thinking: bool) -> tuple[str, tuple[str, ...]]:
+        """(GBNF, lazy trigger patterns) for the calls; ("", ()) when nothing constrains them."""
+        if self.tools is None or self.syntax is None:
+            return "", ()
+        name = self.choice.get("name") if isinstance(self.choice, dict) else None
+        forced = self.choice != "auto"
+        grammar = tool_call_grammar(self.syntax, self.tools, name=name, parallel=self.parallel,
+                                    thinking=thinking and forced)
+        return grammar, () if forced else tuple(trigger_patterns(self.syntax.triggers))
+
+    def parser(self) -> ToolCallParser | None:
+        return ToolCallParser(self.syntax, self.tools) if self.tools is not None and self.syntax else None

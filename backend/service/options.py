@@ -133,6 +133,7 @@ class LoadPlan:
     use_jinja: bool
     mtp_reason: str  # why MTP is on or off, for the log and Status
     identity: str = ""  # ModelOptions.Model: requests naming another ModelIdentity are refused
+    grammar_triggers: tuple[str, ...] = ()  # ModelOptions.GrammarTriggers words: a request's Grammar waits for one
 
 
 def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
@@ -173,7 +174,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
     spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
                       adaptive=opts.get("adaptive", True))
     return LoadPlan(path=path, engine=cfg, spec=spec, use_jinja=opts.get("use_jinja", True), mtp_reason=reason,
-                    identity=req.Model)
+                    identity=req.Model, grammar_triggers=tuple(t.word for t in req.GrammarTriggers if t.word))
 
 
 def _flash(value: str) -> str:

@@ -30,7 +30,9 @@ from ..errors import (ApexError, EngineClosedError, EntryNotFoundError, Insuffic
 from ..gguf_file import read_gguf
 from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc
-from .chat import ChatTemplate, extract_tool_calls, message_dicts
+from .chat import ChatTemplate, ToolPlan, message_dicts
+from .grammars import trigger_patterns
+from .tools import Parsed, ToolCallParser, merge_calls
 from .options import LoadPlan, plan_load, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -56,14 +58,19 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return next((code for cls, code in _STATUS if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
 
 
-ERROR_TYPE_KEY = "apexmtp-error"  # trailing metadata naming our error class, so clients need not parse messages
+# Trailing metadata naming our error class and the PredictOptions field to blame: clients need not parse messages.
+ERROR_TYPE_KEY, ERROR_PARAM_KEY = "apexmtp-error", "apexmtp-param"
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     code = status_for(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.error("internal error", exc_info=exc)
-    marker = ((ERROR_TYPE_KEY, type(exc).__name__),) if isinstance(exc, ApexError) else ()
+    marker: tuple[tuple[str, str], ...] = ()
+    if isinstance(exc, ApexError):
+        marker = ((ERROR_TYPE_KEY, type(exc).__name__),)
+        if getattr(exc, "param", None):
+            marker += ((ERROR_PARAM_KEY, exc.param),)
     await context.abort(code, str(exc) or type(exc).__name__, trailing_metadata=marker)
 
 
@@ -146,11 +153,11 @@ class BackendServicer(pb_grpc.BackendServicer):
     async def Predict(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.Reply:
         try:
             model = self._loaded(request)
-            req, tools = self._request(model, request)
+            req, parser = self._request(model, request)
             logprobs: list[dict] = []
             async for event in _events(model.scheduler, req):
                 if isinstance(event, Result):
-                    return _final_reply(event, logprobs, tools, with_text=True)
+                    return _final_reply(event, logprobs, parser, with_text=True)
                 logprobs += event.logprobs
         except Exception as exc:
             await _abort(context, exc)
@@ -159,29 +166,34 @@ class BackendServicer(pb_grpc.BackendServicer):
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Reply]:
         try:
             model = self._loaded(request)
-            req, tools = self._request(model, request)
+            req, parser = self._request(model, request)
             result = Result(n_prompt=len(req.prompt))
             async for event in _events(model.scheduler, req, progress=result):
                 if isinstance(event, Result):
-                    yield _final_reply(event, [], tools, with_text=False)
+                    yield _final_reply(event, [], parser, with_text=False)
                 else:
-                    yield _chunk_reply(event, result)
+                    yield _chunk_reply(event, result, parser)
         except asyncio.CancelledError:
             log.info("client cancelled the stream")
             raise
         except Exception as exc:
             await _abort(context, exc)
 
-    def _request(self, model: LoadedModel, r: pb.PredictOptions) -> tuple[GenerationRequest, bool]:
+    def _request(self, model: LoadedModel, r: pb.PredictOptions) -> tuple[GenerationRequest, ToolCallParser | None]:
         engine = model.engine
-        text, thinking = self._prompt_text(model, r)
+        tools = _tool_plan(model, r)
+        text, thinking = self._prompt_text(model, r, tools)
         prompt = _tokenize_prompt(model, text)
+        if r.Grammar:  # the client's own grammar (lazy when the model was loaded with GrammarTriggers)
+            grammar, triggers = r.Grammar, tuple(trigger_patterns(model.plan.grammar_triggers))
+        else:
+            grammar, triggers = tools.grammar(thinking=thinking)
         sampling = SamplingParams(
             temperature=r.Temperature, top_k=r.TopK, top_p=r.TopP, min_p=r.MinP,
             repeat_penalty=r.Penalty, repeat_last_n=r.Repeat,
             frequency_penalty=r.FrequencyPenalty, presence_penalty=r.PresencePenalty,
             seed=r.Seed if r.Seed > 0 else None,  # 0 is proto3's "unset"; negative means random
-            grammar=r.Grammar, logit_bias=parse_logit_bias(r.LogitBias, engine.n_vocab),
+            grammar=grammar, grammar_triggers=triggers, logit_bias=parse_logit_bias(r.LogitBias, engine.n_vocab),
         )
         if r.Tokens < 0:
             raise InvalidRequestError(f"Tokens (max tokens) must be >= 0, got {r.Tokens}")
@@ -195,9 +207,9 @@ class BackendServicer(pb_grpc.BackendServicer):
             stop=tuple(s for s in r.StopPrompts if s), ignore_eos=r.IgnoreEOS,
             n_draft=r.NDraft if r.NDraft > 0 else None, logprobs=logprobs, thinking=thinking,
         )
-        return req, bool(r.Tools)
+        return req, tools.parser()
 
-    def _prompt_text(self, model: LoadedModel, r: pb.PredictOptions) -> tuple[str, bool]:
+    def _prompt_text(self, model: LoadedModel, r: pb.PredictOptions, tools: ToolPlan) -> tuple[str, bool]:
         """The prompt text and whether it leaves the model inside a <think> block."""
         if r.Prompt:
             return r.Prompt, False
@@ -208,13 +220,7 @@ class BackendServicer(pb_grpc.BackendServicer):
         if not r.Messages:
             raise InvalidRequestError("UseTokenizerTemplate is set but Messages is empty")
         kwargs = _template_kwargs(r.Metadata)
-        tools = None
-        if r.Tools:
-            try:
-                tools = json.loads(r.Tools)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequestError(f"Tools is not valid JSON: {exc}") from None
-        text = model.template.render(message_dicts(r.Messages), tools=tools, **kwargs)
+        text = model.template.render(message_dicts(r.Messages), tools=tools.tools, **kwargs)
         thinking = text.rstrip().endswith("<think>")
         return text, thinking
 
@@ -224,7 +230,8 @@ class BackendServicer(pb_grpc.BackendServicer):
                              context: grpc.aio.ServicerContext) -> pb.TokenizationResponse:
         try:
             model = self._loaded(request)
-            text, _ = self._prompt_text(model, request) if request.UseTokenizerTemplate else (request.Prompt, False)
+            text, _ = (self._prompt_text(model, request, _tool_plan(model, request)) if request.UseTokenizerTemplate
+                       else (request.Prompt, False))
             tokens = _tokenize_prompt(model, text) if text else []
             return pb.TokenizationResponse(length=len(tokens), tokens=tokens)
         except Exception as exc:
@@ -406,30 +413,49 @@ def _tokenize_prompt(model: LoadedModel, text: str) -> list[int]:
     return model.engine.tokenize(text, add_special=add_special, parse_special=True)
 
 
-def _chunk_reply(chunk: Chunk, result: Result) -> pb.Reply:
+def _tool_plan(model: LoadedModel, r: pb.PredictOptions) -> ToolPlan:
+    parallel = r.Metadata.get("parallel_tool_calls", "true").strip().lower() not in ("0", "false", "no", "off")
+    return ToolPlan.from_request(model.template, r.Tools, r.ToolChoice, parallel=parallel, user_grammar=r.Grammar)
+
+
+def _call_deltas(calls: list) -> list[pb.ToolCallDelta]:
+    return [pb.ToolCallDelta(index=c.index, id=c.id, name=c.name, arguments=c.arguments) for c in calls]
+
+
+def _chunk_reply(chunk: Chunk, result: Result, parser: ToolCallParser | None = None) -> pb.Reply:
+    out = parser.feed(chunk.content) if parser is not None else Parsed(chunk.content)  # no markup in content
     return pb.Reply(
-        message=chunk.content.encode(), tokens=result.n_tokens, prompt_tokens=result.n_prompt,
-        chat_deltas=[pb.ChatDelta(content=chunk.content, reasoning_content=chunk.reasoning)],
+        message=out.content.encode(), tokens=result.n_tokens, prompt_tokens=result.n_prompt,
+        chat_deltas=[pb.ChatDelta(content=out.content, reasoning_content=chunk.reasoning,
+                                  tool_calls=_call_deltas(out.calls))],
         logprobs=json.dumps({"content": chunk.logprobs}).encode() if chunk.logprobs else b"",
         draft_n=result.stats.drafted, draft_n_accepted=result.stats.accepted,
         draft_verify_steps=result.stats.verify_steps,
     )
 
 
-def _final_reply(result: Result, logprobs: list[dict], tools: bool, *, with_text: bool) -> pb.Reply:
-    content, calls = extract_tool_calls(result.content) if tools else (result.content, [])
-    delta = pb.ChatDelta(
-        content=content if with_text else "", reasoning_content=result.reasoning if with_text else "",
-        tool_calls=[pb.ToolCallDelta(index=i, id=f"call_{i}", name=c["name"], arguments=c["arguments"])
-                    for i, c in enumerate(calls)],
-    )
+def _final_reply(result: Result, logprobs: list[dict], parser: ToolCallParser | None, *, with_text: bool) -> pb.Reply:
+    """Predict's reply (`with_text`: the whole answer, each call whole) or a stream's last one (what the parser
+    still held, and the totals)."""
+    if parser is None:
+        out = Parsed(result.content if with_text else "")
+    elif with_text:
+        out = parser.feed(result.content)
+        out += parser.finish()
+        out.calls = merge_calls(out.calls)
+    else:
+        out = parser.finish()
+    finish = "tool_calls" if parser is not None and parser.n_calls and result.finish_reason != "length" else \
+        result.finish_reason
+    delta = pb.ChatDelta(content=out.content, reasoning_content=result.reasoning if with_text else "",
+                         tool_calls=_call_deltas(out.calls))
     return pb.Reply(
-        message=content.encode() if with_text else b"", tokens=result.n_tokens, prompt_tokens=result.n_prompt,
+        message=out.content.encode(), tokens=result.n_tokens, prompt_tokens=result.n_prompt,
         timing_prompt_processing=result.t_prompt_ms, timing_token_generation=result.t_gen_ms,
         logprobs=json.dumps({"content": logprobs}).encode() if logprobs else b"",
-        chat_deltas=[delta] if (with_text or calls) else [],
+        chat_deltas=[delta] if (with_text or out.content or out.calls) else [],
         draft_n=result.stats.drafted, draft_n_accepted=result.stats.accepted,
-        draft_verify_steps=result.stats.verify_steps, finish_reason=result.finish_reason,
+        draft_verify_steps=result.stats.verify_steps, finish_reason=finish,
         slot=result.slot, cached_prompt_tokens=result.n_cached,
     )
 

@@ -22,7 +22,7 @@ never frees) by endpoint, so the endpoint it sees must stay the same across relo
 from __future__ import annotations
 
 import logging
-import selectors
+import select
 import socket
 import threading
 from typing import Callable
@@ -216,11 +216,10 @@ class Guard:
     @staticmethod
     def _wait_request(client: socket.socket, worker: socket.socket) -> bool:
         """Block until llama.cpp sends; False if the worker's side ended while idle (it never speaks unasked)."""
-        with selectors.DefaultSelector() as sel:
-            sel.register(client, selectors.EVENT_READ)
-            sel.register(worker, selectors.EVENT_READ)
-            ready = {key.fileobj for key, _ in sel.select()}
-        return worker not in ready
+        poller = select.poll()  # one syscall per wait; select() would fail on descriptors above 1024
+        poller.register(client, select.POLLIN)
+        poller.register(worker, select.POLLIN)
+        return all(fd != worker.fileno() for fd, _ in poller.poll())
 
     def _stream(self, client: socket.socket, worker: socket.socket | None, size: int) -> None:
         """Move a large payload from llama.cpp to the worker (or nowhere, once lost). If the worker fails part

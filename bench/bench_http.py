@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median
+from common import machine, median, sse_completion
 
 from backend.api.server import Backend, RunOptions, free_port, prepare
 from backend.engine.llama import Engine
@@ -78,21 +78,10 @@ def grpc_events(backend: Backend, tokens: int) -> Iterable[tuple[bool, int]]:
 
 def http_events(port: int, tokens: int) -> Iterable[tuple[bool, int]]:
     # Plain greedy like the other layers: no top-k/top-p/min-p stages (the server would add its defaults).
-    body = {"prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "stream": True, "temperature": 0, "top_k": 0,
+    body = {"prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "temperature": 0, "top_k": 0,
             "top_p": 1.0, "min_p": 0}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    try:
-        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        assert resp.status == 200, resp.read()
-        for line in resp:
-            if not line.startswith(b"data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            text = any(c.get("text") for c in chunk.get("choices", []))
-            yield text, chunk.get("usage", {}).get("completion_tokens", 0)
-    finally:
-        conn.close()
+    for chunk in sse_completion(port, body, timeout=600):
+        yield any(c.get("text") for c in chunk.get("choices", [])), chunk.get("usage", {}).get("completion_tokens", 0)
 
 
 class HttpServer:

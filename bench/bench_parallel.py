@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mtp import model_file  # noqa: E402
-from common import machine, median  # noqa: E402
+from common import machine, median, sse_completion  # noqa: E402
 
 from backend.api.server import free_port  # noqa: E402
 
@@ -63,28 +62,18 @@ class Server:
 
     def request(self, prompt: str, tokens: int) -> dict[str, float]:
         """One streamed completion: latency, time to first token, tokens, draft counts, slot."""
-        body = {"prompt": prompt, "max_tokens": tokens, "n_predict": tokens, "ignore_eos": True, "stream": True,
+        body = {"prompt": prompt, "max_tokens": tokens, "n_predict": tokens, "ignore_eos": True,
                 "temperature": 0, "top_k": 0, "top_p": 1.0, "min_p": 0, "cache_prompt": True}
         t0 = time.perf_counter()
         first = None
         final: dict = {}
         n_chunks = 0
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=900)
-        try:
-            conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            assert resp.status == 200, resp.read()
-            for line in resp:
-                if not line.startswith(b"data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if any(c.get("text") for c in chunk.get("choices", [])):
-                    first = first or time.perf_counter()
-                    n_chunks += 1
-                if "timings" in chunk or "usage" in chunk:
-                    final.update(chunk)
-        finally:
-            conn.close()
+        for chunk in sse_completion(self.port, body):
+            if any(c.get("text") for c in chunk.get("choices", [])):
+                first = first or time.perf_counter()
+                n_chunks += 1
+            if "timings" in chunk or "usage" in chunk:
+                final.update(chunk)
         t = final.get("timings", {})
         return {"latency": time.perf_counter() - t0, "ttft": (first or time.perf_counter()) - t0,
                 "tokens": final.get("usage", {}).get("completion_tokens") or t.get("predicted_n") or n_chunks,

@@ -7,6 +7,18 @@ import codecs
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
+def held_prefix(text: str, words: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `words`: text to hold back, since
+    the next piece may complete the word (a stop string, a tag, a tool-call marker)."""
+    best = 0
+    for w in words:
+        for n in range(min(len(w) - 1, len(text)), best, -1):
+            if text.endswith(w[:n]):
+                best = n
+                break
+    return best
+
+
 class TextStream:
     """Incremental detokenised text with stop-string handling.
 
@@ -31,7 +43,7 @@ class TextStream:
             self.stopped = stop
             self._held = ""
             return self._emit(pending[:pos])
-        keep = self._longest_stop_prefix_suffix(pending)
+        keep = held_prefix(pending, self._stops)
         self._held = pending[len(pending) - keep:] if keep else ""
         return self._emit(pending[: len(pending) - keep])
 
@@ -51,15 +63,6 @@ class TextStream:
         found = [(text.find(s), s) for s in self._stops if s in text]
         return min(found) if found else None
 
-    def _longest_stop_prefix_suffix(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        best = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:n]):
-                    best = n
-                    break
-        return best
 
 
 class ReasoningSplitter:
@@ -81,7 +84,7 @@ class ReasoningSplitter:
                 buf = buf[pos + len(tag):]
                 self.in_reasoning = not self.in_reasoning
                 continue
-            keep = next((n for n in range(min(len(tag) - 1, len(buf)), 0, -1) if buf.endswith(tag[:n])), 0)
+            keep = held_prefix(buf, (tag,))
             (reasoning if self.in_reasoning else content).append(buf[: len(buf) - keep])
             self._held = buf[len(buf) - keep:]
             break

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..engine.textstream import held_prefix
+
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 FUNC_OPEN, FUNC_CLOSE = "<function=", "</function>"
 PARAM_OPEN, PARAM_CLOSE = "<parameter=", "</parameter>"
@@ -119,17 +121,6 @@ def xml_value(text: str, schema: Any) -> Any:
     if "null" in types and stripped in ("None", ""):
         return None
     return text
-
-
-def _held_prefix(text: str, words: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of one of `words` (it may still become one)."""
-    best = 0
-    for w in words:
-        for n in range(min(len(w) - 1, len(text)), best, -1):
-            if text.endswith(w[:n]):
-                best = n
-                break
-    return best
 
 
 class _JsonValueEnd:
@@ -240,7 +231,7 @@ class ToolCallParser:
             self._raw = dropped + word  # given back if the block turns out not to be a call
             self._begin_call(word)
             return True
-        keep = _held_prefix(self._buf, self.syntax.triggers)
+        keep = held_prefix(self._buf, self.syntax.triggers)
         self._buf = self._show(out, self._buf[:len(self._buf) - keep]) + self._buf[len(self._buf) - keep:]
         return False
 
@@ -413,7 +404,7 @@ class ToolCallParser:
         if end < 0:
             if not self._param_streamed:
                 return False
-            keep = _held_prefix(self._buf, ("\n" + PARAM_CLOSE, PARAM_CLOSE))
+            keep = held_prefix(self._buf, ("\n" + PARAM_CLOSE, PARAM_CLOSE))
             if self._buf.endswith("\n"):
                 keep = max(keep, 1)
             piece = self._consume(len(self._buf) - keep)

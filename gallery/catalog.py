@@ -53,6 +53,7 @@ class WeightBytes:
     token_embd: int
     routed_experts: int
     mtp: int
+    output_tied: bool = False  # no output.weight: token_embd is the LM head too (read in full every token)
 
     @property
     def other(self) -> int:

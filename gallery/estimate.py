@@ -41,6 +41,7 @@ CACHE_TYPES: dict[str, tuple[int, int]] = {
     "iq4_nl": (32, 18),
 }
 KV_CELL_PAD = 256  # llama.cpp pads the context to a multiple of 256 cells
+_FLOAT_TYPES = ("F32", "F16", "BF16")
 _EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.")
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 
@@ -136,8 +137,9 @@ def _per_layer(value: Any, n: int) -> list[int]:
 
 def weights_from_gguf(info: Any, arch: ArchFacts) -> WeightBytes:
     """Tensor bytes of a GGUF split by role (token_embd / routed experts / MTP layer / rest); a file without an
-    `output.weight` ties its LM head to `token_embd`."""
+    `output.weight` ties its LM head to `token_embd`; `quantized` when most bytes are not f32/f16/bf16."""
     embd = experts = mtp = 0
+    floats = sum(t.n_bytes for t in info.tensors if t.type_name.upper() in _FLOAT_TYPES)
     tied = not any(t.name == "output.weight" for t in info.tensors)
     for t in info.tensors:
         layer = _LAYER_RE.match(t.name)
@@ -147,8 +149,9 @@ def weights_from_gguf(info: Any, arch: ArchFacts) -> WeightBytes:
             mtp += t.n_bytes
         elif _EXPERT_RE.match(t.name):
             experts += t.n_bytes
-    return WeightBytes(total=sum(t.n_bytes for t in info.tensors), token_embd=embd, routed_experts=experts, mtp=mtp,
-                       output_tied=tied)
+    total = sum(t.n_bytes for t in info.tensors)
+    return WeightBytes(total=total, token_embd=embd, routed_experts=experts, mtp=mtp, output_tied=tied,
+                       quantized=2 * floats < total)
 
 
 def cache_bytes(n_elems: int, cache_type: str) -> int:

@@ -116,7 +116,8 @@ def pull(
     base_options = entry.options if entry else tuple(catalog.policy["default_options"])
     mtp_default = entry is None or "spec_type:draft-mtp" in entry.options
     exact = _exact_candidate(path, resolved.name, entry.tier if entry else "file", base_options, mtp_default)
-    final = select(profile, [exact], catalog.policy, Request(context=context, mtp=mtp, parallel=parallel, prefer=prefer))
+    final = select(profile, [exact], catalog.policy,
+                   Request(context=context, mtp=mtp, parallel=parallel, prefer=prefer))
     if not final.fits:
         log.warning("%s", final.explanation)
     config = build_config(
@@ -155,7 +156,7 @@ def main(argv: list[str]) -> int:
                         "(default 1; `apexmtp run` serves 4)")
     parser.add_argument("--prefer", choices=OBJECTIVES, default="quality",
                         help="quality: best tier at a usable speed (default); speed: fastest good-enough tier")
-    parser.add_argument("--vram", help="assume this much GPU memory instead of detecting it: a what-if (e.g. 24GiB, 0)")
+    parser.add_argument("--vram", help="assume this much GPU memory (a what-if plan), e.g. 24GiB or 0")
     parser.add_argument("--ram", help="assume this much system RAM (e.g. 64GiB)")
     parser.add_argument("--no-mtp", action="store_true", help="never enable the MTP head")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -297,6 +297,7 @@ def _validate_speed(pc: Checker, speed: dict[str, Any]) -> None:
         pc.number(consts, "efficiency", path=where, high=1.0)
         pc.number(consts, "layer_overhead_ms", path=where, low_open=False)
         pc.number(consts, "verify_overhead", path=where, low_open=False)
+        pc.number(consts, "quant_cost", path=where)
     acc = pc.get(speed, "mtp_acceptance", dict, path="speed")
     pc.number(acc, "rate", path="speed.mtp_acceptance", high=1.0)
     if pc.get(acc, "n_draft", int, path="speed.mtp_acceptance") < 1:

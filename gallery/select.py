@@ -337,7 +337,8 @@ def _grow_context(trial: _Trial, env: _Env) -> _Trial:
     max_ctx = trial.cand.arch.n_ctx_train or trial.run.n_ctx
     for ctx in sorted(env.policy["context_candidates"], reverse=True):
         if trial.run.n_ctx < ctx <= max_ctx:
-            bigger = _try(trial.cand, trial.placement.mode, ctx, trial.run.mtp, env, n_cpu_moe=trial.placement.n_cpu_moe)
+            bigger = _try(trial.cand, trial.placement.mode, ctx, trial.run.mtp, env,
+                          n_cpu_moe=trial.placement.n_cpu_moe)
             if bigger.fits:
                 return bigger
     return trial

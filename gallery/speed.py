@@ -8,21 +8,23 @@ Decoding one token is memory-bound: every weight the token touches is read once 
   `speed.at_context` tokens (capped by the plan's context: a typical chat turn, so that a longer planned context
   does not lower the figure) + the recurrent state, read and written once;
 * **time** = each location's bytes over its bandwidth (GPU VRAM, unified memory, or system RAM for the CPU and for
-  the routed experts of `n_cpu_moe` layers kept there) times the device kind's `efficiency`, plus fixed costs:
+  the routed experts of `n_cpu_moe` layers kept there) times the device kind's `efficiency` (quantized weights
+  count `quant_cost` times their bytes: dequantizing costs the CPU more than f16 does), plus fixed costs:
   `layer_overhead_ms` per layer on the device that runs it (kernel launches, thread barriers) and
   `token_overhead_ms` per emitted token (sampling, Python);
 * **MTP**: a step drafts k tokens with the MTP layer (its dense part, one layer's active experts and the LM head,
-  each draft sequential) and verifies k+1 tokens in one batch: dense weights once, the union of the experts the
-  k+1 tokens route to (`routed x (1 - (1 - used/n_expert)^(k+1))`, random routing), and per-layer costs that grow
-  by `verify_overhead` per extra token. Drafts are kept while they match, so with a head right on a fraction q of
-  tokens a step emits `1 + q + ... + q^k` tokens on average; q comes from the measured acceptance rate
+  each draft sequential; one more such pass mirrors the verified tokens into the MTP context) and verifies k+1
+  tokens in one batch: dense weights once, the union of the experts the k+1 tokens route to
+  (`routed x (1 - (1 - used/n_expert)^(k+1))`, random routing), the fixed costs once, and `verify_overhead` of a
+  plain step per extra token (the compute a batch adds). Drafts are kept while they match, so with a head right
+  on a fraction q of tokens a step emits `1 + q + ... + q^k` tokens on average; q comes from the acceptance rate
   (`speed.mtp_acceptance`, the llama-server figure for Qwen3.6-35B-A3B; a synthetic model's recorded rate) via
   `backend.synth.qwen35moe.accuracy_for_acceptance`. Like the engine's adaptive controller, the k with the most
   tokens per second wins, k = 0 (plain decoding) included, so MTP never predicts slower than plain.
 
 Bandwidths: detected GPUs by name from `speed.gpu_gbps` (datasheet figures; vendor defaults otherwise), hardware
-classes from hardware.yaml, and this machine's RAM from a quick numpy copy probe (`ram_bandwidth`, cached under
-APEXMTP_CACHE_DIR). The constants are calibrated by bench/bench_predict.py (this machine's CPU, measured) and
+classes from hardware.yaml, and this machine's RAM from a quick numpy matrix-vector probe (`ram_bandwidth`, cached
+under APEXMTP_CACHE_DIR). The constants are calibrated by bench/bench_predict.py (this machine's CPU, measured) and
 against published tg128 figures (apex-method.md §3.2, DGX Spark); see the README's Benchmarks section.
 """
 
@@ -31,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,8 @@ from .estimate import ArchFacts, RunConfig, cache_bytes
 
 GB = 1e9  # bandwidths are quoted in GB/s (decimal), as datasheets do
 _PROBE_BYTES = 256 * 1024 * 1024  # well above any L3 cache
-_PROBE_VERSION = 1
+_PROBE_VERSION = 2
+_PROBE_MAX_AGE_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,9 @@ def token_bytes(arch: ArchFacts, weights: WeightBytes, run: RunConfig, at_contex
         layer_experts = weights.routed_experts // max(arch.n_layer, 1)
         # the MTP layer: its dense part, one layer's active experts, and an LM head about token_embd's size
         draft = max(weights.mtp - layer_experts, 0) + int(layer_experts * share) + weights.token_embd
-    return TokenBytes(dense=dense, experts=int(weights.routed_experts * share), kv=min(at_context, run.n_ctx) * per_token_kv,
-                      state=state, draft=draft, routed=weights.routed_experts, expert_share=share)
+    return TokenBytes(dense=dense, experts=int(weights.routed_experts * share),
+                      kv=min(at_context, run.n_ctx) * per_token_kv, state=state, draft=draft,
+                      routed=weights.routed_experts, expert_share=share)
 
 
 def _device_consts(speed: dict[str, Any], kind: str) -> dict[str, float]:
@@ -122,29 +125,37 @@ def predict(arch: ArchFacts, weights: WeightBytes, run: RunConfig, mode: str, n_
     tb = token_bytes(arch, weights, run, speed["at_context"])
     kind = "cpu" if mode == "cpu" else bw.kind
     dev, cpu = _device_consts(speed, kind), _device_consts(speed, "cpu")
+    # a byte of quantized weights costs `quant_cost` bytes' time (dequantizing in the dot products); state and KV do not
+    weight_cost = {k: c["quant_cost"] if weights.quantized else 1.0 for k, c in (("dev", dev), ("cpu", cpu))}
     dev_rate = (bw.host if mode == "cpu" else bw.device) * dev["efficiency"]
     host_rate = bw.host * cpu["efficiency"]
     moved = n_cpu_moe / max(arch.n_layer, 1) if mode == "gpu+ram" else 0.0
     token_ms = speed["token_overhead_ms"]
     layers_ms = arch.n_layer * dev["layer_overhead_ms"] + (n_cpu_moe * cpu["layer_overhead_ms"] if moved else 0.0)
 
-    def step_ms(n_tokens: int) -> float:
-        """One target decode of `n_tokens` tokens (1 = plain decode, k+1 = a verify batch)."""
-        union = 1 - (1 - tb.expert_share) ** n_tokens
-        experts = tb.routed * union
-        on_device = tb.dense + tb.kv + tb.state * (1 + n_tokens) / 2 + experts * (1 - moved)
-        ms = 1000 * (on_device / dev_rate + experts * moved / host_rate)
-        return ms + layers_ms * (1 + dev["verify_overhead"] * (n_tokens - 1)) + token_ms
+    def read_ms(n_tokens: int) -> float:
+        """Reading the weights and state one target decode of `n_tokens` tokens touches."""
+        experts = tb.routed * (1 - (1 - tb.expert_share) ** n_tokens)
+        weights_on_device = (tb.dense + experts * (1 - moved)) * weight_cost["dev"]
+        on_device = weights_on_device + tb.kv + tb.state * (1 + n_tokens) / 2
+        return 1000 * (on_device / dev_rate + experts * moved * weight_cost["cpu"] / host_rate)
 
-    plain_ms = step_ms(1)
-    plain = 1000 / plain_ms
+    core_ms = read_ms(1) + layers_ms
+    plain = 1000 / (core_ms + token_ms)
+
+    def step_ms(n_tokens: int) -> float:
+        """One verify batch of `n_tokens` tokens: the union of what they read, the fixed costs, a sampled row per
+        token, and the work each extra token adds (a share of a plain step)."""
+        extra = (n_tokens - 1) * dev["verify_overhead"] * core_ms
+        return read_ms(n_tokens) + layers_ms + n_tokens * token_ms + extra
+
     best_k, best = 0, plain
     if run.mtp and tb.draft:
         rate, at_k = acceptance or (speed["mtp_acceptance"]["rate"], speed["mtp_acceptance"]["n_draft"])
         q = head_accuracy(rate, at_k)
         # a draft reads the MTP layer; the engine also mirrors each verified step into the MTP context (one more
         # MTP-layer pass per step)
-        draft_ms = 1000 * tb.draft / dev_rate + dev["layer_overhead_ms"] + token_ms
+        draft_ms = 1000 * tb.draft * weight_cost["dev"] / dev_rate + dev["layer_overhead_ms"] + token_ms
         for k in range(1, run.spec_n_max + 1):
             expected = sum(q**i for i in range(k + 1))
             tok_s = 1000 * expected / ((k + 1) * draft_ms + step_ms(k + 1))
@@ -179,55 +190,47 @@ def bandwidth_for(profile: HardwareProfile, gpu: GPU | None, speed: dict[str, An
     """The bandwidths a plan on `profile` runs with (`gpu` is the one the selector plans on, None for CPU)."""
     ram = profile.ram_bandwidth or speed["ram_gbps"] * GB
     if gpu is None:
-        source = "measured" if profile.ram_bandwidth else "assumed"
-        return Bandwidth("cpu", ram, ram, f"RAM {ram / GB:.0f} GB/s ({source})")
+        return Bandwidth("cpu", ram, ram, f"RAM {ram / GB:.0f} GB/s" + ("" if profile.ram_bandwidth else " (assumed)"))
     device, source = gpu_bandwidth(gpu, speed)
     return Bandwidth("unified" if gpu.unified else "gpu", device, ram, source)
 
 
-def _probe_gbps(threads: int) -> float:
-    """Best-of-5 copy bandwidth over `threads` numpy threads (numpy releases the GIL while copying), GB/s,
-    counting bytes read + written as STREAM's copy does."""
+def _probe_gbps() -> float:
+    """Best-of-5 read bandwidth of a float32 matrix-vector product over 256 MiB (GB/s): the access pattern of a
+    decode step (every weight streamed once), run by numpy's BLAS on all its threads."""
     import numpy as np
 
-    src = np.ones(_PROBE_BYTES // 8, dtype=np.float64)
-    dst = np.empty_like(src)
-    pairs = list(zip(np.array_split(src, threads), np.array_split(dst, threads)))
-
-    def copy_all() -> None:
-        workers = [threading.Thread(target=np.copyto, args=(d, s)) for s, d in pairs]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-
-    copy_all()
+    matrix = np.ones((_PROBE_BYTES // 4096, 1024), dtype=np.float32)
+    vector = np.ones(1024, dtype=np.float32)
+    matrix @ vector  # page in, start the BLAS threads
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
-        copy_all()
+        matrix @ vector
         best = min(best, time.perf_counter() - t0)
-    return 2 * src.nbytes / best / GB
+    return matrix.nbytes / best / GB
 
 
 def ram_bandwidth(cpu: str, *, refresh: bool = False) -> float:
-    """This machine's RAM bandwidth in bytes/s: a numpy copy probe (1 and all physical cores, the better one),
-    run once (about a second) and cached per CPU name and core count under APEXMTP_CACHE_DIR."""
+    """This machine's RAM read bandwidth in bytes/s (`_probe_gbps`, about a second), cached per CPU name and core
+    count under APEXMTP_CACHE_DIR. Other processes only ever lower the figure, so the cache keeps the best probe
+    seen and probes again (keeping the better figure) once it is a day old or when `refresh` asks."""
     from backend import constants
-    from backend.engine.llama import default_threads
 
-    threads = default_threads()
-    key = f"{cpu}|{os.cpu_count()}|{threads}|v{_PROBE_VERSION}"
+    key = f"{cpu}|{os.cpu_count()}|v{_PROBE_VERSION}"
     path = constants.CACHE_DIR / "ram-bandwidth.json"
+    best = 0.0
     try:
         cached = json.loads(path.read_text())
-        if not refresh and cached.get("key") == key:
-            return float(cached["gbps"]) * GB
-    except (OSError, ValueError, KeyError):
+        if cached.get("key") == key:
+            best = float(cached["gbps"])
+            if not refresh and time.time() - float(cached.get("time", 0)) < _PROBE_MAX_AGE_S:
+                return best * GB
+    except (OSError, ValueError, KeyError, TypeError):
         pass
-    gbps = max(_probe_gbps(1), _probe_gbps(threads) if threads > 1 else 0.0)
+    gbps = max(_probe_gbps(), best)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "gbps": round(gbps, 2)}))
+    tmp.write_text(json.dumps({"key": key, "gbps": round(gbps, 2), "time": time.time()}))
     os.replace(tmp, path)
     return gbps * GB

@@ -102,7 +102,8 @@ def test_predictions_stay_within_the_bench_tolerance_of_what_was_measured(row: d
         synth = read_synth_info(path)
         acceptance = (synth.expected_acceptance, synth.n_draft)
     speed = dict(SPEED, at_context=CALIBRATION["at_context"])
-    run = RunConfig(n_ctx=2048, cache_type_k="f16", cache_type_v="f16", mtp=row["mtp"], spec_n_max=6 if row["mtp"] else 0)
+    run = RunConfig(n_ctx=2048, cache_type_k="f16", cache_type_v="f16", mtp=row["mtp"],
+                    spec_n_max=6 if row["mtp"] else 0)
     bw = bandwidth_for(_cpu(CALIBRATION["ram_gbps"]), None, speed)
     pred = predict(arch, weights_from_gguf(info, arch), run, "cpu", 0, bw, speed, acceptance).tok_s
     assert abs(pred / row["measured_tok_s"] - 1) <= CALIBRATION["tolerance"], (pred, row)
@@ -127,4 +128,5 @@ def test_ram_probe_runs_once_and_is_cached(tmp_path: Path, monkeypatch: pytest.M
     stamp = cache.stat().st_mtime_ns
     assert speed_mod.ram_bandwidth("test cpu") == round(first / GB, 2) * GB  # the recorded figure, not a new probe
     assert cache.stat().st_mtime_ns == stamp
-    assert speed_mod.ram_bandwidth("test cpu", refresh=True) > 0 and cache.stat().st_mtime_ns != stamp
+    again = speed_mod.ram_bandwidth("test cpu", refresh=True)
+    assert again >= round(first / GB, 2) * GB and cache.stat().st_mtime_ns != stamp  # the best probe is kept

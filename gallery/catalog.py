@@ -53,6 +53,8 @@ class WeightBytes:
     token_embd: int
     routed_experts: int
     mtp: int
+    output_tied: bool = False  # no output.weight: token_embd is the LM head too (read in full every token)
+    quantized: bool = True  # most bytes in quantized types (APEX tiers are); f16/bf16/f32 files are not
 
     @property
     def other(self) -> int:

@@ -1,10 +1,13 @@
-"""Detect the memory this machine can give a model: GPUs (NVIDIA, AMD, Apple) and system RAM.
+"""Detect the memory this machine can give a model: GPUs (NVIDIA, AMD, Apple), system RAM, and what the installed
+llama.cpp build can run on.
 
 Every probe is optional, time-boxed and never fatal: a missing driver, tool or file becomes a note in the profile,
 and the next probe runs. Order: NVML (nvidia-ml-py) -> `nvidia-smi` -> AMD sysfs -> Apple `sysctl`; RAM from psutil
-(or /proc/meminfo under a test root) capped by cgroup v2/v1 limits. Explicit values (`--vram 24GiB`, `--ram 64GiB`,
-or APEXMTP_VRAM / APEXMTP_RAM, read by `backend.constants`) replace what was detected. Paths are read under `root`, so tests feed fake sysfs/proc
-trees; external tools are found on PATH, so tests put fake executables there.
+(or /proc/meminfo under a test root) capped by cgroup v2/v1 limits; the build from llama.cpp itself
+(`backend.engine.devices`: GPU offload support and ggml's devices); on the live machine, RAM bandwidth from a quick
+cached probe (`gallery.speed.ram_bandwidth`). Explicit values (`--vram 24GiB`, `--ram 64GiB`, or APEXMTP_VRAM /
+APEXMTP_RAM, read by `backend.constants`) replace what was detected; a given GPU is a what-if (`GPU.given`). Paths are read under `root`, so tests
+feed fake sysfs/proc trees; external tools are found on PATH, so tests put fake executables there.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from backend import constants
+from backend.engine.devices import BuildInfo, build_info
 
 from .units import GiB, MiB, parse_size
 
@@ -43,6 +47,12 @@ class GPU:
     unified: bool = False
     source: str = ""
     uuid: str = ""
+    bandwidth: float | None = None  # bytes/s when known (hardware classes); else looked up by name (gallery.speed)
+
+    @property
+    def given(self) -> bool:
+        """Sized by `--vram` / APEXMTP_VRAM, not detected: plans for it are what-ifs."""
+        return self.source == "override"
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,8 @@ class HardwareProfile:
     gpus: tuple[GPU, ...] = ()
     notes: tuple[str, ...] = ()
     overrides: tuple[str, ...] = field(default=())
+    build: BuildInfo | None = None  # None: not probed (hardware classes, tests), plans assume a build for the GPU
+    ram_bandwidth: float | None = None  # bytes/s, measured on the live machine or given by a hardware class
 
     @property
     def best_gpu(self) -> GPU | None:
@@ -288,6 +300,8 @@ def detect(
     ram: str | int | None = None,
     nvml: bool = True,
     timeout: float = PROBE_TIMEOUT_S,
+    build: bool = True,
+    bandwidth: bool = True,
 ) -> HardwareProfile:
     """Probe this machine (never raises for a missing or broken probe).
 
@@ -298,6 +312,8 @@ def detect(
         ram: system RAM to assume ("64GiB"). Default: APEXMTP_RAM.
         nvml: try NVML before nvidia-smi.
         timeout: seconds each probe may take.
+        build: ask the installed llama.cpp what it can offload to (off: plans assume a build for the GPU found).
+        bandwidth: measure (or read the cached) RAM bandwidth; only on the live machine (`root` "/").
 
     Raises:
         InvalidRequestError: only for a malformed explicit `vram`/`ram` value.
@@ -316,7 +332,14 @@ def detect(
             total = total or found[0].total
     elif vram is None:
         gpus = _detect_linux_gpus(root, constants.CUDA_VISIBLE_DEVICES, nvml, timeout, total, available, notes)
-    profile = HardwareProfile(system, cpu, os.cpu_count() or 1, total, available, tuple(gpus), tuple(notes))
+    info = _bounded(build_info, timeout * 4, notes, "llama.cpp build") if build else None
+    ram_bw = None
+    if bandwidth and root == Path("/"):  # the probe measures this machine, not a test tree
+        from .speed import ram_bandwidth
+
+        ram_bw = _bounded(lambda: ram_bandwidth(cpu), timeout * 4, notes, "ram bandwidth")
+    profile = HardwareProfile(system, cpu, os.cpu_count() or 1, total, available, tuple(gpus), tuple(notes),
+                              build=info, ram_bandwidth=ram_bw)
     return apply_overrides(profile, vram=vram, ram=ram)
 
 

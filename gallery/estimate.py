@@ -26,7 +26,7 @@ from typing import Any
 from backend.errors import InvalidRequestError
 
 from .catalog import WeightBytes
-from .units import gib
+from .units import ctx_label, gib
 
 # ggml block sizes: (values per block, bytes per block) for KV cache types.
 CACHE_TYPES: dict[str, tuple[int, int]] = {
@@ -41,6 +41,7 @@ CACHE_TYPES: dict[str, tuple[int, int]] = {
     "iq4_nl": (32, 18),
 }
 KV_CELL_PAD = 256  # llama.cpp pads the context to a multiple of 256 cells
+_FLOAT_TYPES = ("F32", "F16", "BF16")
 _EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down|gate_up)_exps\.")
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.")
 
@@ -66,6 +67,7 @@ class ArchFacts:
     ff_used: int  # expert_feed_forward_length * expert_used_count (dense: feed_forward_length)
     experts_used: int
     ff_shared: int
+    n_expert: int = 1  # routed experts per layer (1 for dense models)
 
     @classmethod
     def from_keys(cls, arch: str, get: Any, n_vocab: int) -> ArchFacts:
@@ -104,6 +106,7 @@ class ArchFacts:
             ff_used=ff * max(experts_used, 1),
             experts_used=max(experts_used, 1),
             ff_shared=int(get("expert_shared_feed_forward_length", 0) or 0),
+            n_expert=max(int(get("expert_count", 0) or 0), 1),
         )
 
     @classmethod
@@ -133,8 +136,11 @@ def _per_layer(value: Any, n: int) -> list[int]:
 
 
 def weights_from_gguf(info: Any, arch: ArchFacts) -> WeightBytes:
-    """Tensor bytes of a GGUF split by role (token_embd / routed experts / MTP layer / rest)."""
+    """Tensor bytes of a GGUF split by role (token_embd / routed experts / MTP layer / rest); a file without an
+    `output.weight` ties its LM head to `token_embd`; `quantized` when most bytes are not f32/f16/bf16."""
     embd = experts = mtp = 0
+    floats = sum(t.n_bytes for t in info.tensors if t.type_name.upper() in _FLOAT_TYPES)
+    tied = not any(t.name == "output.weight" for t in info.tensors)
     for t in info.tensors:
         layer = _LAYER_RE.match(t.name)
         if t.name == "token_embd.weight":
@@ -143,7 +149,9 @@ def weights_from_gguf(info: Any, arch: ArchFacts) -> WeightBytes:
             mtp += t.n_bytes
         elif _EXPERT_RE.match(t.name):
             experts += t.n_bytes
-    return WeightBytes(total=sum(t.n_bytes for t in info.tensors), token_embd=embd, routed_experts=experts, mtp=mtp)
+    total = sum(t.n_bytes for t in info.tensors)
+    return WeightBytes(total=total, token_embd=embd, routed_experts=experts, mtp=mtp, output_tied=tied,
+                       quantized=2 * floats < total)
 
 
 def cache_bytes(n_elems: int, cache_type: str) -> int:
@@ -156,11 +164,16 @@ def cache_bytes(n_elems: int, cache_type: str) -> int:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Runtime options that change memory: context, micro-batch, parallel sequences, KV types, MTP, mmproj."""
+    """Runtime options that change memory: context, micro-batch, parallel slots, KV types, MTP, mmproj.
+
+    `n_ctx` is the context of ONE slot and `n_seq` the number of slots, as the engine builds them
+    (backend/engine/llama.py `_new_context`): one unified KV buffer of `n_seq x n_ctx` cells in the target and in
+    the MTP context, recurrent state (with its rollback snapshots) and a logits row per slot.
+    """
 
     n_ctx: int
     n_ubatch: int = 512
-    n_seq: int = 1
+    n_seq: int = 1  # parallel slots
     cache_type_k: str = "q8_0"
     cache_type_v: str = "q8_0"
     mtp: bool = False
@@ -170,7 +183,8 @@ class RunConfig:
 
     @property
     def n_cells(self) -> int:
-        return -(-self.n_ctx // KV_CELL_PAD) * KV_CELL_PAD
+        """KV cells of the unified buffer: every slot's context, padded as llama.cpp pads it."""
+        return -(-self.n_ctx * self.n_seq // KV_CELL_PAD) * KV_CELL_PAD
 
 
 @dataclass(frozen=True)
@@ -300,11 +314,12 @@ def place(b: Breakdown, mode: str, n_cpu_moe: int = 0, *, arch: ArchFacts | None
 
 def describe(b: Breakdown, run: RunConfig, arch: ArchFacts) -> list[tuple[str, int]]:
     """Human labels for the non-zero parts of `b`, in the order the explanations print them."""
-    kv_label = f"KV @ {run.n_ctx // 1024}k {run.cache_type_k}" if run.n_ctx % 1024 == 0 else f"KV @ {run.n_ctx} {run.cache_type_k}"
+    slots = f"{run.n_seq} slots x " if run.n_seq > 1 else ""
+    per_slot = f" x {run.n_seq} slots" if run.n_seq > 1 else ""
     parts = [
         ("weights", b.weights - b.mtp_weights),
-        (kv_label, b.kv),
-        (f"recurrent state x{1 + (run.spec_n_max if run.mtp else 0)}", b.rs),
+        (f"KV @ {slots}{ctx_label(run.n_ctx)} {run.cache_type_k}", b.kv),
+        (f"recurrent state x{1 + (run.spec_n_max if run.mtp else 0)}{per_slot}", b.rs),
         (f"compute (ubatch {run.n_ubatch})", b.compute + b.output),
         ("MTP head + draft context", b.mtp_total),
         ("mmproj", b.mmproj),

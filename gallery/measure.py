@@ -26,9 +26,12 @@ from pathlib import Path
 
 from backend.errors import ModelLoadError
 
+
 @dataclass(frozen=True)
 class ContextSpec:
-    """One configuration to measure (a target context, plus an MTP context when `mtp`)."""
+    """One configuration to measure (a target context, plus an MTP context when `mtp`), built as the engine builds
+    its contexts (backend/engine/llama.py `_new_context`): `n_ctx` is the context of ONE slot, `n_seq` slots share
+    one unified KV buffer of `n_seq x n_ctx` cells, and the MTP context gets one output row per slot."""
 
     n_ctx: int
     n_ubatch: int = 512
@@ -39,6 +42,7 @@ class ContextSpec:
     mtp: bool = False
     n_rs_seq: int = 0
     draft_type: str = "f16"
+    kv_unified: bool = True
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,8 @@ def _ggml_type(name: str) -> int:
 
 def _context(lib, model, spec: ContextSpec, *, mtp_of=None):
     cp = lib.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = spec.n_ctx, spec.n_batch, spec.n_ubatch, spec.n_seq
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = spec.n_ctx * spec.n_seq, spec.n_batch, spec.n_ubatch, spec.n_seq
+    cp.kv_unified = spec.kv_unified
     cp.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
     cp.n_threads = cp.n_threads_batch = 1
     if mtp_of is None:

@@ -1,8 +1,9 @@
 """`apexmtp pull REF`: resolve a reference, pick the tier for this machine, download and verify, write the config.
 
 Python API (used by `apexmtp run`): `pull(ref, ...) -> PulledModel`, which carries what the backend's LoadModel
-needs. The tier is chosen from gallery facts before downloading; once the GGUF is on disk its own header gives the
-exact facts and the runtime options are chosen again from them.
+needs. The tier is chosen from gallery facts before downloading (for `parallel` slots of the context each, with
+the `prefer` objective); once the GGUF is on disk its own header gives the exact facts and the runtime options are
+chosen again from them. A GPU the installed llama.cpp cannot use is reported before the download starts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .download import fetch
 from .estimate import ArchFacts, weights_from_gguf
 from .modelconfig import build_config, write_config
 from .resolve import HubFile, Resolved, parse_hub_uri, resolve
-from .select import Candidate, Request, Selection, candidates_for, select
+from .select import OBJECTIVES, Candidate, Request, Selection, candidates_for, select
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class PulledModel:
     cache_type_v: str
     explanation: str
     sha256: str | None = None  # computed from the file's bytes by this pull (None for a local path)
+    parallel: int = 1  # slots the memory plan counts (the options carry `parallel:N` when N > 1)
+    predicted_tok_s: float = 0.0  # single-client decode, MTP included where on
 
 
 def _exact_candidate(path: Path, name: str, tier: str, base_options: tuple[str, ...], mtp_default: bool) -> Candidate:
@@ -71,6 +74,8 @@ def pull(
     progress: bool = True,
     catalog: Catalog | None = None,
     mtp: bool | None = None,
+    parallel: int = 1,
+    prefer: str = "quality",
 ) -> PulledModel:
     """Resolve `ref`, choose tier and runtime options, download (verified, resumable) and write `<name>.yaml`.
 
@@ -83,10 +88,13 @@ def pull(
         progress: show download progress.
         catalog: gallery to use (default: the packaged one).
         mtp: force MTP on/off (default: on when the file has a head and the entry enables it).
+        parallel: slots served at once, each with the whole context (memory and auto context count them all).
+        prefer: "quality" (the best tier at a usable speed) or "speed" (the fastest good-enough tier).
 
     Raises:
         EntryNotFoundError, ModelNotFoundError: the reference matches nothing.
         InsufficientMemoryError: auto-selection found no tier that fits (pass `tier` to force one).
+        InvalidRequestError: an unknown objective or fewer than one slot.
         UnsafePathError, ChecksumMismatchError, DownloadError: see `gallery.download.fetch`.
     """
     from backend import constants
@@ -94,9 +102,11 @@ def pull(
     catalog = catalog or load_catalog()
     models_dir = Path(models_dir or constants.MODELS_DIR).expanduser()
     profile = profile or detect()
-    request = Request(context=context, tier=tier, mtp=mtp)
+    request = Request(context=context, tier=tier, mtp=mtp, parallel=parallel, prefer=prefer)
     resolved = resolve(ref, catalog)
     plan = _plan(resolved, catalog, profile, request)
+    if plan is not None and plan.build_hint:
+        log.warning("%s", plan.build_hint)  # before a download of many GB that would then run on the CPU
     entry: Entry | None = catalog.get(plan.name) if plan else None
     if resolved.local_path is not None:
         path, model_ref, sha256 = resolved.local_path, str(resolved.local_path), None
@@ -107,7 +117,8 @@ def pull(
     base_options = entry.options if entry else tuple(catalog.policy["default_options"])
     mtp_default = entry is None or "spec_type:draft-mtp" in entry.options
     exact = _exact_candidate(path, resolved.name, entry.tier if entry else "file", base_options, mtp_default)
-    final = select(profile, [exact], catalog.policy, Request(context=context, mtp=mtp))
+    final = select(profile, [exact], catalog.policy,
+                   Request(context=context, mtp=mtp, parallel=parallel, prefer=prefer))
     if not final.fits:
         log.warning("%s", final.explanation)
     config = build_config(
@@ -119,7 +130,8 @@ def pull(
     header = f"written by `apexmtp pull {ref}`\n{final.explanation}"
     config_path = write_config(models_dir, config, comment=header)
     return PulledModel(resolved.name, path, config_path, final.options, final.context_size, final.gpu_layers,
-                       final.cache_type_k, final.cache_type_v, final.explanation, sha256)
+                       final.cache_type_k, final.cache_type_v, final.explanation, sha256, parallel,
+                       final.predicted_tok_s)
 
 
 def _source(resolved: Resolved, entry: Entry | None) -> tuple[HubFile, str, str | None]:
@@ -135,13 +147,18 @@ def _source(resolved: Resolved, entry: Entry | None) -> tuple[HubFile, str, str 
 
 
 def main(argv: list[str]) -> int:
-    """`apexmtp pull REF [--tier T] [--models-dir D] [--context N] [--vram 24GiB] [--ram 64GiB]`."""
+    """`apexmtp pull REF [--tier T] [--models-dir D] [--context N] [--parallel N] [--prefer quality|speed]
+    [--vram 24GiB] [--ram 64GiB]`."""
     parser = argparse.ArgumentParser(prog="apexmtp pull", description=__doc__.splitlines()[0])
     parser.add_argument("ref", help="gallery name, owner/repo@Tier, owner/repo@File.gguf, hf://owner/repo/File.gguf or a path")
     parser.add_argument("--tier", help="force a tier, e.g. I-Balanced (default: best that fits this machine)")
     parser.add_argument("--models-dir", type=Path, help="models directory (default: APEXMTP_MODELS_DIR)")
-    parser.add_argument("--context", type=int, help="context size to plan for (default: as large as fits)")
-    parser.add_argument("--vram", help="assume this much GPU memory instead of detecting it (e.g. 24GiB, 0)")
+    parser.add_argument("--context", type=int, help="context per slot to plan for (default: as large as fits)")
+    parser.add_argument("--parallel", type=int, default=1, help="slots served at once, each with the whole context "
+                        "(default 1; `apexmtp run` serves 4)")
+    parser.add_argument("--prefer", choices=OBJECTIVES, default="quality",
+                        help="quality: best tier at a usable speed (default); speed: fastest good-enough tier")
+    parser.add_argument("--vram", help="assume this much GPU memory (a what-if plan), e.g. 24GiB or 0")
     parser.add_argument("--ram", help="assume this much system RAM (e.g. 64GiB)")
     parser.add_argument("--no-mtp", action="store_true", help="never enable the MTP head")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -149,7 +166,8 @@ def main(argv: list[str]) -> int:
     try:
         profile = detect(vram=args.vram, ram=args.ram)
         pulled = pull(args.ref, tier=args.tier, models_dir=args.models_dir, context=args.context, profile=profile,
-                      progress=not args.quiet, mtp=False if args.no_mtp else None)
+                      progress=not args.quiet, mtp=False if args.no_mtp else None, parallel=args.parallel,
+                      prefer=args.prefer)
     except ApexError as exc:
         print(f"apexmtp pull: error: {exc}", file=sys.stderr)
         return 1

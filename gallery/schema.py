@@ -76,6 +76,15 @@ class Checker:
                 raise self.fail(f"{full}[{i}]", f"expected a string, got {type(item).__name__} {item!r}")
         return items
 
+    def number(self, mapping: Mapping[str, Any], field: str, *, path: str = "", low: float = 0.0,
+               high: float = float("inf"), low_open: bool = True) -> float:
+        """A number in (low, high] (or [low, high] with `low_open=False`)."""
+        value = self.get(mapping, field, (int, float), path=path)
+        if not ((value > low) if low_open else (value >= low)) or value > high:
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise self.fail(f"{path}.{field}" if path else field, f"must be in {bounds}, got {value!r}")
+        return float(value)
+
     def size(self, mapping: Mapping[str, Any], field: str, *, path: str = "") -> int:
         """A memory size such as `24GiB`."""
         value = self.get(mapping, field, (str, int), path=path)
@@ -260,15 +269,60 @@ def validate_hardware(data: Any, source: str) -> None:
     for j, band in enumerate(pc.get(policy, "apple_working_set", list)):
         pc.size(band, "up_to", path=f"apple_working_set[{j}]")
         pc.get(band, "fraction", float, path=f"apple_working_set[{j}]")
+    objectives = pc.get(policy, "objectives", dict)
+    pc.number(objectives, "floor_tok_s", path="objectives")
+    if pc.get(objectives, "quality_floor", str, path="objectives") not in tiers:
+        raise pc.fail("objectives.quality_floor", f"{objectives['quality_floor']!r} is not in tier_order")
+    _validate_speed(pc, pc.get(policy, "speed", dict))
+    builds = pc.get(policy, "gpu_builds", dict)
+    if "{flags}" not in pc.get(builds, "command", str, path="gpu_builds"):
+        raise pc.fail("gpu_builds.command", "must contain {flags}")
+    vendors = pc.get(builds, "vendors", dict, path="gpu_builds")
+    if "default" not in vendors:
+        raise pc.fail("gpu_builds.vendors", "needs a 'default' entry")
+    for vendor, row in vendors.items():
+        for field in ("flags", "backend", "needs"):
+            pc.get(row, field, str, path=f"gpu_builds.vendors.{vendor}")
     _validate_classes(top.get(data, "classes", list), source)
+
+
+def _validate_speed(pc: Checker, speed: dict[str, Any]) -> None:
+    if pc.get(speed, "at_context", int, path="speed") <= 0:
+        raise pc.fail("speed.at_context", "must be positive")
+    pc.number(speed, "token_overhead_ms", path="speed", low_open=False)
+    devices = pc.get(speed, "devices", dict, path="speed")
+    for kind in ("gpu", "unified", "cpu"):
+        consts = pc.get(devices, kind, dict, path="speed.devices")
+        where = f"speed.devices.{kind}"
+        pc.number(consts, "efficiency", path=where, high=1.0)
+        pc.number(consts, "layer_overhead_ms", path=where, low_open=False)
+        pc.number(consts, "verify_overhead", path=where, low_open=False)
+        pc.number(consts, "quant_cost", path=where)
+    acc = pc.get(speed, "mtp_acceptance", dict, path="speed")
+    pc.number(acc, "rate", path="speed.mtp_acceptance", high=1.0)
+    if pc.get(acc, "n_draft", int, path="speed.mtp_acceptance") < 1:
+        raise pc.fail("speed.mtp_acceptance.n_draft", "must be >= 1")
+    pc.number(speed, "ram_gbps", path="speed")
+    for j, row in enumerate(pc.get(speed, "gpu_gbps", list, path="speed")):
+        where = f"speed.gpu_gbps[{j}]"
+        try:
+            re.compile(pc.get(row, "match", str, path=where))
+        except re.error as exc:
+            raise pc.fail(f"{where}.match", f"not a regular expression: {exc}") from None
+        pc.number(row, "gbps", path=where)
+    vendor_gbps = pc.get(speed, "vendor_gbps", dict, path="speed")
+    for vendor in vendor_gbps:
+        pc.number(vendor_gbps, vendor, path="speed.vendor_gbps")
+    if "default" not in vendor_gbps:
+        raise pc.fail("speed.vendor_gbps", "needs a 'default' entry")
 
 
 def _validate_classes(classes: list[Any], source: str) -> None:
     seen: set[str] = set()
     needs: dict[str, Callable[[Checker, dict[str, Any]], Any]] = {
-        "cpu": lambda c, d: c.size(d, "ram"),
-        "gpu": lambda c, d: (c.size(d, "ram"), c.size(d, "vram")),
-        "apple": lambda c, d: c.size(d, "ram"),
+        "cpu": lambda c, d: (c.size(d, "ram"), c.number(d, "ram_gbps")),
+        "gpu": lambda c, d: (c.size(d, "ram"), c.size(d, "vram"), c.number(d, "ram_gbps"), c.number(d, "vram_gbps")),
+        "apple": lambda c, d: (c.size(d, "ram"), c.number(d, "ram_gbps")),
     }
     for j, cls in enumerate(classes):
         if not isinstance(cls, dict):

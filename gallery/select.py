@@ -1,10 +1,19 @@
 """Pick a tier and runtime options for a machine, and say why (pure: profile + candidates + policy -> Selection).
 
-Order (hardware-fit.md §0, §6): the best-quality tier that fits entirely on the GPU at the requested context; else
-the best tier that fits with the routed experts of the first N layers in system RAM (llama.cpp `--n-cpu-moe N`,
-smallest N that fits); else the best tier that runs on the CPU from RAM. Within a tier MTP is tried on first, then
-off (quality before speed). With no context requested the tier is chosen at `policy.default_context` and the
-context then grows to the largest candidate that still fits the same way. Needs always include the margins.
+Each tier's plan is its fastest placement that fits (hardware-fit.md §0, §6): fully on the GPU, on the GPU with the
+routed experts of the first N layers in system RAM (llama.cpp `--n-cpu-moe N`, smallest N that fits), or on the CPU
+from RAM; MTP on and off are both tried. Speeds come from `gallery.speed`. Then the objective (`Request.prefer`,
+hardware.yaml `policy.objectives`) picks one plan:
+
+* **quality** (default): the best tier whose predicted decode speed meets `floor_tok_s`; if none does, the fastest
+  plan. More VRAM never makes a tier's plan slower, so it never gives a worse tier.
+* **speed**: the fastest plan among tiers at least as good as `quality_floor` (any tier when none of those fits).
+  More VRAM never makes a plan slower or removes one, so it never gives a lower predicted speed.
+
+Memory counts every slot: `Request.parallel` slots of `context` tokens each share one KV buffer. With no context
+requested the tier is chosen at `policy.default_context` per slot, then the context grows to the largest candidate
+that still fits the same way. Needs always include the margins. A GPU the installed llama.cpp build cannot use is
+left out (CPU plans and a reinstall hint); a GPU given with `--vram` is planned on as a what-if.
 """
 
 from __future__ import annotations
@@ -14,12 +23,15 @@ from typing import Any
 
 from backend.errors import EntryNotFoundError, InvalidRequestError
 
+from .builds import can_use, gpu_hint
 from .catalog import Catalog, Entry, WeightBytes
 from .detect import GPU, HardwareProfile
 from .estimate import ArchFacts, Breakdown, Placement, RunConfig, estimate, place, summary
+from .speed import Bandwidth, Speed, bandwidth_for, predict
 from .units import GiB, ctx_label, gib, parse_size
 
 MODES = ("gpu", "gpu+ram", "cpu")
+OBJECTIVES = ("quality", "speed")
 
 
 @dataclass(frozen=True)
@@ -36,11 +48,14 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Request:
-    """What the user asked for: a context (None = auto), a tier (None = auto), MTP (None = the entry's default)."""
+    """What the user asked for: a context per slot (None = auto), a tier (None = auto), MTP (None = the entry's
+    default), the number of parallel slots, and the objective."""
 
     context: int | None = None
     tier: str | None = None
     mtp: bool | None = None
+    parallel: int = 1
+    prefer: str = "quality"
 
 
 @dataclass(frozen=True)
@@ -51,15 +66,20 @@ class Budget:
     gpu_free: int
     ram_free: int
     unified: bool
+    blocked: GPU | None = None  # a detected GPU the installed llama.cpp cannot use
 
     @property
     def gpu_label(self) -> str:
         return self.gpu.name if self.gpu else "no GPU"
 
+    @property
+    def what_if(self) -> bool:
+        return self.gpu is not None and self.gpu.given
+
 
 @dataclass(frozen=True)
 class Selection:
-    """The pick: tier, placement and runtime options, the needs behind them, and a sentence saying why."""
+    """The pick: tier, placement and runtime options, the needs behind them, the predicted speed, and why."""
 
     name: str
     tier: str
@@ -80,19 +100,31 @@ class Selection:
     host_budget: int
     explanation: str
     breakdown: Breakdown = field(repr=False)
+    speed: Speed = field(repr=False)
+    objective: str = "quality"
+    n_seq: int = 1
+    what_if: bool = False
+    build_hint: str | None = None  # the reinstall command when a detected GPU was left out
     has_mtp_head: bool = False
     base_options: tuple[str, ...] = ()
 
     @property
+    def predicted_tok_s(self) -> float:
+        """Single-client decode tokens/s (with MTP at its best draft length when on)."""
+        return self.speed.tok_s
+
+    @property
     def options(self) -> list[str]:
-        """`ModelOptions.Options` for our backend: entry defaults, MTP on/off spelled out, expert offload."""
-        opts = [o for o in self.base_options if not o.startswith(("spec_", "n_cpu_moe:"))]
+        """`ModelOptions.Options` for our backend: entry defaults, MTP on/off spelled out, expert offload, slots."""
+        opts = [o for o in self.base_options if not o.startswith(("spec_", "n_cpu_moe:", "parallel:"))]
         if self.mtp:
             opts += ["spec_type:draft-mtp", f"spec_n_max:{self.spec_n_max}", f"spec_p_min:{self.spec_p_min:g}"]
         elif self.has_mtp_head:
             opts.append("spec_type:none")  # the backend would otherwise enable the head it finds
         if self.n_cpu_moe:
             opts.append(f"n_cpu_moe:{self.n_cpu_moe}")
+        if self.n_seq > 1:
+            opts.append(f"parallel:{self.n_seq}")
         return opts
 
     def row(self) -> dict[str, Any]:
@@ -102,6 +134,7 @@ class Selection:
             "fits": self.fits,
             "placement": self.mode,
             "context": self.context_size,
+            "slots": self.n_seq,
             "mtp": self.mtp,
             "n_cpu_moe": self.n_cpu_moe,
             "kv": self.cache_type_k,
@@ -109,12 +142,14 @@ class Selection:
             "gpu_free_gib": round(self.device_budget / GiB, 2),
             "ram_need_gib": round(self.host_need / GiB, 2),
             "ram_free_gib": round(self.host_budget / GiB, 2),
+            "predicted_tok_s": round(self.speed.tok_s, 1),
             "why": self.explanation,
         }
 
 
 def budget_for(profile: HardwareProfile, policy: dict[str, Any]) -> Budget:
-    """Usable GPU and RAM: detected free memory, or size minus the policy's reserves when free is unknown."""
+    """Usable GPU and RAM: detected free memory, or size minus the policy's reserves when free is unknown. A GPU
+    the probed llama.cpp build cannot use gives no GPU budget (it is `blocked`)."""
     reserve = policy["reserve"]
     ram_free = profile.ram_available
     if ram_free is None:
@@ -122,6 +157,8 @@ def budget_for(profile: HardwareProfile, policy: dict[str, Any]) -> Budget:
     gpu = profile.best_gpu
     if gpu is None:
         return Budget(None, 0, max(ram_free, 0), False)
+    if not can_use(profile.build, gpu):
+        return Budget(None, 0, max(ram_free, 0), False, blocked=gpu)
     free = gpu.free
     if free is None and gpu.vendor == "apple":
         band = next(b for b in policy["apple_working_set"] if gpu.total <= parse_size(b["up_to"]))
@@ -149,12 +186,23 @@ class _Trial:
     device_need: int
     host_need: int
     fits: bool
+    speed: Speed
 
 
-def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, budget: Budget, policy: dict[str, Any],
-         n_cpu_moe: int | None = None) -> _Trial:
+@dataclass(frozen=True)
+class _Env:
+    """What every trial of one `select` call shares."""
+
+    budget: Budget
+    bandwidth: Bandwidth
+    policy: dict[str, Any]
+    n_seq: int
+
+
+def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, env: _Env, n_cpu_moe: int | None = None) -> _Trial:
     """Estimate `cand` in `mode`; for gpu+ram pick the smallest n_cpu_moe that fits (or use the given one)."""
-    run = RunConfig(n_ctx=n_ctx, n_ubatch=policy["n_ubatch"], cache_type_k=policy["cache_type"],
+    policy, budget = env.policy, env.budget
+    run = RunConfig(n_ctx=n_ctx, n_ubatch=policy["n_ubatch"], n_seq=env.n_seq, cache_type_k=policy["cache_type"],
                     cache_type_v=policy["cache_type"], mtp=mtp, spec_n_max=policy["mtp"]["spec_n_max"] if mtp else 0,
                     draft_cache_type=policy["mtp"]["draft_cache_type"])
     b = estimate(cand.arch, cand.weights, run)
@@ -173,7 +221,8 @@ def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, budget: Budget, poli
     else:
         device_need, host_need = p.device + margin, p.host + host_margin
         fits = budget.gpu_free > 0 and device_need <= budget.gpu_free and host_need <= budget.ram_free
-    return _Trial(cand, run, b, p, device_need, host_need, fits)
+    speed = predict(cand.arch, cand.weights, run, mode, p.n_cpu_moe, env.bandwidth, policy["speed"])
+    return _Trial(cand, run, b, p, device_need, host_need, fits, speed)
 
 
 def _modes(budget: Budget) -> list[str]:
@@ -190,23 +239,72 @@ def _mtp_choices(cand: Candidate, request: Request) -> list[bool]:
     return [True, False] if cand.mtp_default else [False]
 
 
+def _fastest(cand: Candidate, n_ctx: int, request: Request, env: _Env) -> tuple[_Trial | None, _Trial]:
+    """(the fastest plan of `cand` that fits, or None; its first trial, the fully-on-GPU one where there is a GPU,
+    for explanations)."""
+    best: _Trial | None = None
+    first: _Trial | None = None
+    for mode in _modes(env.budget):
+        for mtp in _mtp_choices(cand, request):
+            trial = _try(cand, mode, n_ctx, mtp, env)
+            first = first or trial
+            if trial.fits and (best is None or trial.speed.tok_s > best.speed.tok_s):
+                best = trial
+    assert first is not None
+    return best, first
+
+
+def _rank(tier: str, policy: dict[str, Any]) -> int:
+    """Position in the quality order (unknown tiers, e.g. a local file, rank best)."""
+    order = policy["tier_order"]
+    return order.index(tier) if tier in order else -1
+
+
+def _choose(plans: list[tuple[_Trial | None, _Trial]], prefer: str, policy: dict[str, Any]) -> tuple[int, str]:
+    """Index of the chosen plan (candidates are best quality first) and the objective's reason; -1 = nothing fits."""
+    fitting = [i for i, (best, _) in enumerate(plans) if best is not None]
+    if not fitting:
+        return -1, ""
+    obj = policy["objectives"]
+    floor = obj["floor_tok_s"]
+
+    def fastest(indices: list[int]) -> int:
+        return max(indices, key=lambda i: (plans[i][0].speed.tok_s, -i))  # ties: the better tier
+
+    if prefer == "quality":
+        meeting = [i for i in fitting if plans[i][0].speed.tok_s >= floor]
+        if meeting:
+            return meeting[0], f"quality first (the best tier predicted at >= {floor:g} tok/s)"
+        return fastest(fitting), f"quality first, but no tier reaches {floor:g} tok/s here, so the fastest"
+    limit = _rank(obj["quality_floor"], policy)
+    good = [i for i in fitting if _rank(plans[i][0].cand.tier, policy) <= limit]
+    if good:
+        return fastest(good), f"speed first (the fastest tier at least as good as {obj['quality_floor']})"
+    return fastest(fitting), f"speed first (no tier as good as {obj['quality_floor']} fits, so the fastest)"
+
+
 def select(profile: HardwareProfile, candidates: list[Candidate], policy: dict[str, Any],
            request: Request = Request()) -> Selection:
-    """Choose a tier, placement and runtime options for `profile` (see the module doc for the order).
+    """Choose a tier, placement and runtime options for `profile` (see the module doc for the objectives).
 
     Args:
         profile: detected (or given) hardware.
         candidates: the tiers to choose from, best quality first (`candidates_for`).
-        policy: hardware.yaml's `policy` (margins, context, cache type, MTP tuning, reserves).
-        request: explicit context / tier / MTP wishes.
+        policy: hardware.yaml's `policy` (margins, context, cache type, MTP tuning, reserves, objectives, speed).
+        request: explicit context / tier / MTP wishes, parallel slots and the objective.
 
     Returns:
-        The first fit; if nothing fits, the smallest tier on the CPU with `fits=False` and an explanation.
+        The objective's pick; if nothing fits, the smallest tier on the CPU with `fits=False` and an explanation.
 
     Raises:
         EntryNotFoundError: the requested tier is not among the candidates.
-        InvalidRequestError: MTP requested on a file without a head, or a context beyond the model's own.
+        InvalidRequestError: MTP requested on a file without a head, a context beyond the model's own, fewer than
+            one slot, or an unknown objective.
     """
+    if request.prefer not in OBJECTIVES:
+        raise InvalidRequestError(f"prefer must be one of {', '.join(OBJECTIVES)}, not {request.prefer!r}")
+    if request.parallel < 1:
+        raise InvalidRequestError(f"parallel must be at least 1, not {request.parallel}")
     if request.tier:
         candidates = [c for c in candidates if c.tier.lower() == request.tier.lower()]
         if not candidates:
@@ -214,41 +312,43 @@ def select(profile: HardwareProfile, candidates: list[Candidate], policy: dict[s
     if not candidates:
         raise EntryNotFoundError("no candidate tiers to choose from")
     budget = budget_for(profile, policy)
+    env = _Env(budget, bandwidth_for(profile, budget.gpu, policy["speed"]), policy, request.parallel)
     n_ctx = request.context or policy["default_context"]
     max_ctx = candidates[0].arch.n_ctx_train
     if max_ctx and n_ctx > max_ctx:
         if request.context:
             raise InvalidRequestError(f"context {n_ctx} exceeds the model's trained context {max_ctx}")
         n_ctx = max_ctx
-    rejected: list[_Trial] = []
-    for mode in _modes(budget):
-        for cand in candidates:
-            for mtp in _mtp_choices(cand, request):
-                trial = _try(cand, mode, n_ctx, mtp, budget, policy)
-                if trial.fits:
-                    if request.context is None:
-                        trial = _grow_context(trial, mode, budget, policy)
-                    return _selection(trial, mode, budget, policy, rejected)
-                if mode == "gpu" and not rejected:
-                    rejected.append(trial)
-    smallest = candidates[-1]
-    trial = _try(smallest, "cpu", n_ctx, False, budget, policy)
-    return _selection(trial, "cpu", budget, policy, rejected)
+    plans = [_fastest(cand, n_ctx, request, env) for cand in candidates]
+    chosen, reason = _choose(plans, request.prefer, policy)
+    if chosen < 0:
+        trial = _try(candidates[-1], "cpu", n_ctx, False, env)
+        return _selection(trial, env, request, "", plans[0][1])
+    trial = plans[chosen][0]
+    assert trial is not None
+    if request.context is None:
+        trial = _grow_context(trial, env)
+    better = plans[chosen - 1] if chosen > 0 and request.prefer == "quality" else None
+    return _selection(trial, env, request, reason, plans[chosen][1], better)
 
 
-def _grow_context(trial: _Trial, mode: str, budget: Budget, policy: dict[str, Any]) -> _Trial:
+def _grow_context(trial: _Trial, env: _Env) -> _Trial:
     """The same tier, MTP setting and expert placement at the largest candidate context that still fits."""
     max_ctx = trial.cand.arch.n_ctx_train or trial.run.n_ctx
-    for ctx in sorted(policy["context_candidates"], reverse=True):
+    for ctx in sorted(env.policy["context_candidates"], reverse=True):
         if trial.run.n_ctx < ctx <= max_ctx:
-            bigger = _try(trial.cand, mode, ctx, trial.run.mtp, budget, policy, n_cpu_moe=trial.placement.n_cpu_moe)
+            bigger = _try(trial.cand, trial.placement.mode, ctx, trial.run.mtp, env,
+                          n_cpu_moe=trial.placement.n_cpu_moe)
             if bigger.fits:
                 return bigger
     return trial
 
 
-def _selection(t: _Trial, mode: str, budget: Budget, policy: dict[str, Any], rejected: list[_Trial]) -> Selection:
-    gpu_layers = policy["gpu_layers_all"] if mode != "cpu" else 0
+def _selection(t: _Trial, env: _Env, request: Request, reason: str, first: _Trial,
+               better: tuple[_Trial | None, _Trial] | None = None) -> Selection:
+    policy, budget = env.policy, env.budget
+    mode = t.placement.mode
+    hint = gpu_hint(budget.blocked, policy) if budget.blocked is not None else None
     return Selection(
         name=t.cand.name,
         tier=t.cand.tier,
@@ -257,7 +357,7 @@ def _selection(t: _Trial, mode: str, budget: Budget, policy: dict[str, Any], rej
         context_size=t.run.n_ctx,
         mtp=t.run.mtp,
         n_cpu_moe=t.placement.n_cpu_moe,
-        gpu_layers=gpu_layers,
+        gpu_layers=policy["gpu_layers_all"] if mode != "cpu" else 0,
         cache_type_k=t.run.cache_type_k,
         cache_type_v=t.run.cache_type_v,
         flash_attention=policy["flash_attention"],
@@ -267,23 +367,61 @@ def _selection(t: _Trial, mode: str, budget: Budget, policy: dict[str, Any], rej
         device_budget=budget.gpu_free,
         host_need=t.host_need,
         host_budget=budget.ram_free,
-        explanation=explain(t, mode, budget, policy, rejected),
+        explanation=explain(t, env, reason, first, better, hint),
         breakdown=t.breakdown,
+        speed=t.speed,
+        objective=request.prefer,
+        n_seq=env.n_seq,
+        what_if=budget.what_if,
+        build_hint=hint,
         has_mtp_head=t.cand.arch.n_nextn > 0,
         base_options=t.cand.base_options or tuple(policy["default_options"]),
     )
 
 
-def explain(t: _Trial, mode: str, budget: Budget, policy: dict[str, Any], rejected: list[_Trial]) -> str:
-    """The human reason: which tier, where, the sum that fits (or does not), and what the better tier needed."""
+def _slots(run: RunConfig) -> str:
+    return f"context {ctx_label(run.n_ctx)}" if run.n_seq == 1 else \
+        f"{run.n_seq} slots x {ctx_label(run.n_ctx)} tokens"
+
+
+def _speed_text(t: _Trial, at_context: int) -> str:
+    s = t.speed
+    mtp = f" with MTP (k={s.k}, {s.mtp_gain:.2f}x plain {s.plain_tok_s:.0f})" if t.run.mtp and s.k else ""
+    if t.run.mtp and not s.k:
+        mtp = " (MTP predicted not to pay here: plain speed)"
+    return (f"predicted ~{s.tok_s:.0f} tok/s decode for one client{mtp} at {ctx_label(min(at_context, t.run.n_ctx))} "
+            f"tokens of context ({s.bytes_per_token / 1e9:.2f} GB per token; {s.bandwidth.source})")
+
+
+def _why_not(better: tuple[_Trial | None, _Trial], floor: float) -> str:
+    fit, first = better
+    tier = first.cand.tier
+    if fit is not None:
+        return f"{tier} would decode at only ~{fit.speed.tok_s:.0f} tok/s here (below {floor:g})"
+    if first.placement.mode == "cpu":
+        return f"{tier} would need {gib(first.host_need)} of RAM"
+    return f"{tier} would need {gib(first.device_need)} on the GPU"
+
+
+def explain(t: _Trial, env: _Env, reason: str, first: _Trial, better: tuple[_Trial | None, _Trial] | None,
+            hint: str | None) -> str:
+    """The human reason: the objective, which tier, where, the sum that fits (or does not), the predicted speed,
+    what the next better tier lacked, and a what-if or GPU-build note."""
+    policy, budget = env.policy, env.budget
     parts = summary(t.breakdown, t.run, t.cand.arch)
+    mode = t.placement.mode
     mtp = " with MTP" if t.run.mtp else (" (MTP off)" if t.cand.arch.n_nextn else "")
     if mode == "cpu" and not t.fits:
-        return (f"nothing fits: even {t.cand.tier} on the CPU needs {gib(t.host_need)} of RAM ({parts} + "
+        fewer = ", fewer --parallel slots" if t.run.n_seq > 1 else ""
+        text = (f"nothing fits: even {t.cand.tier} on the CPU needs {gib(t.host_need)} of RAM ({parts} + "
                 f"{gib(policy['host_margin'])} margin) and {gib(budget.ram_free)} is available; "
-                "pick a tier with --tier to try anyway, or a smaller --context")
+                f"pick a tier with --tier to try anyway, or a smaller --context{fewer}")
+        return text + (f"; {hint}" if hint else "")
     if mode == "cpu":
-        why = "no GPU" if budget.gpu is None else f"too large for {budget.gpu_label} even with experts in RAM"
+        if budget.gpu is None:
+            why = "GPU unusable" if budget.blocked else "no GPU"
+        else:
+            why = f"too large for {budget.gpu_label} even with experts in RAM"
         text = (f"{t.cand.tier}{mtp} on the CPU ({why}): {parts} + {gib(policy['host_margin'])} margin = "
                 f"{gib(t.host_need)} of {gib(budget.ram_free)} RAM available")
     elif mode == "gpu":
@@ -295,9 +433,14 @@ def explain(t: _Trial, mode: str, budget: Budget, policy: dict[str, Any], reject
         text = (f"{t.cand.tier}{mtp} on the GPU ({budget.gpu_label}) with the routed experts of {n} of {total} "
                 f"layers in RAM: GPU {gib(t.device_need)} of {gib(budget.gpu_free)} free (margin included), RAM "
                 f"{gib(t.host_need)} of {gib(budget.ram_free)}; all of it: {parts}")
-    better = rejected[0] if rejected else None
-    if better is not None and better.cand.name != t.cand.name:
-        text += f"; {better.cand.tier} would need {gib(better.device_need)} on the GPU"
-    elif better is not None and mode != "gpu":
-        text += f"; fully on the GPU it would need {gib(better.device_need)}"
-    return text + f" (context {ctx_label(t.run.n_ctx)})"
+        if first.placement.mode == "gpu":
+            text += f"; fully on the GPU it would need {gib(first.device_need)}"
+    text = f"{reason}: {text}; {_speed_text(t, policy['speed']['at_context'])}"
+    if better is not None:
+        text += f"; {_why_not(better, policy['objectives']['floor_tok_s'])}"
+    text += f" ({_slots(t.run)})"
+    if budget.what_if:
+        text = f"what-if, not detected ({budget.gpu_label} from --vram): {text}"
+    if hint:
+        text += f"; {hint}"
+    return text

@@ -11,8 +11,15 @@ import pytest
 
 from backend.errors import InvalidRequestError
 from backend.gguf_file import read_gguf
-from backend.synth.qwen35moe import (PRESETS, REAL_CONFIGS, apex_like_type, model_metadata, tensor_layout,
-                               write_model, write_sparse)
+from backend.synth.qwen35moe import (
+    PRESETS,
+    REAL_CONFIGS,
+    apex_like_type,
+    model_metadata,
+    tensor_layout,
+    write_model,
+    write_sparse,
+)
 from gallery.catalog import WeightBytes, load_catalog
 from gallery.estimate import ArchFacts, RunConfig, cache_bytes, estimate, place, weights_from_gguf
 from gallery.measure import ContextSpec, measure
@@ -94,8 +101,9 @@ def test_estimate_matches_llama_cpp_on_the_real_layout(real_sparse: Path, real_i
     arch = ArchFacts.from_gguf(real_info)
     w = weights_from_gguf(real_info, arch)
     specs = [ContextSpec(n_ctx, type_k="q8_0", type_v="q8_0", mtp=True, n_rs_seq=6) for n_ctx in (4096, 32768, 262144)]
+    specs.append(ContextSpec(32768, n_seq=4, type_k="q8_0", type_v="q8_0", mtp=True, n_rs_seq=6))
     for m in measure(real_sparse, specs):
-        b = estimate(arch, w, RunConfig(n_ctx=m.spec.n_ctx, mtp=True, spec_n_max=6))
+        b = estimate(arch, w, RunConfig(n_ctx=m.spec.n_ctx, n_seq=m.spec.n_seq, mtp=True, spec_n_max=6))
         assert abs(b.kv - m.kv) < LOG_ROUNDING and abs(b.rs - m.rs) < LOG_ROUNDING, m.spec
         assert abs(b.mtp_kv - m.mtp_kv) < LOG_ROUNDING, m.spec
         assert abs(b.compute - m.compute) / m.compute < 0.02, m.spec
@@ -108,11 +116,12 @@ def test_estimate_matches_llama_cpp_on_a_tiny_model(tiny: Path) -> None:
     info = read_gguf(tiny)
     arch = ArchFacts.from_gguf(info)
     w = weights_from_gguf(info, arch)
-    specs = [ContextSpec(c, n_ubatch=u, type_k=k, type_v=k, mtp=mtp, n_rs_seq=3 if mtp else 0)
-             for c, u, k, mtp in ((4096, 512, "f16", True), (4096, 128, "q8_0", False), (65536, 512, "q8_0", True))]
+    specs = [ContextSpec(c, n_ubatch=u, type_k=k, type_v=k, mtp=mtp, n_rs_seq=3 if mtp else 0, n_seq=n)
+             for c, u, k, mtp, n in ((4096, 512, "f16", True, 1), (4096, 128, "q8_0", False, 1),
+                                     (65536, 512, "q8_0", True, 1), (4096, 512, "q8_0", True, 4))]
     for m in measure(tiny, specs, alloc=True):
         s = m.spec
-        b = estimate(arch, w, RunConfig(n_ctx=s.n_ctx, n_ubatch=s.n_ubatch, cache_type_k=s.type_k,
+        b = estimate(arch, w, RunConfig(n_ctx=s.n_ctx, n_ubatch=s.n_ubatch, n_seq=s.n_seq, cache_type_k=s.type_k,
                                         cache_type_v=s.type_v, mtp=s.mtp, spec_n_max=s.n_rs_seq))
         assert abs(b.kv - m.kv) < LOG_ROUNDING and abs(b.rs - m.rs) < LOG_ROUNDING, s
         assert abs(b.compute - m.compute) / m.compute < 0.10, s
@@ -120,6 +129,16 @@ def test_estimate_matches_llama_cpp_on_a_tiny_model(tiny: Path) -> None:
             assert abs(b.mtp_kv - m.mtp_kv) < LOG_ROUNDING and abs(b.mtp_compute - m.mtp_compute) / m.mtp_compute < 0.10
         # with real allocation the weights are one mmapped CPU buffer holding every tensor (MTP layer included)
         assert abs(m.model_buffers - w.total) < max(LOG_ROUNDING, 0.002 * w.total), s
+
+
+def test_parallel_slots_multiply_kv_state_and_logits() -> None:
+    """n_seq slots of n_ctx each: one unified KV of n_seq x n_ctx cells (target and MTP), per-slot recurrent state
+    with its snapshots and a logits row per slot (measured against llama.cpp in the two tests above)."""
+    arch, w = _table_facts(), WeightBytes(total=10**9, token_embd=0, routed_experts=0, mtp=10**8)
+    one = estimate(arch, w, RunConfig(n_ctx=32768, mtp=True, spec_n_max=6))
+    four = estimate(arch, w, RunConfig(n_ctx=32768, n_seq=4, mtp=True, spec_n_max=6))
+    assert (four.kv, four.rs, four.mtp_kv, four.output) == (4 * one.kv, 4 * one.rs, 4 * one.mtp_kv, 4 * one.output)
+    assert four.kv == 1360 * MiB and four.rs == 4 * 7 * 65_863_680  # llama.cpp: 1360.00 and 1758.75 MiB
 
 
 def test_placement_splits_gpu_and_host() -> None:

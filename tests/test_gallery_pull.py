@@ -169,14 +169,16 @@ def test_pull_local_file_and_cli(models: dict[str, Path], tmp_path: Path, capsys
 
 
 def test_hw_json_agrees_with_the_committed_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """The table's gpu-24g tier and placement; the speeds (and with them MTP and the experts kept in RAM) differ,
+    since a given card has a default bandwidth and this machine's RAM its measured one."""
     assert hw.main(["--json", "--vram", "24GiB", "--ram", "64GiB"]) == 0
     data = json.loads(capsys.readouterr().out)
     table = build_table(load_catalog())
     for family, row in data["picks"].items():
-        expected = dict(table[family]["gpu-24g"])
-        got = {k: row[k] for k in expected}
-        assert got.pop("why").replace("24 GiB GPU (given)", "gpu-24g GPU") == expected.pop("why")
-        assert got == expected
+        expected = table[family]["gpu-24g"]["quality"]
+        assert [row[k] for k in ("tier", "fits", "placement", "kv", "gpu_free_gib", "ram_free_gib")] == \
+            [expected[k] for k in ("tier", "fits", "placement", "kv", "gpu_free_gib", "ram_free_gib")]
+        assert row["what_if"] and row["why"].startswith("what-if, not detected")
     assert hw.main([]) == 0
     out = capsys.readouterr().out
     assert out.startswith("CPU: ") and "qwen3.6-35b-a3b-apex-mtp:" in out

@@ -171,10 +171,28 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         rpc_servers=opts.get("rpc_servers", constants.RPC_SERVERS),
         tensor_split=opts.get("tensor_split") or (parse_tensor_split(req.TensorSplit) if req.TensorSplit else ()),
     )
+    if cfg.n_gpu_layers != 0:
+        _warn_if_cpu_only(req.NGPULayers)
     spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
                       adaptive=opts.get("adaptive", True))
     return LoadPlan(path=path, engine=cfg, spec=spec, use_jinja=opts.get("use_jinja", True), mtp_reason=reason,
                     identity=req.Model, grammar_triggers=tuple(t.word for t in req.GrammarTriggers if t.word))
+
+
+def _warn_if_cpu_only(n_gpu_layers: int) -> None:
+    """GPU layers asked of a build with no GPU (local or RPC): llama.cpp would silently run everything on the CPU,
+    so say so, with the reinstall command for the GPU this machine has (gallery.builds)."""
+    from ..engine.devices import build_info
+
+    try:
+        cpu_only = build_info().cpu_only
+    except (OSError, AttributeError) as exc:  # a llama.cpp without the registry API: nothing to tell
+        log.debug("could not read the llama.cpp build: %s", exc)
+        return
+    if cpu_only:
+        from gallery.builds import warn_cpu_only_load
+
+        warn_cpu_only_load(n_gpu_layers)
 
 
 def _flash(value: str) -> str:

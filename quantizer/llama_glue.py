@@ -37,13 +37,9 @@ GGMLTensor._fields_ = [
 
 @lru_cache(maxsize=1)
 def _ggml() -> ctypes.CDLL:
-    from pathlib import Path
+    from backend.engine.ggml import library
 
-    import llama_cpp
-
-    # llama-cpp-python ships ggml next to libllama; the loaded copy is reused (same soname).
-    libdir = Path(llama_cpp.__file__).parent / "lib"
-    lib = ctypes.CDLL(str(min(libdir.glob("libggml-base.so*"), key=lambda p: len(p.name))))
+    lib = library("libggml-base")  # the copy llama.cpp loaded, not a second ggml
     lib.ggml_op_name.restype = ctypes.c_char_p
     lib.ggml_op_name.argtypes = [ctypes.c_int]
     lib.ggml_nbytes.restype = ctypes.c_size_t

@@ -1,7 +1,7 @@
 """What the installed llama.cpp build can run on: its GPU offload support and the devices ggml's registry sees.
 
-Read through ctypes from the libraries llama-cpp-python ships (`llama_supports_gpu_offload`, `llama_supports_rpc`
-from libllama; `ggml_backend_dev_*` from libggml / libggml-base, signatures as in ggml/include/ggml-backend.h).
+Read from the libraries llama-cpp-python ships (`llama_supports_gpu_offload`, `llama_supports_rpc` from libllama;
+ggml's device registry through `backend.engine.ggml`, the one binding of the ggml llama.cpp loaded).
 Nothing here initialises a backend, so no compute threads or GPU contexts are started; reading a device's memory
 is the same query llama.cpp's `--fit` makes (cudaMemGetInfo, Metal's working set, sysinfo for the CPU).
 
@@ -16,10 +16,7 @@ Two facts of llama.cpp that decide how the answers are read:
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any
 
 # enum ggml_backend_dev_type (ggml-backend.h), in order.
 DEVICE_KINDS = ("cpu", "gpu", "igpu", "accel", "meta")
@@ -68,58 +65,21 @@ class BuildInfo:
         return not self.local_gpus and not self.remote_devices
 
 
-def _fn(lib: ctypes.CDLL, name: str, restype: Any, argtypes: list[Any]) -> Any:
-    fn = getattr(lib, name)
-    fn.restype, fn.argtypes = restype, argtypes
-    return fn
-
-
-@lru_cache(maxsize=1)
-def _ggml() -> dict[str, Any]:
-    """The registry functions, bound once from the libraries next to libllama (LLAMA_CPP_LIB_PATH respected)."""
-    from llama_cpp import llama_cpp as L
-    from llama_cpp._ctypes_extensions import load_shared_library
-
-    ggml = load_shared_library("ggml", L._base_path)
-    base = load_shared_library("ggml-base", L._base_path)
-    dev, size_p = ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)
-    return {
-        "count": _fn(ggml, "ggml_backend_dev_count", ctypes.c_size_t, []),
-        "get": _fn(ggml, "ggml_backend_dev_get", dev, [ctypes.c_size_t]),
-        "name": _fn(base, "ggml_backend_dev_name", ctypes.c_char_p, [dev]),
-        "description": _fn(base, "ggml_backend_dev_description", ctypes.c_char_p, [dev]),
-        "type": _fn(base, "ggml_backend_dev_type", ctypes.c_int, [dev]),
-        "memory": _fn(base, "ggml_backend_dev_memory", None, [dev, size_p, size_p]),
-        "reg": _fn(base, "ggml_backend_dev_backend_reg", ctypes.c_void_p, [dev]),
-        "reg_name": _fn(base, "ggml_backend_reg_name", ctypes.c_char_p, [ctypes.c_void_p]),
-    }
-
-
-def _text(raw: bytes | None) -> str:
-    return raw.decode("utf-8", "replace") if raw else ""
-
-
 def list_devices() -> list[Device]:
     """Every device in ggml's registry now, in registry order (RPC workers included once registered).
 
     Raises:
         OSError, AttributeError: the llama.cpp libraries are missing or lack the registry API.
     """
-    g = _ggml()
+    from . import ggml
+
     out = []
-    for i in range(g["count"]()):
-        dev = g["get"](i)
-        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
-        g["memory"](dev, ctypes.byref(free), ctypes.byref(total))
-        kind = g["type"](dev)
-        out.append(Device(
-            name=_text(g["name"](dev)),
-            description=_text(g["description"](dev)),
-            kind=DEVICE_KINDS[kind] if 0 <= kind < len(DEVICE_KINDS) else f"type{kind}",
-            backend=_text(g["reg_name"](g["reg"](dev))),
-            free=int(free.value),
-            total=int(total.value),
-        ))
+    for dev in ggml.local_devices():
+        free, total = ggml.memory(dev)
+        kind = ggml.device_type(dev)
+        out.append(Device(name=ggml.name(dev), description=ggml.description(dev),
+                          kind=DEVICE_KINDS[kind] if 0 <= kind < len(DEVICE_KINDS) else f"type{kind}",
+                          backend=ggml.backend_name(dev), free=int(free), total=int(total)))
     return out
 
 

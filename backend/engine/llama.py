@@ -33,6 +33,7 @@ from ..errors import (ContextOverflowError, EngineClosedError, InsufficientMemor
                       ModelLoadError, UnsupportedArchitectureError)
 from ..gguf_file import GGUFInfo, read_gguf
 from ..rpc.client import Workers, split_array
+from . import ggml
 from .llamalog import LIVE, LLAMA_LOG, parse_device_lines, parse_memory_lines
 
 log = logging.getLogger(__name__)
@@ -121,12 +122,6 @@ class _BuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
-def _cpu_buffer_type() -> int:
-    lib = ctypes.CDLL(str(Path(L.__file__).parent / "lib" / "libggml-base.so"))
-    lib.ggml_backend_cpu_buffer_type.restype = ctypes.c_void_p
-    return lib.ggml_backend_cpu_buffer_type()
-
-
 def expert_pattern(n_cpu_moe: int, n_layers: int) -> str:
     """Regex for the routed-expert tensors of the first `n_cpu_moe` trunk layers (all when -1)."""
     layers = range(n_layers if n_cpu_moe < 0 else min(n_cpu_moe, n_layers))
@@ -137,7 +132,7 @@ def _expert_overrides(n_cpu_moe: int, n_layers: int) -> ctypes.Array:
     """A NULL-terminated override array keeping those experts in a CPU buffer (llama.cpp's --n-cpu-moe)."""
     arr = (_BuftOverride * 2)()
     arr[0].pattern = expert_pattern(n_cpu_moe, n_layers).encode()
-    arr[0].buft = _cpu_buffer_type()
+    arr[0].buft = ggml.cpu_buffer_type()
     return arr
 
 

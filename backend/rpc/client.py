@@ -17,7 +17,7 @@ import llama_cpp.llama_cpp as L
 
 from .. import constants
 from ..errors import InvalidRequestError, WorkerLostError, WorkerUnreachableError
-from . import ggml
+from ..engine import ggml
 from .guard import Guard
 from .protocol import WorkerInfo, probe
 

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 from ..errors import ApexError
-from . import ggml
+from ..engine import ggml
 from .protocol import is_loopback, parse_endpoint
 
 DEFAULT_ADDR = "127.0.0.1:50052"  # LocalAI's `worker llama-cpp-rpc` default port

@@ -1,6 +1,9 @@
-"""ctypes bindings of ggml-rpc (`ggml-rpc.h`) and of the ggml device registry, from llama-cpp-python's own libraries.
+"""The one ctypes binding of ggml that llama-cpp-python does not wrap: the device registry, buffer types, ggml-rpc.
 
-llama-cpp-python ships `libggml-rpc.so` only when it was built with `CMAKE_ARGS="-DGGML_RPC=on"`; without it
+Every caller (the engine's expert offload, device listing, RPC workers and clients, the quantizer's eval callback)
+opens ggml through `library`, which picks the very files llama.cpp loaded: the wheel holds copies, not links, of
+libX.so, libX.so.0 and libX.so.0.y.z, and opening another copy would load a second ggml with its own registry
+and state. llama-cpp-python ships `libggml-rpc.so` only when built with `CMAKE_ARGS="-DGGML_RPC=on"`; without it
 `rpc_library` says how to rebuild. Device handles are plain integers (`ggml_backend_dev_t` pointers).
 """
 
@@ -32,6 +35,9 @@ _SIGNATURES = {
     "ggml_backend_dev_description": ([_vp], _str),
     "ggml_backend_dev_type": ([_vp], ctypes.c_int),
     "ggml_backend_dev_memory": ([_vp, ctypes.POINTER(_sz), ctypes.POINTER(_sz)], None),
+    "ggml_backend_dev_backend_reg": ([_vp], _vp),
+    "ggml_backend_reg_name": ([_vp], _str),
+    "ggml_backend_cpu_buffer_type": ([], _vp),
     "ggml_backend_reg_dev_count": ([_vp], _sz),
     "ggml_backend_reg_dev_get": ([_vp, _sz], _vp),
     "ggml_backend_rpc_add_server": ([_str], _vp),
@@ -45,9 +51,8 @@ def has_rpc() -> bool:
 
 
 @functools.cache
-def _lib(stem: str) -> ctypes.CDLL:
-    # The wheel holds copies, not links, of libX.so, libX.so.0 and libX.so.0.y.z; llama.cpp loaded libX.so.0 (the
-    # soname). Opening another copy would load a second ggml with its own registry and RPC state.
+def library(stem: str) -> ctypes.CDLL:
+    """`stem` (libggml, libggml-base, libggml-rpc) as llama.cpp loaded it: the soname file, libX.so.0."""
     found = sorted(LIB_DIR.glob(f"{stem}.so*"), key=lambda p: (not re.fullmatch(r".*\.so\.\d+", p.name), len(p.name)))
     if not found:
         raise ModelLoadError(f"llama-cpp-python has no {stem} ({LIB_DIR}): it was built without the RPC backend; "
@@ -60,17 +65,33 @@ def _lib(stem: str) -> ctypes.CDLL:
     return lib
 
 
+def backend_name(dev: int) -> str:
+    """The backend that registered a device: CPU, CUDA, ROCm, Vulkan, Metal, RPC, ..."""
+    reg = _base().ggml_backend_dev_backend_reg(dev)
+    return (_base().ggml_backend_reg_name(reg) or b"").decode() if reg else ""
+
+
+def device_type(dev: int) -> int:
+    """enum ggml_backend_dev_type: DEV_CPU, DEV_GPU, DEV_IGPU, DEV_ACCEL (or a newer kind)."""
+    return int(_base().ggml_backend_dev_type(dev))
+
+
+def cpu_buffer_type() -> int:
+    """ggml's CPU buffer type (the `--n-cpu-moe` override keeps tensors in it)."""
+    return int(_base().ggml_backend_cpu_buffer_type())
+
+
 def _registry() -> ctypes.CDLL:
-    return _lib("libggml")
+    return library("libggml")
 
 
 def _base() -> ctypes.CDLL:
-    return _lib("libggml-base")
+    return library("libggml-base")
 
 
 def rpc_library() -> ctypes.CDLL:
     """libggml-rpc. Raises `ModelLoadError` with the rebuild command when this build has none."""
-    return _lib("libggml-rpc")
+    return library("libggml-rpc")
 
 
 # ----------------------------------------------------------------------------------------- devices

@@ -207,8 +207,8 @@ def main(argv: list[str]) -> int:
             print(f"loading {args.ref or 'demo'} ...", file=sys.stderr, flush=True)
             server = serve(RunOptions(ref=args.ref, port=0, tier=args.tier, context=args.context,
                                       models_dir=args.models_dir, threads=args.threads, embeddings=args.embeddings,
-                                      no_mtp=args.no_mtp, parallel=args.parallel, echo_backend=False,
-                                      rpc=args.rpc))
+                                      no_mtp=args.no_mtp, parallel=args.parallel, prefer=args.prefer,
+                                      echo_backend=False, rpc=args.rpc))
             base = server.url
         model = get_json(base, "/v1/models", key)["data"][0]["id"]
         return ChatSession(base, model, sys.stdout, system=args.system, sampling=sampling, key=key).run(sys.stdin)

@@ -38,6 +38,7 @@ import grpc
 
 from gallery.catalog import Catalog, load_catalog
 from gallery.detect import HardwareProfile, detect
+from gallery.select import Request
 
 from .. import constants
 from ..errors import ApexError, EntryNotFoundError, ModelLoadError, NoModelLoadedError
@@ -625,7 +626,8 @@ class ApiServer(PooledHTTPServer):
         }
 
     def gallery_view(self) -> dict[str, Any]:
-        view = webui.gallery_view(self.catalog, self.profile, self.options.models_path)
+        view = webui.gallery_view(self.catalog, self.profile, self.options.models_path,
+                                  Request(parallel=self.options.parallel))
         model = self.model
         view["serving"] = None if model is None else [model.name, *sorted(model.aliases)]
         return view
@@ -640,7 +642,7 @@ class ApiServer(PooledHTTPServer):
         opts = self.options
         return self.pulls.start(entry, opts.models_path, lambda: pull(
             entry.name, models_dir=opts.models_path, context=opts.context, profile=self.profile, progress=False,
-            catalog=self.catalog, mtp=False if opts.no_mtp else None))
+            catalog=self.catalog, mtp=False if opts.no_mtp else None, parallel=opts.parallel))
 
     def switch(self, ref: str) -> ServedModel:
         """Serve `ref` instead: LoadModel on the same backend with the options `prepare` builds for it.
@@ -708,6 +710,7 @@ class RunOptions:
     embeddings: bool = False
     no_mtp: bool = False
     parallel: int = DEFAULT_PARALLEL
+    prefer: str = "quality"
     progress: bool = True
     echo_backend: bool = True
     gallery: Path | None = None  # gallery data directory (default: the packaged gallery)
@@ -729,6 +732,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context of each request, prompt + answer (default: as large as fits)")
     parser.add_argument("--parallel", type=int, default=DEFAULT_PARALLEL,
                         help=f"requests served at once, each with the whole --context (default {DEFAULT_PARALLEL})")
+    parser.add_argument("--prefer", choices=("quality", "speed"), default="quality",
+                        help="tier objective: the best tier fast enough (quality, default) or the fastest good one")
     parser.add_argument("--models-dir", type=Path, help="models directory (default: APEXMTP_MODELS_DIR)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: the backend's choice)")
     parser.add_argument("--embeddings", action="store_true", help="enable /v1/embeddings")
@@ -751,12 +756,13 @@ def prepare(opts: RunOptions, *, profile: HardwareProfile | None = None,
     if is_demo(opts.ref):
         demo = DEMOS[opts.ref or DEFAULT_DEMO]
         pulled = pull(str(demo_path(demo.name)), context=opts.context, models_dir=models_dir, progress=False, mtp=mtp,
-                      profile=profile, catalog=catalog)
+                      profile=profile, catalog=catalog, parallel=opts.parallel)
         options = merge_options(pulled.options, ("spec_type:none",) if opts.no_mtp else demo.options)
         aliases = {demo.name} | ({"demo"} if demo.name == DEFAULT_DEMO else set())
     else:
         pulled = pull(opts.ref, tier=opts.tier, context=opts.context, models_dir=models_dir,
-                      progress=opts.progress, mtp=mtp, profile=profile, catalog=catalog)
+                      progress=opts.progress, mtp=mtp, profile=profile, catalog=catalog, parallel=opts.parallel,
+                      prefer=opts.prefer)
         options, aliases = list(pulled.options), {opts.ref}
     options = merge_options(options, (f"parallel:{opts.parallel}",) + ((f"rpc_servers:{','.join(opts.rpc)}",)
                                                                      if opts.rpc else ()))
@@ -814,7 +820,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     opts = RunOptions(ref=args.ref, host=args.host, port=args.port, tier=args.tier, context=args.context,
                       models_dir=args.models_dir, threads=args.threads, embeddings=args.embeddings,
-                      no_mtp=args.no_mtp, parallel=args.parallel, progress=not args.quiet,
+                      no_mtp=args.no_mtp, parallel=args.parallel, prefer=args.prefer, progress=not args.quiet,
                       echo_backend=not args.quiet, gallery=args.gallery,
                       api_keys=parse_keys([*(args.api_key or []), constants.API_KEY]),
                       http_workers=args.http_workers, rpc=args.rpc)

@@ -110,21 +110,24 @@ def prometheus_text(status: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- gallery
 
 
-def _verdict(profile: HardwareProfile, catalog: Catalog, entry: Entry) -> dict[str, Any]:
+def _verdict(profile: HardwareProfile, catalog: Catalog, entry: Entry, request: Request) -> dict[str, Any]:
     """The selector's answer for this one tier on this machine (its row: fits, placement, context, why, ...)."""
     try:
-        return select(profile, candidates_for(catalog, entry), catalog.policy, Request()).row()
+        return select(profile, candidates_for(catalog, entry), catalog.policy, request).row()
     except ApexError as exc:
         return {"fits": False, "placement": None, "why": str(exc)}
 
 
-def gallery_view(catalog: Catalog, profile: HardwareProfile, models_dir: Path) -> dict[str, Any]:
-    """Families with their tier ladders (best quality first), each tier's verdict here, the recommended tier."""
+def gallery_view(catalog: Catalog, profile: HardwareProfile, models_dir: Path,
+                 request: Request | None = None) -> dict[str, Any]:
+    """Families with their tier ladders (best quality first), each tier's verdict here (for the slots `request`
+    asks for), the recommended tier."""
+    request = request or Request()
     budget = budget_for(profile, catalog.policy)
     families = []
     for hub in catalog.hubs():
         try:
-            pick = select(profile, candidates_for(catalog, hub), catalog.policy, Request())
+            pick = select(profile, candidates_for(catalog, hub), catalog.policy, request)
             recommended = pick.name if pick.fits else None
         except ApexError:
             recommended = None
@@ -133,7 +136,7 @@ def gallery_view(catalog: Catalog, profile: HardwareProfile, models_dir: Path) -
             tiers.append({
                 "name": entry.name, "tier": entry.tier, "size": entry.weights.total, "kl_mean": entry.kl_mean,
                 "mtp": "mtp" in entry.tags, "downloaded": model_file(entry, models_dir).is_file(),
-                "recommended": entry.name == recommended, "verdict": _verdict(profile, catalog, entry),
+                "recommended": entry.name == recommended, "verdict": _verdict(profile, catalog, entry, request),
             })
         families.append({"name": hub.name, "description": hub.description, "repo": hub.repo, "license": hub.license,
                          "recommended": recommended, "tiers": tiers})

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason="chromium i
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 HARDWARE = {"APEXMTP_VRAM": "0", "APEXMTP_RAM": "24GiB"}  # the machine the verdicts are computed for
+PARALLEL = 4  # the slots the served page plans for (its verdicts count every slot's KV)
 LAST_ANSWER = "#messages .msg.assistant:last-child"
 REPO = tiny.REPO
 # The tiny synthetic APEX family of tests/test_gallery_pull.py: its tier GGUFs (`models`) and gallery (`gallery_dir`).
@@ -80,7 +81,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(tmp_path_factory, webui_gallery: Path, hub: FakeHub, models_dir: Path):
     env = {"APEXMTP_MODELS_DIR": str(models_dir), "APEXMTP_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
            "HF_ENDPOINT": hub.url, **HARDWARE}
-    s = RunProcess("--context", "1024", "--gallery", str(webui_gallery), env=env)
+    s = RunProcess("--context", "1024", "--parallel", str(PARALLEL), "--gallery", str(webui_gallery), env=env)
     yield s
     s.stop()
 
@@ -315,11 +316,11 @@ def test_gallery_lists_tiers_with_verdicts(tab: Tab, shots: Path, webui_gallery:
         rows = page.query_selector_all(f"{card} tbody tr")
         tiers = catalog.family_tiers(hub_entry)
         assert [r.get_attribute("data-name") for r in rows] == [t.name for t in tiers]
-        pick = select(profile, candidates_for(catalog, hub_entry), catalog.policy, Request())
+        pick = select(profile, candidates_for(catalog, hub_entry), catalog.policy, Request(parallel=PARALLEL))
         starred = [r.get_attribute("data-name") for r in rows if r.query_selector(".badge.star")]
         assert starred == ([pick.name] if pick.fits else [])
         for row, tier in zip(rows, tiers):
-            verdict = select(profile, candidates_for(catalog, tier), catalog.policy, Request())
+            verdict = select(profile, candidates_for(catalog, tier), catalog.policy, Request(parallel=PARALLEL))
             badge = row.query_selector("td.verdict .badge").text_content()
             assert badge in labels and (badge != "does not fit") == verdict.fits, (tier.name, badge)
             assert row.query_selector("td.verdict .why").text_content() == verdict.explanation

@@ -390,3 +390,39 @@ def test_run_sh_works_from_any_cwd(tmp_path):
         assert b.stub.Health(pb.HealthMessage()).message == b"OK"
     finally:
         b.stop()
+
+
+def test_a_bug_in_a_handler_is_internal_with_one_logged_traceback(monkeypatch, caplog):
+    # A KeyError used to be answered NOT_FOUND (a client's mistake) and logged nowhere.
+    import asyncio
+    import logging
+
+    from backend.proto import backend_pb2_grpc as pb_grpc
+    from backend.service import servicer as servicer_mod
+
+    def broken(self, request):
+        return {}["model"]
+
+    monkeypatch.setattr(servicer_mod.BackendServicer, "_loaded", broken)
+
+    async def call() -> tuple[grpc.StatusCode, str, tuple]:
+        server = grpc.aio.server()
+        pb_grpc.add_BackendServicer_to_server(servicer_mod.BackendServicer(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                try:
+                    await pb_grpc.BackendStub(channel).Predict(pb.PredictOptions(Prompt="hi"))
+                except grpc.aio.AioRpcError as err:
+                    return err.code(), err.details(), tuple(err.trailing_metadata() or ())
+                raise AssertionError("Predict succeeded through a KeyError")
+        finally:
+            await server.stop(None)
+
+    with caplog.at_level(logging.ERROR, logger="backend.service.servicer"):
+        code, details, trailers = asyncio.run(call())
+    assert code == grpc.StatusCode.INTERNAL and "model" in details
+    assert not any(k == "apexmtp-error" for k, _ in trailers)  # not one of our typed errors
+    logged = [r for r in caplog.records if r.exc_info]
+    assert len(logged) == 1 and logged[0].exc_info[0] is KeyError

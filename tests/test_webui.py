@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from test_api_server import RunProcess
 from gallery.catalog import DATA_DIR, load_catalog
 from gallery.detect import detect
 from gallery.select import Request, candidates_for, select
+from gallery.speed import GB
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra: pip install '.[test]'")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -78,8 +80,13 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, webui_gallery: Path, hub: FakeHub, models_dir: Path):
-    env = {"APEXMTP_MODELS_DIR": str(models_dir), "APEXMTP_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+def run_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def server(webui_gallery: Path, hub: FakeHub, models_dir: Path, run_cache: Path):
+    env = {"APEXMTP_MODELS_DIR": str(models_dir), "APEXMTP_CACHE_DIR": str(run_cache),
            "HF_ENDPOINT": hub.url, **HARDWARE}
     s = RunProcess("--context", "1024", "--parallel", str(PARALLEL), "--gallery", str(webui_gallery), env=env)
     yield s
@@ -303,12 +310,15 @@ def test_markup_in_model_output_stays_inert(tab: Tab, shots: Path) -> None:
     assert tab.problems == []
 
 
-def test_gallery_lists_tiers_with_verdicts(tab: Tab, shots: Path, webui_gallery: Path) -> None:
+def test_gallery_lists_tiers_with_verdicts(tab: Tab, shots: Path, webui_gallery: Path, run_cache: Path) -> None:
     page = tab.page
     tab.tab("gallery")
     page.wait_for_selector(".family[data-family=tiny-apex-mtp]")
     catalog = load_catalog(webui_gallery)
-    profile = detect(vram=HARDWARE["APEXMTP_VRAM"], ram=HARDWARE["APEXMTP_RAM"])
+    # the speeds in the verdicts come from the server's RAM-bandwidth probe (cached where it keeps its cache)
+    probe = json.loads((run_cache / "ram-bandwidth.json").read_text())
+    profile = replace(detect(vram=HARDWARE["APEXMTP_VRAM"], ram=HARDWARE["APEXMTP_RAM"], bandwidth=False),
+                      ram_bandwidth=probe["gbps"] * GB)
     labels = {"fits on the GPU", "GPU + RAM", "CPU", "does not fit"}
     seen = set()
     for hub_entry in catalog.hubs():

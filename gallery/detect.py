@@ -396,10 +396,12 @@ def add_workers(profile: HardwareProfile, endpoints: tuple[str, ...] = (),
     Raises:
         WorkerUnreachableError: a live worker did not answer (refused, timed out, busy, another protocol version).
     """
-    from backend.rpc.client import query_workers
+    found: list[RemoteDevice] = []
+    if endpoints:
+        from backend.rpc.client import query_workers
 
-    found = [RemoteDevice(info.endpoint, f"RPC{i}[{info.endpoint}]", d.free, d.total)
-             for info in query_workers(endpoints) for i, d in enumerate(info.devices)]
+        found = [RemoteDevice(info.endpoint, f"RPC{i}[{info.endpoint}]", d.free, d.total)
+                 for info in query_workers(endpoints) for i, d in enumerate(info.devices)]
     found += [RemoteDevice(f"what-if-{n + 1}", f"RPC0[what-if-{n + 1}]", size, size, given=True)
               for n, size in enumerate(sizes)]
     return replace(profile, workers=profile.workers + tuple(found))

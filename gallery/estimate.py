@@ -369,12 +369,7 @@ def split_layers(n_slots: int, proportions: list[float]) -> list[int]:
     return counts
 
 
-def output_head_bytes(weights: WeightBytes) -> int:
-    """Bytes of `output.weight` (the LM head, the shape of `token_embd`; none of its own when tied to it)."""
-    return 0 if weights.output_tied else min(weights.token_embd, weights.other)
-
-
-def split(b: Breakdown, arch: ArchFacts, run: RunConfig, holders: list[Holder], output_head: int) -> tuple[Share, ...]:
+def split(b: Breakdown, arch: ArchFacts, run: RunConfig, holders: list[Holder], *, tied: bool) -> tuple[Share, ...]:
     """Share `b` out over `holders` by layers, as llama.cpp places a model split across RPC workers.
 
     llama.cpp's layer slots are the trunk layers, the MTP layer(s) (counted in its `n_layer`) and the output layer,
@@ -382,7 +377,9 @@ def split(b: Breakdown, arch: ArchFacts, run: RunConfig, holders: list[Holder], 
     free memory among all holders, at most all but the last (that count is `n_gpu_layers = slots - cpu layers`);
     the devices split the rest by their free memory. A trunk layer carries the average layer's weights, KV and
     recurrent state; the MTP slot the MTP weights, draft KV and compute; the output slot the LM head and the full
-    compute buffer (logits phase); every other holder with layers the in-layer compute phases.
+    compute buffer (logits phase); every other holder with layers the in-layer compute phases. The LM head is
+    `output.weight`, the shape of `token_embd`; when `tied` to it, llama.cpp loads a copy of `token_embd` for the
+    output layer (TENSOR_DUPLICATED), so the output's holder carries that copy.
 
     Returns:
         One share per holder, in `holders` order.
@@ -399,7 +396,8 @@ def split(b: Breakdown, arch: ArchFacts, run: RunConfig, holders: list[Holder], 
     if devices:
         for i, n in zip(devices, split_layers(n_slots - sum(counts), [holders[i].free for i in devices])):
             counts[i] = n
-    trunk_w = (b.experts + b.other_weights - output_head) / max(arch.n_layer, 1)
+    output_head = b.token_embd if tied else min(b.token_embd, b.other_weights)
+    trunk_w = (b.experts + b.other_weights - (0 if tied else output_head)) / max(arch.n_layer, 1)
     trunk_kv, trunk_rs = b.kv / max(arch.n_layer, 1), b.rs / max(arch.n_layer, 1)
     in_layer = layer_compute(arch, run)
     shares: dict[int, Share] = {}

@@ -32,8 +32,7 @@ from backend.errors import EntryNotFoundError, InvalidRequestError
 from .builds import can_use, gpu_hint
 from .catalog import Catalog, Entry, WeightBytes
 from .detect import GPU, HardwareProfile, RemoteDevice
-from .estimate import (ArchFacts, Breakdown, Holder, Placement, RunConfig, Share, estimate, hosts,
-                       output_head_bytes, place, split, summary)
+from .estimate import ArchFacts, Breakdown, Holder, Placement, RunConfig, Share, estimate, hosts, place, split, summary
 from .speed import Bandwidth, Speed, bandwidth_for, over_rpc, predict
 from .units import GiB, ctx_label, gib, parse_size
 
@@ -285,7 +284,7 @@ def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, env: _Env, n_cpu_moe
 def _try_split(cand: Candidate, run: RunConfig, b: Breakdown, env: _Env) -> _Trial:
     """`b` split across this host and the workers (`estimate.split`); fits when every holder's share fits."""
     budget, policy = env.budget, env.policy
-    shares = split(b, cand.arch, run, budget.holders(policy), output_head_bytes(cand.weights))
+    shares = split(b, cand.arch, run, budget.holders(policy), tied=cand.weights.output_tied)
     local_gpu = sum(s.need for s in shares if s.holder.where == "local" and s.holder.device)
     local_ram = sum(s.need for s in shares if s.holder.where == "local" and not s.holder.device)
     p = Placement(SPLIT, 0, sum(s.need - s.holder.margin for s in shares if s.holder.device),

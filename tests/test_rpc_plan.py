@@ -15,7 +15,7 @@ from conftest import ROOT, WorkerProcess, endpoints, free_port
 
 from gallery.catalog import load_catalog
 from gallery.detect import GPU, HardwareProfile, RemoteDevice
-from gallery.estimate import Holder, RunConfig, estimate, output_head_bytes, split, split_layers
+from gallery.estimate import Holder, RunConfig, estimate, split, split_layers
 from gallery.select import Request, budget_for, candidates_for, select
 from gallery.units import GiB
 
@@ -50,7 +50,7 @@ def test_every_byte_lands_once_and_the_head_and_output_sit_on_the_last_device():
     b = estimate(cand.arch, cand.weights, run)
     holders = [Holder("local RAM", "local", 10 * GiB, GiB, device=False, host=True),
                Holder("RPC0[a:1]", "a:1", 10 * GiB, GiB), Holder("RPC0[b:1]", "b:1", 20 * GiB, GiB)]
-    cpu, a, last = split(b, cand.arch, run, holders, output_head_bytes(cand.weights))
+    cpu, a, last = split(b, cand.arch, run, holders, tied=cand.weights.output_tied)
     n_slots = cand.arch.n_layer + cand.arch.n_nextn + 1
     assert cpu.layers + a.layers + last.layers == n_slots
     # the CPU: slots j/42 < 1/4 (11); the devices split the other 31 by 1:2, slots j/31 < 1/3 (11) to the first
@@ -60,6 +60,9 @@ def test_every_byte_lands_once_and_the_head_and_output_sit_on_the_last_device():
     assert last.weights > a.weights and last.kv > a.kv  # MTP layer + draft KV + LM head
     assert cpu.weights > a.weights + b.token_embd // 2  # token_embd stays on this host
     assert last.other > a.other  # the logits phase of the compute buffer is the output device's
+    # a head tied to token_embd: llama.cpp loads a copy of token_embd for the output layer, on its device
+    tied = split(b, cand.arch, run, holders, tied=True)
+    assert abs(sum(s.weights for s in tied) - b.weights - b.token_embd) <= 3
 
 
 def test_the_local_cpu_never_takes_every_slot_while_there_are_workers():
@@ -68,7 +71,7 @@ def test_the_local_cpu_never_takes_every_slot_while_there_are_workers():
     b = estimate(cand.arch, cand.weights, run)
     holders = [Holder("local RAM", "local", 500 * GiB, GiB, device=False, host=True),
                Holder("RPC0[a:1]", "a:1", 1, GiB)]
-    cpu, worker = split(b, cand.arch, run, holders, output_head_bytes(cand.weights))
+    cpu, worker = split(b, cand.arch, run, holders, tied=cand.weights.output_tied)
     assert worker.layers == 1 and cpu.layers == cand.arch.n_layer + cand.arch.n_nextn  # n_gpu_layers >= 1
 
 

@@ -130,12 +130,7 @@ class Selection:
     has_mtp_head: bool = False
     base_options: tuple[str, ...] = ()
     shares: tuple[Share, ...] = ()  # a split plan's part on each holder (empty for a plan on this host only)
-
-    @property
-    def rpc_servers(self) -> tuple[str, ...]:
-        """The live workers a split plan uses (what-if ones have no address)."""
-        return tuple(dict.fromkeys(s.holder.where for s in self.shares
-                                   if s.holder.where != "local" and not s.holder.where.startswith("what-if-")))
+    rpc_servers: tuple[str, ...] = ()  # the live workers a split plan uses (what-if ones have no address)
 
     @property
     def predicted_tok_s(self) -> float:
@@ -450,6 +445,7 @@ def _selection(t: _Trial, env: _Env, request: Request, reason: str, first: _Tria
         has_mtp_head=t.cand.arch.n_nextn > 0,
         base_options=t.cand.base_options or tuple(policy["default_options"]),
         shares=t.shares,
+        rpc_servers=tuple(dict.fromkeys(d.endpoint for d in budget.remote if not d.given)) if t.shares else (),
     )
 
 

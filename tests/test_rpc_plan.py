@@ -180,6 +180,31 @@ def test_hw_rpc_reports_the_workers_memory_and_plans_across_hosts(workers):
         text.stdout and f"    RPC0[{workers[1].endpoint}]: " in text.stdout
 
 
+def test_the_planned_split_is_the_one_llama_cpp_makes(workers, smollm2_path):
+    """SmolLM2 planned over this host (16 GiB) and the two workers, then loaded with the plan's n_gpu_layers: each
+    device holds the layers the plan gave it (KV per device) and the weights it predicted."""
+    from backend.engine.llama import Engine, EngineConfig
+    from gallery.detect import add_workers
+    from gallery.pull import _exact_candidate
+
+    profile = add_workers(HardwareProfile("Linux", "cpu", 2, 16 * GiB, None), endpoints(workers))
+    sel = select(profile, [_exact_candidate(smollm2_path, "smol", "file", (), False)], POLICY, Request(context=2048))
+    assert sel.mode == "split" and [s.holder.name for s in sel.shares] == \
+        ["local RAM"] + [f"RPC0[{w.endpoint}]" for w in workers]
+    engine = Engine(smollm2_path, EngineConfig(n_ctx=2048, n_threads=1, n_gpu_layers=sel.gpu_layers,
+                                               rpc_servers=endpoints(workers), type_k="q8_0", type_v="q8_0"))
+    try:
+        for share in sel.shares:
+            device = "CPU" if share.holder.where == "local" else share.holder.name
+            kv = engine.memory[f"device:{device}:target_kv"]
+            assert abs(kv - share.kv) <= 0.01 * share.kv, (device, kv, share.kv)
+            if share.holder.where != "local":  # (this host's buffer is the mmapped file range, not the bytes)
+                model = engine.memory[f"device:{device}:model"]
+                assert abs(model - share.weights) <= 0.25 * share.weights, (device, model, share.weights)
+    finally:
+        engine.close()
+
+
 def test_pull_rpc_writes_a_config_that_splits(workers, smollm2_path, tmp_path):
     out = _apexmtp("pull", str(smollm2_path), "--rpc", ",".join(endpoints(workers)), "--models-dir", str(tmp_path),
                    "--context", "2048", "--quiet", ram="64GiB")

@@ -56,6 +56,19 @@ class GPU:
 
 
 @dataclass(frozen=True)
+class RemoteDevice:
+    """One device of an RPC worker (`apexmtp worker`) the model may be split onto, as the worker reports it.
+
+    `name` is the engine's (`RPC<i>[host:port]`, what Status shows); `given` marks a what-if size (`--rpc-mem`)."""
+
+    endpoint: str
+    name: str
+    free: int
+    total: int
+    given: bool = False
+
+
+@dataclass(frozen=True)
 class HardwareProfile:
     """What `detect` found (or was told): OS, CPU, RAM and GPUs, plus one note per probe."""
 
@@ -69,6 +82,7 @@ class HardwareProfile:
     overrides: tuple[str, ...] = field(default=())
     build: BuildInfo | None = None  # None: not probed (hardware classes, tests), plans assume a build for the GPU
     ram_bandwidth: float | None = None  # bytes/s, measured on the live machine or given by a hardware class
+    workers: tuple[RemoteDevice, ...] = ()  # RPC workers' devices, in the order the engine lists them
 
     @property
     def best_gpu(self) -> GPU | None:
@@ -372,3 +386,22 @@ def apply_overrides(profile: HardwareProfile, *, vram: str | int | None = None,
         profile = replace(profile, ram_total=size, ram_available=None)
         overrides.append(f"ram={size / GiB:g}GiB")
     return replace(profile, overrides=tuple(overrides))
+
+
+def add_workers(profile: HardwareProfile, endpoints: tuple[str, ...] = (),
+                sizes: tuple[int, ...] = ()) -> HardwareProfile:
+    """`profile` with RPC workers to plan on: live ones (`endpoints`, asked over RPC for each device's memory) and
+    what-if ones (`sizes`, one single-device worker each, e.g. from `--rpc-mem 16GiB,16GiB`).
+
+    Raises:
+        WorkerUnreachableError: a live worker did not answer (refused, timed out, busy, another protocol version).
+    """
+    found: list[RemoteDevice] = []
+    if endpoints:
+        from backend.rpc.client import query_workers
+
+        found = [RemoteDevice(info.endpoint, f"RPC{i}[{info.endpoint}]", d.free, d.total)
+                 for info in query_workers(endpoints) for i, d in enumerate(info.devices)]
+    found += [RemoteDevice(f"what-if-{n + 1}", f"RPC0[what-if-{n + 1}]", size, size, given=True)
+              for n, size in enumerate(sizes)]
+    return replace(profile, workers=profile.workers + tuple(found))

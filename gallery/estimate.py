@@ -20,7 +20,9 @@ What llama.cpp allocates, component by component (hardware-fit.md §5, §9; chec
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from dataclasses import dataclass, field, fields
+from itertools import accumulate
 from typing import Any
 
 from backend.errors import InvalidRequestError
@@ -224,16 +226,22 @@ class Breakdown:
         return self.experts * min(n_layers, self.expert_layers) // max(self.expert_layers, 1)
 
 
-def target_compute(arch: ArchFacts, run: RunConfig) -> int:
-    """Compute buffer of the target context: the largest graph phase (see module doc), bytes."""
+def layer_compute(arch: ArchFacts, run: RunConfig) -> int:
+    """The in-layer phases of the target's compute buffer (attention with its mask, MoE, DeltaNet), bytes: what a
+    device holding layers but not the output needs."""
     t, e = run.n_ubatch, arch.n_embd
-    logits = t * (4 * arch.n_vocab + 12 * e)
     mask = run.n_cells * t * 2 if arch.attn_kv_elems else 0
     kv_width = max(arch.attn_kv_elems, default=0) // 2
     attn = t * (16 * arch.q_elems + 8 * kv_width + 23 * e) if arch.attn_kv_elems else 0
     moe = t * (12 * arch.ff_used + arch.experts_used * e + 4 * e + 9 * arch.ff_shared)
     gdn = t * (9 * arch.conv_dim + 3 * arch.ssm_inner + 18 * e) + 20 * arch.ssm_s2r if arch.n_recurrent else 0
-    return max(logits, mask + max(attn, moe, gdn))
+    return mask + max(attn, moe, gdn)
+
+
+def target_compute(arch: ArchFacts, run: RunConfig) -> int:
+    """Compute buffer of the target context: the largest graph phase (see module doc), bytes."""
+    logits = run.n_ubatch * (4 * arch.n_vocab + 12 * arch.n_embd)
+    return max(logits, layer_compute(arch, run))
 
 
 def mtp_compute(arch: ArchFacts, run: RunConfig) -> int:
@@ -310,6 +318,110 @@ def place(b: Breakdown, mode: str, n_cpu_moe: int = 0, *, arch: ArchFacts | None
     if moved and arch is not None:
         host += n_ubatch * (12 * arch.ff_used + arch.experts_used * arch.n_embd + 4 * arch.n_embd)
     return Placement(mode, n_cpu_moe if mode == "gpu+ram" else 0, device, host)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Somewhere a model split across hosts keeps its part (llama.cpp's RPC split, serving-at-scale.md §5).
+
+    `device` holders are `llama_model_params.devices` (the RPC workers' devices, then local GPUs, as the engine
+    lists them) and share the offloaded layers by llama.cpp's default `tensor_split`: their free memory. The local
+    CPU is no device: it holds the first layers, the ones `n_gpu_layers` leaves out. The `host` holder keeps what
+    llama.cpp keeps in this process whatever the split: the input embedding, the logits buffers, an mmproj."""
+
+    name: str  # as the plan prints it: "local RAM", the GPU's name, "RPC0[10.0.0.2:50052]"
+    where: str  # "local" or the worker's endpoint: one host per distinct value
+    free: int  # bytes it may use, margin included
+    margin: int  # kept free on it
+    device: bool = True
+    takes_layers: bool = True
+    host: bool = False
+
+
+@dataclass(frozen=True)
+class Share:
+    """One holder's part of a split plan, bytes (`need` includes the holder's margin)."""
+
+    holder: Holder
+    layers: int  # llama.cpp's layer slots: trunk layers, the MTP layer(s), the output layer
+    weights: int
+    kv: int  # the target's KV of its attention layers and, with MTP, the draft context's
+    other: int  # compute buffers, recurrent state, logits buffers, mmproj
+
+    @property
+    def need(self) -> int:
+        return self.weights + self.kv + self.other + self.holder.margin
+
+    @property
+    def fits(self) -> bool:
+        return self.need <= self.holder.free
+
+
+def split_layers(n_slots: int, proportions: list[float]) -> list[int]:
+    """Layer slots per device as llama.cpp deals them out (`llama_model::load_tensors`): slot j goes to the first
+    device whose cumulative, normalised share exceeds j / n_slots (`std::upper_bound` over the split points)."""
+    total = sum(proportions)
+    shares = [p / total for p in proportions] if total > 0 else [1 / len(proportions)] * len(proportions)
+    points = list(accumulate(shares))
+    counts = [0] * len(proportions)
+    for j in range(n_slots):
+        counts[min(bisect_right(points, j / n_slots), len(counts) - 1)] += 1
+    return counts
+
+
+def split(b: Breakdown, arch: ArchFacts, run: RunConfig, holders: list[Holder], *, tied: bool) -> tuple[Share, ...]:
+    """Share `b` out over `holders` by layers, as llama.cpp places a model split across RPC workers.
+
+    llama.cpp's layer slots are the trunk layers, the MTP layer(s) (counted in its `n_layer`) and the output layer,
+    in that order. The local CPU (a non-device holder that takes layers) gets the first slots in proportion to its
+    free memory among all holders, at most all but the last (that count is `n_gpu_layers = slots - cpu layers`);
+    the devices split the rest by their free memory. A trunk layer carries the average layer's weights, KV and
+    recurrent state; the MTP slot the MTP weights, draft KV and compute; the output slot the LM head and the full
+    compute buffer (logits phase); every other holder with layers the in-layer compute phases. The LM head is
+    `output.weight`, the shape of `token_embd`; when `tied` to it, llama.cpp loads a copy of `token_embd` for the
+    output layer (TENSOR_DUPLICATED), so the output's holder carries that copy.
+
+    Returns:
+        One share per holder, in `holders` order.
+    """
+    n_slots = arch.n_layer + arch.n_nextn + 1
+    takers = [i for i, h in enumerate(holders) if h.takes_layers]
+    devices = [i for i in takers if holders[i].device]
+    cpu = [i for i in takers if not holders[i].device][:1]  # only this host's CPU is no device
+    counts = [0] * len(holders)
+    if cpu:
+        ranked = cpu + devices
+        first = split_layers(n_slots, [holders[i].free for i in ranked])[0]
+        counts[cpu[0]] = min(first, n_slots - 1) if devices else n_slots
+    if devices:
+        for i, n in zip(devices, split_layers(n_slots - sum(counts), [holders[i].free for i in devices])):
+            counts[i] = n
+    output_head = b.token_embd if tied else min(b.token_embd, b.other_weights)
+    trunk_w = (b.experts + b.other_weights - (0 if tied else output_head)) / max(arch.n_layer, 1)
+    trunk_kv, trunk_rs = b.kv / max(arch.n_layer, 1), b.rs / max(arch.n_layer, 1)
+    in_layer = layer_compute(arch, run)
+    shares: dict[int, Share] = {}
+    start = 0
+    for i in cpu + devices + [i for i in range(len(holders)) if i not in takers]:
+        slots = range(start, start + counts[i])
+        start += counts[i]
+        trunk = sum(1 for j in slots if j < arch.n_layer)
+        mtp = any(arch.n_layer <= j < arch.n_layer + arch.n_nextn for j in slots)
+        out = n_slots - 1 in slots
+        weights = round(trunk_w * trunk) + (b.mtp_weights if mtp else 0) + (output_head if out else 0)
+        kv = round(trunk_kv * trunk) + (b.mtp_kv if mtp else 0)
+        other = round(trunk_rs * trunk) + (b.mtp_compute if mtp else 0)
+        other += b.compute if out else (in_layer if slots else 0)
+        if holders[i].host:
+            weights += b.token_embd
+            other += b.output + b.mtp_output + b.mmproj
+        shares[i] = Share(holders[i], counts[i], weights, kv, other)
+    return tuple(shares[i] for i in range(len(holders)))
+
+
+def hosts(shares: tuple[Share, ...]) -> list[str]:
+    """The distinct hosts ("local" or a worker's endpoint) holding layers of a split, in holder order."""
+    return list(dict.fromkeys(s.holder.where for s in shares if s.layers))
 
 
 def describe(b: Breakdown, run: RunConfig, arch: ArchFacts) -> list[tuple[str, int]]:

@@ -1,5 +1,5 @@
 """`apexmtp hw`: the hardware this machine offers, what the installed llama.cpp build can run on, and the tier each
-gallery family gets here, with the predicted speed and the reason."""
+gallery family gets here, with the predicted speed and the reason; with `--rpc`, counting RPC workers' memory."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from dataclasses import asdict
 from typing import Any
 
 from backend.errors import ApexError
+from backend.rpc.protocol import parse_endpoints
 
 from .builds import gpu_hint, unusable_gpu
 from .catalog import Catalog, load_catalog
-from .detect import HardwareProfile, detect
+from .detect import HardwareProfile, add_workers, detect
 from .select import OBJECTIVES, Request, budget_for, candidates_for, select
-from .units import ctx_label, gib
+from .units import ctx_label, gib, parse_size
 
 
 def picks(profile: HardwareProfile, catalog: Catalog, request: Request | None = None) -> dict[str, Any]:
@@ -26,7 +27,7 @@ def picks(profile: HardwareProfile, catalog: Catalog, request: Request | None = 
         sel = select(profile, candidates_for(catalog, hub), catalog.policy, request)
         out[hub.name] = dict(sel.row(), options=sel.options, gpu_layers=sel.gpu_layers, objective=sel.objective,
                              what_if=sel.what_if, predicted_plain_tok_s=round(sel.speed.plain_tok_s, 1),
-                             mtp_k=sel.speed.k)
+                             mtp_k=sel.speed.k, devices=sel.devices())
     return out
 
 
@@ -48,15 +49,25 @@ def report(profile: HardwareProfile, catalog: Catalog, request: Request | None =
     """Everything `apexmtp hw --json` prints: the profile, the build, the budgets the selector uses, the picks."""
     request = request or Request()
     budget = budget_for(profile, catalog.policy)
-    hardware = {k: v for k, v in profile.to_dict().items() if k != "build"}
+    hardware = {k: v for k, v in profile.to_dict().items() if k not in ("build", "workers")}
     return {
         "hardware": hardware,
         "build": build_block(profile, catalog),
+        "rpc": rpc_block(profile),
         "budget": {"gpu": budget.gpu_label, "gpu_free": budget.gpu_free, "ram_free": budget.ram_free,
                    "unified": budget.unified, "what_if": budget.what_if},
         "request": {"parallel": request.parallel, "prefer": request.prefer, "context": request.context},
         "picks": picks(profile, catalog, request),
     }
+
+
+def rpc_block(profile: HardwareProfile) -> list[dict[str, Any]]:
+    """The `rpc` block: each worker with its devices' memory as it reported it (bytes), in the order given."""
+    out: dict[str, dict[str, Any]] = {}
+    for d in profile.workers:
+        worker = out.setdefault(d.endpoint, {"endpoint": d.endpoint, "given": d.given, "devices": []})
+        worker["devices"].append({"name": d.name, "free": d.free, "total": d.total})
+    return list(out.values())
 
 
 def render(data: dict[str, Any]) -> str:
@@ -77,6 +88,9 @@ def render(data: dict[str, Any]) -> str:
                      f"RPC {'on' if build['rpc'] else 'off'}; devices: {devices or 'none'}")
     if build["hint"]:
         lines.append(f"  warning: {build['hint']}")
+    for w in data["rpc"]:
+        devices = ", ".join(f"{d['name']} {gib(d['free'])} free of {gib(d['total'])}" for d in w["devices"])
+        lines.append(f"RPC worker {w['endpoint']}{' (given)' if w['given'] else ''}: {devices}")
     if hw["overrides"]:
         lines.append("given: " + ", ".join(hw["overrides"]) + (" (what-if plans)" if budget["what_if"] else ""))
     lines += [f"  probe: {note}" for note in hw["notes"]]
@@ -90,15 +104,41 @@ def render(data: dict[str, Any]) -> str:
         lines.append(f"{family}: {row['tier']} on {row['placement']}, context {ctx_label(row['context'])}, "
                      f"KV {row['kv']}{mtp}{moe}, ~{row['predicted_tok_s']:g} tok/s{status}{what_if}")
         lines.append(f"  {row['why']}")
+        if row["placement"] == "split":
+            lines += [f"    {d['device']}: {d['layers']} layers, {d['weights_gib']:.2f} GiB weights + {d['kv_gib']:.2f} "
+                      f"GiB KV + {d['other_gib']:.2f} GiB other = {d['need_gib']:.2f} GiB of {d['free_gib']:.2f} GiB"
+                      f"{'' if d['fits'] else '  [does not fit]'}" for d in row["devices"]]
     return "\n".join(lines)
 
 
+def add_rpc_arguments(parser: argparse.ArgumentParser, *, live: bool = True) -> None:
+    """`--rpc HOST:PORT,...` (live workers, asked for their memory; `live=False` where the caller already has it)
+    and `--rpc-mem SIZE,...` (what-if workers)."""
+    if live:
+        parser.add_argument("--rpc", type=parse_endpoints, default=(), metavar="HOST:PORT,...",
+                            help="plan with these RPC workers (`apexmtp worker`), asked over RPC for their memory")
+    parser.add_argument("--rpc-mem", metavar="SIZE,...",
+                        help="plan with what-if workers of these sizes, e.g. 16GiB,16GiB (no worker needed)")
+
+
+def with_rpc(profile: HardwareProfile, endpoints: tuple[str, ...], rpc_mem: str | None) -> HardwareProfile:
+    """`profile` with the workers of `--rpc` (queried) and `--rpc-mem` (what-if sizes).
+
+    Raises:
+        WorkerUnreachableError: a worker did not answer; InvalidRequestError: a malformed size.
+    """
+    sizes = tuple(parse_size(x) for x in (rpc_mem or "").split(",") if x.strip())
+    return add_workers(profile, endpoints, sizes) if endpoints or sizes else profile
+
+
 def main(argv: list[str]) -> int:
-    """`apexmtp hw [--json] [--vram 24GiB] [--ram 64GiB] [--context N] [--parallel N] [--prefer quality|speed]`."""
+    """`apexmtp hw [--json] [--vram 24GiB] [--ram 64GiB] [--rpc HOST:PORT,...] [--rpc-mem 16GiB,...] [--context N]
+    [--parallel N] [--prefer quality|speed]`."""
     parser = argparse.ArgumentParser(prog="apexmtp hw", description=__doc__)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--vram", help="assume this much GPU memory: a what-if plan (e.g. 24GiB; 0 = no GPU)")
     parser.add_argument("--ram", help="assume this much system RAM (e.g. 64GiB)")
+    add_rpc_arguments(parser)
     parser.add_argument("--context", type=int, help="context per slot to plan for (default: as large as fits)")
     parser.add_argument("--parallel", type=int, default=1, help="slots served at once, each with the whole context "
                         "(default 1; `apexmtp run` serves 4)")
@@ -106,7 +146,7 @@ def main(argv: list[str]) -> int:
                         help="quality: best tier at a usable speed (default); speed: fastest good-enough tier")
     args = parser.parse_args(argv)
     try:
-        profile = detect(vram=args.vram, ram=args.ram)
+        profile = with_rpc(detect(vram=args.vram, ram=args.ram), args.rpc, args.rpc_mem)
         data = report(profile, load_catalog(), Request(context=args.context, parallel=args.parallel,
                                                         prefer=args.prefer))
     except ApexError as exc:

@@ -148,7 +148,9 @@ def _source(resolved: Resolved, entry: Entry | None) -> tuple[HubFile, str, str 
 
 def main(argv: list[str]) -> int:
     """`apexmtp pull REF [--tier T] [--models-dir D] [--context N] [--parallel N] [--prefer quality|speed]
-    [--vram 24GiB] [--ram 64GiB]`."""
+    [--vram 24GiB] [--ram 64GiB] [--rpc HOST:PORT,...] [--rpc-mem 16GiB,...]`."""
+    from .hw import add_rpc_arguments, with_rpc
+
     parser = argparse.ArgumentParser(prog="apexmtp pull", description=__doc__.splitlines()[0])
     parser.add_argument("ref", help="gallery name, owner/repo@Tier, owner/repo@File.gguf, hf://owner/repo/File.gguf or a path")
     parser.add_argument("--tier", help="force a tier, e.g. I-Balanced (default: best that fits this machine)")
@@ -160,11 +162,12 @@ def main(argv: list[str]) -> int:
                         help="quality: best tier at a usable speed (default); speed: fastest good-enough tier")
     parser.add_argument("--vram", help="assume this much GPU memory (a what-if plan), e.g. 24GiB or 0")
     parser.add_argument("--ram", help="assume this much system RAM (e.g. 64GiB)")
+    add_rpc_arguments(parser)
     parser.add_argument("--no-mtp", action="store_true", help="never enable the MTP head")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        profile = detect(vram=args.vram, ram=args.ram)
+        profile = with_rpc(detect(vram=args.vram, ram=args.ram), args.rpc, args.rpc_mem)
         pulled = pull(args.ref, tier=args.tier, models_dir=args.models_dir, context=args.context, profile=profile,
                       progress=not args.quiet, mtp=False if args.no_mtp else None, parallel=args.parallel,
                       prefer=args.prefer)

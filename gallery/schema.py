@@ -290,6 +290,7 @@ def _validate_speed(pc: Checker, speed: dict[str, Any]) -> None:
     if pc.get(speed, "at_context", int, path="speed") <= 0:
         raise pc.fail("speed.at_context", "must be positive")
     pc.number(speed, "token_overhead_ms", path="speed", low_open=False)
+    pc.number(speed, "rpc_token_overhead_ms", path="speed", low_open=False)
     devices = pc.get(speed, "devices", dict, path="speed")
     for kind in ("gpu", "unified", "cpu"):
         consts = pc.get(devices, kind, dict, path="speed.devices")

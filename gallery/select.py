@@ -14,23 +14,30 @@ Memory counts every slot: `Request.parallel` slots of `context` tokens each shar
 requested the tier is chosen at `policy.default_context` per slot, then the context grows to the largest candidate
 that still fits the same way. Needs always include the margins. A GPU the installed llama.cpp build cannot use is
 left out (CPU plans and a reinstall hint); a GPU given with `--vram` is planned on as a what-if.
+
+With RPC workers (`HardwareProfile.workers`, `apexmtp hw --rpc`) every plan is a split across hosts, because the
+engine uses the workers it is given (`estimate.split`: layers in proportion to free memory, this host's CPU taking
+the first ones when it has no GPU); each holder's share must fit, and the explanation says whether the tier fits
+only across hosts. The speed is this host's device's plus `speed.rpc_token_overhead_ms` per worker host. More
+worker memory never makes a plan slower (the speed does not depend on the shares), so it never gives a worse tier.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from backend.errors import EntryNotFoundError, InvalidRequestError
 
 from .builds import can_use, gpu_hint
 from .catalog import Catalog, Entry, WeightBytes
-from .detect import GPU, HardwareProfile
-from .estimate import ArchFacts, Breakdown, Placement, RunConfig, estimate, place, summary
-from .speed import Bandwidth, Speed, bandwidth_for, predict
+from .detect import GPU, HardwareProfile, RemoteDevice
+from .estimate import ArchFacts, Breakdown, Holder, Placement, RunConfig, Share, estimate, hosts, place, split, summary
+from .speed import Bandwidth, Speed, bandwidth_for, over_rpc, predict
 from .units import GiB, ctx_label, gib, parse_size
 
 MODES = ("gpu", "gpu+ram", "cpu")
+SPLIT = "split"  # the mode of every plan with RPC workers
 OBJECTIVES = ("quality", "speed")
 
 
@@ -67,6 +74,7 @@ class Budget:
     ram_free: int
     unified: bool
     blocked: GPU | None = None  # a detected GPU the installed llama.cpp cannot use
+    remote: tuple[RemoteDevice, ...] = ()  # RPC workers' devices the model is split onto
 
     @property
     def gpu_label(self) -> str:
@@ -74,7 +82,21 @@ class Budget:
 
     @property
     def what_if(self) -> bool:
-        return self.gpu is not None and self.gpu.given
+        return (self.gpu is not None and self.gpu.given) or any(d.given for d in self.remote)
+
+    def holders(self, policy: dict[str, Any]) -> list[Holder]:
+        """Where a split plan may put the model, in the engine's order: this host's RAM (holding the first layers
+        when there is no GPU, else only what llama.cpp keeps on the host), the workers' devices, the local GPU
+        (one pool with the host's share when unified)."""
+        margin, host_margin = policy["margin"], policy["host_margin"]
+        workers = [Holder(d.name, d.endpoint, d.free, margin) for d in self.remote]
+        if self.gpu is None:
+            return [Holder("local RAM", "local", self.ram_free, host_margin, device=False, host=True), *workers]
+        gpu = Holder(f"local {self.gpu_label}", "local", self.gpu_free, margin, host=self.unified)
+        if self.unified:
+            return [*workers, gpu]
+        return [Holder("local RAM", "local", self.ram_free, host_margin, device=False, takes_layers=False,
+                       host=True), *workers, gpu]
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,8 @@ class Selection:
     build_hint: str | None = None  # the reinstall command when a detected GPU was left out
     has_mtp_head: bool = False
     base_options: tuple[str, ...] = ()
+    shares: tuple[Share, ...] = ()  # a split plan's part on each holder (empty for a plan on this host only)
+    rpc_servers: tuple[str, ...] = ()  # the live workers a split plan uses (what-if ones have no address)
 
     @property
     def predicted_tok_s(self) -> float:
@@ -125,7 +149,31 @@ class Selection:
             opts.append(f"n_cpu_moe:{self.n_cpu_moe}")
         if self.n_seq > 1:
             opts.append(f"parallel:{self.n_seq}")
+        if self.rpc_servers:
+            opts.append(f"rpc_servers:{','.join(self.rpc_servers)}")
         return opts
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Each device's part of the plan (GiB; margins in `need_gib`): a split's holders, else the GPU and RAM."""
+        if self.shares:
+            return [{"device": s.holder.name, "host": s.holder.where, "layers": s.layers,
+                     "weights_gib": round(s.weights / GiB, 2), "kv_gib": round(s.kv / GiB, 2),
+                     "other_gib": round(s.other / GiB, 2), "need_gib": round(s.need / GiB, 2),
+                     "free_gib": round(s.holder.free / GiB, 2), "fits": s.fits} for s in self.shares]
+        b = self.breakdown
+        moved = b.expert_bytes(self.n_cpu_moe)
+        on_host = b.weights if self.mode == "cpu" else b.token_embd + moved
+        out = []
+        if self.mode != "cpu":
+            out.append({"device": "local GPU", "host": "local", "weights_gib": round((b.weights - on_host) / GiB, 2),
+                        "kv_gib": round((b.kv + b.mtp_kv) / GiB, 2), "need_gib": round(self.device_need / GiB, 2),
+                        "free_gib": round(self.device_budget / GiB, 2), "fits": self.device_need <= self.device_budget})
+        if self.host_need:
+            out.append({"device": "local RAM", "host": "local", "weights_gib": round(on_host / GiB, 2),
+                        "kv_gib": round((b.kv + b.mtp_kv) / GiB if self.mode == "cpu" else 0, 2),
+                        "need_gib": round(self.host_need / GiB, 2), "free_gib": round(self.host_budget / GiB, 2),
+                        "fits": self.host_need <= self.host_budget})
+        return out
 
     def row(self) -> dict[str, Any]:
         """The selection as a flat, YAML-friendly mapping (one row of the committed table)."""
@@ -154,18 +202,18 @@ def budget_for(profile: HardwareProfile, policy: dict[str, Any]) -> Budget:
     ram_free = profile.ram_available
     if ram_free is None:
         ram_free = int(profile.ram_total - parse_size(reserve["ram_fixed"]) - reserve["ram_fraction"] * profile.ram_total)
-    gpu = profile.best_gpu
+    gpu, remote = profile.best_gpu, profile.workers
     if gpu is None:
-        return Budget(None, 0, max(ram_free, 0), False)
+        return Budget(None, 0, max(ram_free, 0), False, remote=remote)
     if not can_use(profile.build, gpu):
-        return Budget(None, 0, max(ram_free, 0), False, blocked=gpu)
+        return Budget(None, 0, max(ram_free, 0), False, blocked=gpu, remote=remote)
     free = gpu.free
     if free is None and gpu.vendor == "apple":
         band = next(b for b in policy["apple_working_set"] if gpu.total <= parse_size(b["up_to"]))
         free = int(gpu.total * band["fraction"])
     elif free is None:
         free = gpu.total - parse_size(reserve["gpu"])
-    return Budget(gpu, max(free, 0), max(ram_free, 0), gpu.unified)
+    return Budget(gpu, max(free, 0), max(ram_free, 0), gpu.unified, remote=remote)
 
 
 def candidates_for(catalog: Catalog, entry: Entry) -> list[Candidate]:
@@ -187,6 +235,7 @@ class _Trial:
     host_need: int
     fits: bool
     speed: Speed
+    shares: tuple[Share, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -211,6 +260,8 @@ def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, env: _Env, n_cpu_moe
         per_layer = max(b.expert_bytes(1), 1)
         full = place(b, "gpu", arch=cand.arch, n_ubatch=run.n_ubatch).device
         n_cpu_moe = min(max(1, -(-(full + margin - budget.gpu_free) // per_layer)), cand.arch.n_layer)
+    if mode == SPLIT:
+        return _try_split(cand, run, b, env)
     p = place(b, mode, n_cpu_moe or 0, arch=cand.arch, n_ubatch=run.n_ubatch)
     if mode == "cpu":
         device_need, host_need = 0, p.host + host_margin
@@ -225,7 +276,24 @@ def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, env: _Env, n_cpu_moe
     return _Trial(cand, run, b, p, device_need, host_need, fits, speed)
 
 
+def _try_split(cand: Candidate, run: RunConfig, b: Breakdown, env: _Env) -> _Trial:
+    """`b` split across this host and the workers (`estimate.split`); fits when every holder's share fits."""
+    budget, policy = env.budget, env.policy
+    shares = split(b, cand.arch, run, budget.holders(policy), tied=cand.weights.output_tied)
+    local_gpu = sum(s.need for s in shares if s.holder.where == "local" and s.holder.device)
+    local_ram = sum(s.need for s in shares if s.holder.where == "local" and not s.holder.device)
+    p = Placement(SPLIT, 0, sum(s.need - s.holder.margin for s in shares if s.holder.device),
+                  sum(s.need - s.holder.margin for s in shares if not s.holder.device))
+    local_mode = "cpu" if budget.gpu is None else "gpu"
+    speed = predict(cand.arch, cand.weights, run, local_mode, 0, env.bandwidth, policy["speed"])
+    workers = [h for h in hosts(shares) if h != "local"]
+    return _Trial(cand, run, b, p, local_gpu, local_ram, all(s.fits for s in shares),
+                  over_rpc(speed, len(workers), policy["speed"]), shares)
+
+
 def _modes(budget: Budget) -> list[str]:
+    if budget.remote:
+        return [SPLIT]
     if budget.gpu is None:
         return ["cpu"]
     return ["gpu", "cpu"] if budget.unified else list(MODES)
@@ -322,7 +390,7 @@ def select(profile: HardwareProfile, candidates: list[Candidate], policy: dict[s
     plans = [_fastest(cand, n_ctx, request, env) for cand in candidates]
     chosen, reason = _choose(plans, request.prefer, policy)
     if chosen < 0:
-        trial = _try(candidates[-1], "cpu", n_ctx, False, env)
+        trial = _try(candidates[-1], _modes(budget)[-1], n_ctx, False, env)
         return _selection(trial, env, request, "", plans[0][1])
     trial = plans[chosen][0]
     assert trial is not None
@@ -357,7 +425,7 @@ def _selection(t: _Trial, env: _Env, request: Request, reason: str, first: _Tria
         context_size=t.run.n_ctx,
         mtp=t.run.mtp,
         n_cpu_moe=t.placement.n_cpu_moe,
-        gpu_layers=policy["gpu_layers_all"] if mode != "cpu" else 0,
+        gpu_layers=_gpu_layers(t, policy),
         cache_type_k=t.run.cache_type_k,
         cache_type_v=t.run.cache_type_v,
         flash_attention=policy["flash_attention"],
@@ -376,7 +444,18 @@ def _selection(t: _Trial, env: _Env, request: Request, reason: str, first: _Tria
         build_hint=hint,
         has_mtp_head=t.cand.arch.n_nextn > 0,
         base_options=t.cand.base_options or tuple(policy["default_options"]),
+        shares=t.shares,
+        rpc_servers=tuple(dict.fromkeys(d.endpoint for d in budget.remote if not d.given)) if t.shares else (),
     )
+
+
+def _gpu_layers(t: _Trial, policy: dict[str, Any]) -> int:
+    """`n_gpu_layers`: every layer on the GPU; on a split, all but the slots this host's CPU keeps (llama.cpp
+    offloads the last n_gpu_layers slots to the devices)."""
+    if t.placement.mode == "cpu":
+        return 0
+    cpu = sum(s.layers for s in t.shares if not s.holder.device)
+    return sum(s.layers for s in t.shares) - cpu if cpu else policy["gpu_layers_all"]
 
 
 def _slots(run: RunConfig) -> str:
@@ -393,11 +472,37 @@ def _speed_text(t: _Trial, at_context: int) -> str:
             f"tokens of context ({s.bytes_per_token / 1e9:.2f} GB per token; {s.bandwidth.source})")
 
 
+def _hosts(t: _Trial) -> str:
+    n = len(hosts(t.shares))
+    return f"{n} hosts" if n > 1 else "1 host"
+
+
+def _shares_text(t: _Trial) -> str:
+    """`local RAM 9.1 GiB of 20.0 GiB (13 layers) + RPC0[10.0.0.2:50052] 12.0 GiB of 16.0 GiB (28 layers)`."""
+    return " + ".join(f"{s.holder.name} {gib(s.need)} of {gib(s.holder.free)} ({s.layers} layers)"
+                      for s in t.shares) + " (margins included)"
+
+
+def _alone(t: _Trial, env: _Env) -> str | None:
+    """Why `t`'s tier would not fit on this host without the workers (None when it would)."""
+    local = _Env(replace(env.budget, remote=()), env.bandwidth, env.policy, env.n_seq)
+    trials = [_try(t.cand, mode, t.run.n_ctx, t.run.mtp, local) for mode in _modes(local.budget)]
+    if any(trial.fits for trial in trials):
+        return None
+    first = trials[0]
+    if first.placement.mode == "cpu":
+        return f"this host alone would need {gib(first.host_need)} of RAM, {gib(local.budget.ram_free)} available"
+    return f"this host alone would need {gib(first.device_need)} on the GPU, {gib(local.budget.gpu_free)} free"
+
+
 def _why_not(better: tuple[_Trial | None, _Trial], floor: float) -> str:
     fit, first = better
     tier = first.cand.tier
     if fit is not None:
         return f"{tier} would decode at only ~{fit.speed.tok_s:.0f} tok/s here (below {floor:g})"
+    if first.placement.mode == SPLIT:
+        over = ", ".join(f"{s.holder.name} {gib(s.need)} of {gib(s.holder.free)}" for s in first.shares if not s.fits)
+        return f"{tier} would need {over}"
     if first.placement.mode == "cpu":
         return f"{tier} would need {gib(first.host_need)} of RAM"
     return f"{tier} would need {gib(first.device_need)} on the GPU"
@@ -411,13 +516,28 @@ def explain(t: _Trial, env: _Env, reason: str, first: _Trial, better: tuple[_Tri
     parts = summary(t.breakdown, t.run, t.cand.arch)
     mode = t.placement.mode
     mtp = " with MTP" if t.run.mtp else (" (MTP off)" if t.cand.arch.n_nextn else "")
+    if mode == SPLIT and not t.fits:
+        fewer = ", fewer --parallel slots" if t.run.n_seq > 1 else ""
+        over = ", ".join(s.holder.name for s in t.shares if not s.fits)
+        text = (f"nothing fits: even {t.cand.tier} split across {_hosts(t)} needs {_shares_text(t)}, too much for "
+                f"{over}; all of it: {parts}; add workers or memory (--mem), pick a tier with --tier to try anyway, "
+                f"or a smaller --context{fewer}")
+        return text + (f"; {hint}" if hint else "")
     if mode == "cpu" and not t.fits:
         fewer = ", fewer --parallel slots" if t.run.n_seq > 1 else ""
         text = (f"nothing fits: even {t.cand.tier} on the CPU needs {gib(t.host_need)} of RAM ({parts} + "
                 f"{gib(policy['host_margin'])} margin) and {gib(budget.ram_free)} is available; "
                 f"pick a tier with --tier to try anyway, or a smaller --context{fewer}")
         return text + (f"; {hint}" if hint else "")
-    if mode == "cpu":
+    if mode == SPLIT:
+        alone = _alone(t, env)
+        if alone is None:
+            text = (f"{t.cand.tier}{mtp} split across {_hosts(t)} (it would fit on this host alone too; the workers "
+                    f"given are used)")
+        else:
+            text = f"{t.cand.tier}{mtp} fits only across {_hosts(t)} ({alone})"
+        text += f", by layers in proportion to free memory: {_shares_text(t)}; all of it: {parts}"
+    elif mode == "cpu":
         if budget.gpu is None:
             why = "GPU unusable" if budget.blocked else "no GPU"
         else:
@@ -440,7 +560,10 @@ def explain(t: _Trial, env: _Env, reason: str, first: _Trial, better: tuple[_Tri
         text += f"; {_why_not(better, policy['objectives']['floor_tok_s'])}"
     text += f" ({_slots(t.run)})"
     if budget.what_if:
-        text = f"what-if, not detected ({budget.gpu_label} from --vram): {text}"
+        given = ([f"{budget.gpu_label} from --vram"] if budget.gpu is not None and budget.gpu.given else []) + \
+            ([f"workers {', '.join(gib(d.free) for d in budget.remote if d.given)} from --rpc-mem"]
+             if any(d.given for d in budget.remote) else [])
+        text = f"what-if, not detected ({'; '.join(given)}): {text}"
     if hint:
         text += f"; {hint}"
     return text

@@ -34,7 +34,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .catalog import WeightBytes
@@ -162,6 +162,18 @@ def predict(arch: ArchFacts, weights: WeightBytes, run: RunConfig, mode: str, n_
             if tok_s > best:
                 best_k, best = k, tok_s
     return Speed(plain_tok_s=plain, tok_s=best, k=best_k, bytes_per_token=tb.plain, bandwidth=bw)
+
+
+def over_rpc(s: Speed, n_workers: int, speed: dict[str, Any]) -> Speed:
+    """`s` on a model split across `n_workers` worker hosts: `speed.rpc_token_overhead_ms` more per emitted token
+    and worker (the graph sent each step, activations and logits copied through this host; measured on loopback
+    by bench/bench_rpc.py, so across real hosts it is a floor). The workers' devices are taken to read as fast as
+    this host's own."""
+    ms = n_workers * speed["rpc_token_overhead_ms"]
+    if not ms:
+        return s
+    plain = 1000 / (1000 / s.plain_tok_s + ms)
+    return replace(s, plain_tok_s=plain, tok_s=max(1000 / (1000 / s.tok_s + ms), plain))
 
 
 def head_accuracy(rate: float, n_draft: int) -> float:

@@ -4,6 +4,7 @@ LocalAI starts them (`backend/run.sh --addr 127.0.0.1:<port>` as a subprocess, r
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,10 +13,13 @@ import time
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
+from backend.errors import WorkerUnreachableError
 from backend.proto import backend_pb2 as pb
 from backend.proto import backend_pb2_grpc as pb_grpc
+from backend.rpc import protocol
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_models import synth_model, tiny_nomtp_gguf, tiny_predictable_gguf, tiny_random_gguf  # noqa: E402,F401
@@ -114,3 +118,58 @@ def smol_backend(backend, smollm2_path):
     res = backend.stub.LoadModel(smollm2_options(smollm2_path))
     assert res.success, res.message
     return backend
+
+
+# ----------------------------------------------------------------------------------------- RPC workers
+
+
+class WorkerProcess:
+    """`apexmtp worker --addr 127.0.0.1:PORT --threads 1` as a subprocess, ready once it answers a probe."""
+
+    def __init__(self, *args: str, port: int | None = None, host: str = "127.0.0.1", wait: bool = True) -> None:
+        self.port = port or free_port()
+        self.endpoint = f"{host}:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", "--addr", self.endpoint,
+                                      "--threads", "1", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> protocol.WorkerInfo:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"worker exited {self.proc.returncode}: {self.proc.stderr.read()}"
+            try:
+                return protocol.probe(f"127.0.0.1:{self.port}", 2.0)
+            except WorkerUnreachableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    @property
+    def rss(self) -> int:
+        return psutil.Process(self.proc.pid).memory_info().rss
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def exited(self) -> tuple[int, str]:
+        """Wait for a worker that stops on its own; returns (exit status, stderr)."""
+        _, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, err
+
+    def stop(self) -> tuple[int, str]:
+        """SIGTERM, as a service manager stops it; returns (exit status, stderr)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = self.proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, err
+
+
+def endpoints(ws: list[WorkerProcess]) -> tuple[str, ...]:
+    return tuple(w.endpoint for w in ws)

@@ -10,16 +10,13 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import grpc
-import psutil
 import pytest
-from conftest import ROOT, BackendProcess, free_port, smollm2_options
+from conftest import BackendProcess, WorkerProcess, endpoints, free_port, smollm2_options
 from test_api_server import RunProcess
 
 from backend.engine.generation import GenerationRequest, Result
@@ -33,54 +30,6 @@ from backend.rpc import protocol
 from backend.rpc.client import parse_tensor_split
 
 MiB = 2**20
-
-
-class WorkerProcess:
-    """`apexmtp worker --addr 127.0.0.1:PORT --threads 1` as a subprocess, ready once it answers a probe."""
-
-    def __init__(self, *args: str, port: int | None = None, host: str = "127.0.0.1", wait: bool = True) -> None:
-        self.port = port or free_port()
-        self.endpoint = f"{host}:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "backend.cli", "worker", "--addr", self.endpoint,
-                                      "--threads", "1", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self, timeout: float = 30.0) -> protocol.WorkerInfo:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, f"worker exited {self.proc.returncode}: {self.proc.stderr.read()}"
-            try:
-                return protocol.probe(f"127.0.0.1:{self.port}", 2.0)
-            except WorkerUnreachableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-    @property
-    def rss(self) -> int:
-        return psutil.Process(self.proc.pid).memory_info().rss
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def exited(self) -> tuple[int, str]:
-        """Wait for a worker that stops on its own; returns (exit status, stderr)."""
-        _, err = self.proc.communicate(timeout=30)
-        return self.proc.returncode, err
-
-    def stop(self) -> tuple[int, str]:
-        """SIGTERM, as a service manager stops it; returns (exit status, stderr)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +48,6 @@ def spare_workers():
     yield ws
     for w in ws:
         w.stop()
-
-
-def endpoints(ws: list[WorkerProcess]) -> tuple[str, ...]:
-    return tuple(w.endpoint for w in ws)
 
 
 def load(path: Path, *, rpc: tuple[str, ...] = (), n_max: int = 0, **kw) -> Scheduler:

@@ -37,7 +37,7 @@ from urllib.parse import unquote, urlsplit
 import grpc
 
 from gallery.catalog import Catalog, load_catalog
-from gallery.detect import HardwareProfile, detect
+from gallery.detect import HardwareProfile, add_workers, detect
 from gallery.select import Request
 
 from .. import constants
@@ -566,9 +566,10 @@ class ApiServer(PooledHTTPServer):
 
     @property
     def profile(self) -> HardwareProfile:
-        """This machine as the selector sees it, detected once (before a model takes its memory)."""
+        """This machine as the selector sees it, detected once (before a model takes its memory), with the RPC
+        workers of `--rpc` and the memory they report (`WorkerUnreachableError` naming one that does not answer)."""
         if self._profile is None:
-            self._profile = detect()
+            self._profile = add_workers(detect(), self.options.rpc)
         return self._profile
 
     def start(self) -> ApiServer:

@@ -39,6 +39,19 @@ def guard_for(endpoint: str) -> Guard:
         return _guards[endpoint]
 
 
+def query_workers(endpoints: tuple[str, ...], timeout: float = PROBE_TIMEOUT_S) -> list[WorkerInfo]:
+    """Each worker's devices and their free/total memory, asked over RPC (`protocol.probe`) in the order given.
+
+    This is the check LoadModel makes before llama.cpp sees an endpoint, so planning (`apexmtp hw --rpc`) and
+    loading agree on what the workers offer. Pure Python with a timeout per worker: never hangs, never aborts.
+
+    Raises:
+        WorkerUnreachableError: a worker refused, timed out, is busy with another client or speaks another
+            protocol version; the message names it.
+    """
+    return [probe(ep, timeout) for ep in endpoints]
+
+
 def parse_tensor_split(text: str) -> tuple[float, ...]:
     """`"3,1"` or `"3/1"` (llama.cpp's `--tensor-split`) -> (3.0, 1.0): the proportion of layers per device.
 
@@ -82,7 +95,7 @@ class Workers:
         for g in self.guards:
             if not g.wait_idle(_IDLE_TIMEOUT_S):
                 raise WorkerUnreachableError(g.endpoint, "still busy with the previous model's connections")
-        self.infos: list[WorkerInfo] = [probe(ep, PROBE_TIMEOUT_S) for ep in endpoints]
+        self.infos = query_workers(endpoints)
         devices: list[Device] = []
         # buffer-name prefix llama.cpp logs for a worker's device -> the name we show
         self._names: dict[str, str] = {}

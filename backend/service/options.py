@@ -171,7 +171,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         rpc_servers=opts.get("rpc_servers", constants.RPC_SERVERS),
         tensor_split=opts.get("tensor_split") or (parse_tensor_split(req.TensorSplit) if req.TensorSplit else ()),
     )
-    if cfg.n_gpu_layers != 0:
+    if cfg.n_gpu_layers != 0 and not cfg.rpc_servers:  # with workers, the offloaded layers go to their devices
         _warn_if_cpu_only(req.NGPULayers)
     spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
                       adaptive=opts.get("adaptive", True))

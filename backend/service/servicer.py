@@ -167,7 +167,7 @@ class BackendServicer(pb_grpc.BackendServicer):
         try:
             model = self._loaded(request)
             req, parser = self._request(model, request)
-            result = Result(n_prompt=len(req.prompt))
+            result = Result(n_prompt=req.n_prompt)
             async for event in _events(model.scheduler, req, progress=result):
                 if isinstance(event, Result):
                     yield _final_reply(event, [], parser, with_text=False)

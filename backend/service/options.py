@@ -123,6 +123,16 @@ def resolve_model_path(model: str, model_file: str, model_path: str) -> Path:
     raise ModelNotFoundError(candidates[0], hint=f"also looked for {candidates[-1]}" if len(candidates) > 1 else "")
 
 
+def resolve_mmproj(mmproj: str, model_path: str) -> Path:
+    """ModelOptions.MMProj: absolute, or relative to ModelPath like Model; it must exist."""
+    p = Path(mmproj)
+    if not p.is_absolute() and model_path:
+        p = Path(model_path) / p
+    if not p.is_file():
+        raise ModelNotFoundError(p, hint="MMProj names the vision projector file")
+    return p
+
+
 @dataclass(frozen=True)
 class LoadPlan:
     """Everything LoadModel decided: the file, engine settings, speculation and template use."""
@@ -170,6 +180,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         n_cpu_moe=-1 if opts.get("cpu_moe") else opts.get("n_cpu_moe", 0),
         rpc_servers=opts.get("rpc_servers", constants.RPC_SERVERS),
         tensor_split=opts.get("tensor_split") or (parse_tensor_split(req.TensorSplit) if req.TensorSplit else ()),
+        mmproj=str(resolve_mmproj(req.MMProj, req.ModelPath)) if req.MMProj else "",
     )
     if cfg.n_gpu_layers != 0:
         _warn_if_cpu_only(req.NGPULayers)

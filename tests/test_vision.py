@@ -206,3 +206,45 @@ def test_prefix_cache_never_reuses_across_images(vlm, tiny_mmproj_gguf):  # noqa
     finally:
         scheduler.close()
     assert LIVE["mtmd"] == 0
+
+
+# ------------------------------------------------------------------------------ pull (against the fake hub)
+
+
+def test_pull_fetches_and_verifies_the_projector(tmp_path, tiny_mmproj_gguf):  # noqa: F811
+    import hashlib
+    import shutil
+
+    import yaml
+    from fakehub import FakeHub
+    from test_gallery_pull import CPU_16G, REPO, TINY_ARCH, _entry
+
+    from backend.errors import ChecksumMismatchError
+    from backend.synth.qwen35moe import PRESETS, write_model
+    from gallery.catalog import DATA_DIR, reload_catalog
+    from gallery.pull import pull
+
+    model = write_model(tmp_path / "src" / "Tiny-APEX-MTP-I-Quality.gguf", PRESETS["tiny"], dtype="f16")
+    proj = tiny_mmproj_gguf.read_bytes()
+    entry = _entry("tiny-vl", "I-Quality", model)
+    local = f"llama-cpp/mmproj/{REPO}/mmproj-F16.gguf"
+    entry["overrides"].update(mmproj=local, known_usecases=["chat", "vision"])
+    entry["apexmtp"]["family"] = "tiny-vl"
+    entry["files"].append({"filename": local, "uri": f"huggingface://{REPO}/mmproj-F16.gguf",
+                           "sha256": hashlib.sha256(proj).hexdigest()})
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    shutil.copy(DATA_DIR / "hardware.yaml", gallery / "hardware.yaml")
+    (gallery / "architectures.yaml").write_text(yaml.safe_dump({"architectures": {"synthetic-tiny": TINY_ARCH}}))
+    (gallery / "index.yaml").write_text(yaml.safe_dump([entry], sort_keys=False))
+    catalog = reload_catalog(gallery)
+    files = {"Tiny-APEX-MTP-I-Quality.gguf": model.read_bytes(), "mmproj-F16.gguf": proj}
+    with FakeHub({REPO: files}) as hub, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_ENDPOINT", hub.url)
+        pulled = pull("tiny-vl", models_dir=tmp_path / "models", profile=CPU_16G, progress=False, catalog=catalog)
+        config = yaml.safe_load(pulled.config_path.read_text())
+        assert config["mmproj"] == local and "vision" in config["known_usecases"]
+        assert (tmp_path / "models" / local).read_bytes() == proj
+        hub.serve_instead["mmproj-F16.gguf"] = proj[:-1] + bytes([proj[-1] ^ 1])
+        with pytest.raises(ChecksumMismatchError):
+            pull("tiny-vl", models_dir=tmp_path / "other", profile=CPU_16G, progress=False, catalog=catalog)

@@ -248,3 +248,24 @@ def test_pull_fetches_and_verifies_the_projector(tmp_path, tiny_mmproj_gguf):  #
         hub.serve_instead["mmproj-F16.gguf"] = proj[:-1] + bytes([proj[-1] ^ 1])
         with pytest.raises(ChecksumMismatchError):
             pull("tiny-vl", models_dir=tmp_path / "other", profile=CPU_16G, progress=False, catalog=catalog)
+
+
+def test_image_positions_reach_the_mtp_context(vlm, tiny_mmproj_gguf):  # noqa: F811
+    """After an image and the text behind it, the MTP context holds the same positions as the target."""
+    import llama_cpp.llama_cpp as L
+
+    engine = Engine(vlm, EngineConfig(n_ctx=512, n_seq=1, mtp=True, n_draft_max=3, mmproj=str(tiny_mmproj_gguf)))
+    try:
+        prompt, images = engine.projector.prompt(f"A {MARKER} B", [png()], add_special=False)
+        start = prompt.index(images[0].key)
+        engine.decode_tokens(prompt[:start], logits="none")
+        engine.decode_image(0, images[0])
+        engine.decode_tokens(prompt[start + images[0].n_pos:], logits="last")
+        engine.flush_mirror([0])
+        spans = [(L.llama_memory_seq_pos_min(L.llama_get_memory(ctx), 0),
+                  L.llama_memory_seq_pos_max(L.llama_get_memory(ctx), 0)) for ctx in (engine.ctx, engine._dctx)]
+        # the target is hybrid (its recurrent half reports only the last position); the MTP context is plain KV
+        assert spans[0][1] == spans[1][1] == len(prompt) - 1 and spans[1][0] == 0
+        assert not engine.seqs[0].mirror
+    finally:
+        engine.close()

@@ -190,6 +190,9 @@ class Projector:
         return tokens, tuple(out)
 
     def _encode(self, chunk: int, data: bytes) -> Image:
+        if M.mtmd_decode_use_non_causal(self._ctx, chunk):  # gemma3-style: the engine decodes images causally
+            raise InvalidRequestError(f"{self.path.name} needs non-causal attention over image rows, which this "
+                                      "backend does not do", param="Images")
         n_tokens = int(M.mtmd_input_chunk_get_n_tokens(chunk))
         if M.mtmd_encode_chunk(self._ctx, chunk) != 0:
             raise InvalidRequestError("llama.cpp failed to encode an image", param="Images")

@@ -269,3 +269,17 @@ def test_image_positions_reach_the_mtp_context(vlm, tiny_mmproj_gguf):  # noqa: 
         assert not engine.seqs[0].mirror
     finally:
         engine.close()
+
+
+def test_image_to_a_model_without_projector_is_400_over_http(tmp_path):
+    server = RunProcess("--context", "1024", "--parallel", "1",
+                        env={"APEXMTP_MODELS_DIR": str(tmp_path / "models"), "APEXMTP_CACHE_DIR": str(tmp_path / "c")})
+    try:
+        client = server.client()
+        model = client.models.list().data[0].id
+        with pytest.raises(openai.BadRequestError, match=r"no vision projector \(mmproj\)") as err:
+            client.chat.completions.create(model=model, messages=ask(data_url(png())), max_tokens=2)
+        assert err.value.body["param"] == "messages"
+        assert client.chat.completions.create(model=model, messages=ask(None), max_tokens=2).choices
+    finally:
+        server.stop()

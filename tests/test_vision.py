@@ -112,9 +112,9 @@ def test_bad_images_are_400_and_the_server_stays_up(run_vlm, url, needle):
 # ----------------------------------------------------------------------------------- LocalAI gRPC
 
 
-def load(backend: BackendProcess, model: Path, mmproj: Path | None, *options: str) -> None:
+def load(backend: BackendProcess, model: Path, mmproj: Path | None, *options: str, limit: int = 0) -> None:
     fields = dict(Model=model.name, ModelPath=str(model.parent), ContextSize=1024, Threads=2, NGPULayers=0,
-                  MMap=True, Options=list(options))
+                  MMap=True, Options=list(options), LimitImagePerPrompt=limit)
     if mmproj is not None:  # relative to ModelPath, as LocalAI may send it
         fields["MMProj"] = str(Path("..") / mmproj.parent.name / mmproj.name)
     res = backend.stub.LoadModel(pb.ModelOptions(**fields))
@@ -158,8 +158,9 @@ def test_grpc_refusals(grpc_backend, vlm, tiny_mmproj_gguf):  # noqa: F811
         predict(grpc_backend, png())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "no vision projector (mmproj)" in err.value.details()
-    load(grpc_backend, vlm, tiny_mmproj_gguf)
-    for images, markers, needle in [((b"not an image",), None, "not a PNG"), ((png(),), 2, "marker")]:
+    load(grpc_backend, vlm, tiny_mmproj_gguf, limit=1)
+    for images, markers, needle in [((png(), png()), None, "at most 1"), ((b"not an image",), None, "not a PNG"),
+                                    ((png(),), 2, "marker")]:
         with pytest.raises(grpc.RpcError) as err:
             predict(grpc_backend, *images, markers=markers)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and needle in err.value.details()

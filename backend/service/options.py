@@ -144,6 +144,7 @@ class LoadPlan:
     mtp_reason: str  # why MTP is on or off, for the log and Status
     identity: str = ""  # ModelOptions.Model: requests naming another ModelIdentity are refused
     grammar_triggers: tuple[str, ...] = ()  # ModelOptions.GrammarTriggers words: a request's Grammar waits for one
+    image_limit: int = 0  # ModelOptions.LimitImagePerPrompt: most images one request may carry (0: no limit)
 
 
 def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
@@ -187,7 +188,8 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
     spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
                       adaptive=opts.get("adaptive", True))
     return LoadPlan(path=path, engine=cfg, spec=spec, use_jinja=opts.get("use_jinja", True), mtp_reason=reason,
-                    identity=req.Model, grammar_triggers=tuple(t.word for t in req.GrammarTriggers if t.word))
+                    identity=req.Model, grammar_triggers=tuple(t.word for t in req.GrammarTriggers if t.word),
+                    image_limit=max(req.LimitImagePerPrompt, 0))
 
 
 def _warn_if_cpu_only(n_gpu_layers: int) -> None:

@@ -446,6 +446,10 @@ async def _image_prompt(model: LoadedModel, text: str, images: list[str]) -> tup
     if projector is None:
         raise InvalidRequestError(f"this model has no vision projector (mmproj): {model.name} cannot take images; "
                                   "load it with MMProj (apexmtp run --mmproj FILE)", param="Images")
+    limit = model.plan.image_limit
+    if limit and len(images) > limit:
+        raise InvalidRequestError(f"{len(images)} images in one request; this model takes at most {limit} "
+                                  "(LimitImagePerPrompt)", param="Images")
     data = await asyncio.to_thread(decode_images, images)  # Pillow's check off the event loop
     bos = model.template.bos_token if model.template else ""
     add_special = not (bos and text.startswith(bos))

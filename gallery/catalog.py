@@ -96,6 +96,12 @@ class Entry:
         return next(f for f in self.files if f.filename == model)
 
     @property
+    def mmproj_file(self) -> GalleryFile | None:
+        """The vision projector named by `overrides.mmproj` (schema guarantees it is one of `files`), if any."""
+        mmproj = self.overrides.get("mmproj")
+        return next((f for f in self.files if f.filename == mmproj), None) if mmproj else None
+
+    @property
     def is_hub(self) -> bool:
         return bool(self.variants)
 

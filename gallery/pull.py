@@ -45,12 +45,14 @@ class PulledModel:
     predicted_tok_s: float = 0.0  # single-client decode, MTP included where on
 
 
-def _exact_candidate(path: Path, name: str, tier: str, base_options: tuple[str, ...], mtp_default: bool) -> Candidate:
+def _exact_candidate(path: Path, name: str, tier: str, base_options: tuple[str, ...], mtp_default: bool,
+                     mmproj: Path | None = None) -> Candidate:
     from backend.gguf_file import read_gguf
 
     info = read_gguf(path)
     arch = ArchFacts.from_gguf(info)
-    return Candidate(name, tier, arch, weights_from_gguf(info, arch), mtp_default and info.has_mtp_head, base_options)
+    return Candidate(name, tier, arch, weights_from_gguf(info, arch), mtp_default and info.has_mtp_head, base_options,
+                     mmproj.stat().st_size if mmproj is not None else 0)
 
 
 def _plan(resolved: Resolved, catalog: Catalog, profile: HardwareProfile, request: Request) -> Selection | None:
@@ -114,9 +116,10 @@ def pull(
         hub_file, dest, pin = _source(resolved, entry)
         fetched = fetch(hub_file, dest, models_dir=models_dir, sha256=pin, progress=progress)
         path, model_ref, sha256 = fetched.path, dest, fetched.sha256
+    mmproj = _fetch_mmproj(entry, models_dir, progress) if resolved.local_path is None else None
     base_options = entry.options if entry else tuple(catalog.policy["default_options"])
     mtp_default = entry is None or "spec_type:draft-mtp" in entry.options
-    exact = _exact_candidate(path, resolved.name, entry.tier if entry else "file", base_options, mtp_default)
+    exact = _exact_candidate(path, resolved.name, entry.tier if entry else "file", base_options, mtp_default, mmproj)
     final = select(profile, [exact], catalog.policy,
                    Request(context=context, mtp=mtp, parallel=parallel, prefer=prefer))
     if not final.fits:
@@ -132,6 +135,17 @@ def pull(
     return PulledModel(resolved.name, path, config_path, final.options, final.context_size, final.gpu_layers,
                        final.cache_type_k, final.cache_type_v, final.explanation, sha256, parallel,
                        final.predicted_tok_s)
+
+
+def _fetch_mmproj(entry: Entry | None, models_dir: Path, progress: bool) -> Path | None:
+    """The entry's vision projector (`overrides.mmproj`), downloaded and verified like the weights."""
+    f = entry.mmproj_file if entry is not None else None
+    if f is None:
+        return None
+    hub = parse_hub_uri(f.uri)
+    if hub is None:
+        raise ApexError(f"entry {entry.name}: unsupported mmproj uri {f.uri!r}")
+    return fetch(hub, f.filename, models_dir=models_dir, sha256=f.sha256, progress=progress).path
 
 
 def _source(resolved: Resolved, entry: Entry | None) -> tuple[HubFile, str, str | None]:

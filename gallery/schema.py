@@ -148,6 +148,12 @@ def _validate_entry(e: dict[str, Any], check: Checker, architectures: Mapping[st
     filenames = [_validate_file(f, check, f"files[{j}]") for j, f in enumerate(files)]
     if model not in filenames:
         raise check.fail("overrides.parameters.model", f"{model!r} is not one of the entry's files {filenames}")
+    mmproj = check.get(overrides, "mmproj", str, path="overrides", required=False)
+    if mmproj is not None:
+        if mmproj not in filenames:
+            raise check.fail("overrides.mmproj", f"{mmproj!r} is not one of the entry's files {filenames}")
+        if "vision" not in (overrides.get("known_usecases") or ()):
+            raise check.fail("overrides.known_usecases", "an entry with an mmproj must list the vision usecase")
     if ("mtp" in tags) != (MTP_OPTION in options):
         raise check.fail("tags", f"tag 'mtp' must be present if and only if options contain {MTP_OPTION!r}")
     apex = check.get(e, "apexmtp", dict)

@@ -51,6 +51,7 @@ class Candidate:
     weights: WeightBytes
     mtp_default: bool
     base_options: tuple[str, ...] = ()
+    mmproj_bytes: int = 0  # the vision projector loaded beside the weights
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, env: _Env, n_cpu_moe
     policy, budget = env.policy, env.budget
     run = RunConfig(n_ctx=n_ctx, n_ubatch=policy["n_ubatch"], n_seq=env.n_seq, cache_type_k=policy["cache_type"],
                     cache_type_v=policy["cache_type"], mtp=mtp, spec_n_max=policy["mtp"]["spec_n_max"] if mtp else 0,
-                    draft_cache_type=policy["mtp"]["draft_cache_type"])
+                    draft_cache_type=policy["mtp"]["draft_cache_type"], mmproj_bytes=cand.mmproj_bytes)
     b = estimate(cand.arch, cand.weights, run)
     margin, host_margin = policy["margin"], policy["host_margin"]
     if mode == "gpu+ram" and n_cpu_moe is None:

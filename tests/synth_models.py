@@ -1,7 +1,8 @@
 """Session fixtures that write tiny synthetic qwen35moe GGUFs (backend.synth.qwen35moe) once per test run.
 
 Import these names into a conftest.py (or a test module) to use them:
-`from synth_models import synth_model, tiny_random_gguf, tiny_predictable_gguf, tiny_nomtp_gguf`.
+`from synth_models import synth_model, tiny_random_gguf, tiny_predictable_gguf, tiny_nomtp_gguf,
+tiny_mmproj_gguf`.
 """
 
 from __future__ import annotations
@@ -58,3 +59,11 @@ def tiny_predictable_gguf(synth_model: Callable[..., Path]) -> Path:
 def tiny_nomtp_gguf(synth_model: Callable[..., Path]) -> Path:
     """Tiny random-weight model without an MTP block."""
     return synth_model("random", mtp=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_mmproj_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random vision projector (qwen3vl_merger) for the tiny preset's n_embd."""
+    from backend.synth.mmproj import write_projector
+
+    return write_projector(tmp_path_factory.mktemp("mmproj") / "mmproj-tiny.gguf", PRESETS["tiny"].n_embd)

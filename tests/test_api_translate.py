@@ -75,7 +75,7 @@ def test_chat_fields_pass_through():
     ({"messages": HI, "stop": [1]}, "stop"),
     ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
     ({"messages": HI, "response_format": {"type": "yaml"}}, "response_format"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0].image_url"),
     ({"messages": HI, "seed": 2**40}, "seed"),
 ])
 def test_bad_chat_requests_name_the_field(body, param):

@@ -208,7 +208,7 @@ def main(argv: list[str]) -> int:
             server = serve(RunOptions(ref=args.ref, port=0, tier=args.tier, context=args.context,
                                       models_dir=args.models_dir, threads=args.threads, embeddings=args.embeddings,
                                       no_mtp=args.no_mtp, parallel=args.parallel, prefer=args.prefer,
-                                      echo_backend=False, rpc=args.rpc))
+                                      echo_backend=False, rpc=args.rpc, mmproj=args.mmproj))
             base = server.url
         model = get_json(base, "/v1/models", key)["data"][0]["id"]
         return ChatSession(base, model, sys.stdout, system=args.system, sampling=sampling, key=key).run(sys.stdin)

@@ -97,6 +97,7 @@ class ServedModel:
     embeddings: bool
     mtp: bool
     defaults: dict[str, Any] = field(default_factory=dict)  # the config's `parameters` (temperature, top_k...)
+    media_marker: str = "<__media__>"  # where an image part goes in the text: llama.cpp mtmd's default marker
 
     def matches(self, name: str | None) -> bool:
         return not name or name == self.name or name in self.aliases
@@ -198,28 +199,58 @@ def _logit_bias(bias: Any) -> str:
     return json.dumps(out) if out else ""
 
 
-def _content_text(content: Any, index: int) -> str:
+def _image_part(part: dict[str, Any], where: str, model: ServedModel) -> tuple[str, str]:
+    """An `image_url` part -> (the media marker for the message text, the base64 image for PredictOptions.Images).
+
+    Only data: URLs are taken; the server never fetches http(s) URLs on a client's behalf.
+    """
+    spec = part.get("image_url")
+    url = spec.get("url") if isinstance(spec, dict) else spec
+    if not isinstance(url, str) or not url:
+        raise invalid(f"{where}.image_url", "image_url must be {\"url\": \"data:image/...;base64,...\"}")
+    if url.startswith(("http://", "https://")):
+        raise invalid(f"{where}.image_url", "image URLs are not fetched: send the image inline as a "
+                                            "data:image/...;base64,... URL")
+    head, sep, payload = url.partition(",")
+    if not (url.startswith("data:") and sep and head.endswith(";base64")):
+        raise invalid(f"{where}.image_url", "image_url must be a data:image/...;base64,... URL")
+    try:
+        base64.b64decode(payload, validate=True)
+    except ValueError:
+        raise invalid(f"{where}.image_url", "the image data is not valid base64") from None
+    return model.media_marker, payload
+
+
+def _content(content: Any, index: int, model: ServedModel) -> tuple[str, list[str]]:
+    """A message's content -> its text (image parts as the model's media marker) and its images, in order."""
     if content is None or isinstance(content, str):
-        return content or ""
+        return content or "", []
     if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise invalid(f"messages[{index}].content", "only text content parts are supported")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise invalid(f"messages[{index}].content", "content must be a string or an array of text parts")
+        parts, images = [], []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            elif kind == "image_url":
+                marker, image = _image_part(part, f"messages[{index}].content[{j}]", model)
+                parts.append(marker)
+                images.append(image)
+            else:
+                raise invalid(f"messages[{index}].content", "content parts must be text or image_url parts")
+        return "".join(parts), images
+    raise invalid(f"messages[{index}].content", "content must be a string or an array of content parts")
 
 
-def _message(m: Any, index: int) -> pb.Message:
+def _message(m: Any, index: int, model: ServedModel) -> tuple[pb.Message, list[str]]:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise invalid(f"messages[{index}]", "each message must be an object with a string role")
     calls = m.get("tool_calls")
+    text, images = _content(m.get("content"), index, model)
     return pb.Message(
-        role=m["role"], content=_content_text(m.get("content"), index), name=str(m.get("name") or ""),
+        role=m["role"], content=text, name=str(m.get("name") or ""),
         tool_call_id=str(m.get("tool_call_id") or ""), reasoning_content=str(m.get("reasoning_content") or ""),
         tool_calls=json.dumps(calls) if calls else "",
-    )
+    ), images
 
 
 def _chat_metadata(body: dict[str, Any]) -> dict[str, str]:
@@ -252,8 +283,10 @@ def chat_request(body: dict[str, Any], model: ServedModel) -> pb.PredictOptions:
     if tools and choice not in ("auto", None) and fields["Grammar"]:
         raise invalid("tool_choice", "tool_choice required or a named function forces the tool-call grammar; "
                                      "it cannot be combined with grammar or response_format")
+    converted = [_message(m, i, model) for i, m in enumerate(messages)]
     return pb.PredictOptions(
-        Messages=[_message(m, i) for i, m in enumerate(messages)], UseTokenizerTemplate=True,
+        Messages=[m for m, _ in converted], Images=[img for _, images in converted for img in images],
+        UseTokenizerTemplate=True,
         Tools=json.dumps(tools) if tools else "",
         ToolChoice=(choice if isinstance(choice, str) else json.dumps(choice)) if tools and choice is not None else "",
         Logprobs=1 if body.get("logprobs") else 0, TopLogprobs=top or 0,

@@ -101,7 +101,13 @@ def model_options(config: dict[str, Any], models_dir: Path, *, threads: int = 0,
         CacheTypeKey=str(config.get("cache_type_k") or ""), CacheTypeValue=str(config.get("cache_type_v") or ""),
         Options=[str(o) for o in config.get("options") or []],
         Embeddings=embeddings or bool(config.get("embeddings", False)),
+        MMProj=_under(str(config["mmproj"]), models_dir) if config.get("mmproj") else "",
     )
+
+
+def _under(path: str, models_dir: Path) -> str:
+    """A config path as LocalAI hands it to a backend: relative ones resolved against the models directory."""
+    return path if Path(path).is_absolute() else str(models_dir / path)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -718,6 +724,7 @@ class RunOptions:
     api_keys: tuple[str, ...] = ()
     http_workers: int = DEFAULT_WORKERS
     rpc: tuple[str, ...] = ()  # RPC workers (`apexmtp worker`) to split the model across
+    mmproj: Path | None = None  # vision projector GGUF; overrides the one the model config names
 
     @property
     def models_path(self) -> Path:
@@ -741,6 +748,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-mtp", action="store_true", help="decode without MTP speculation")
     parser.add_argument("--rpc", type=parse_endpoints, default=(), metavar="HOST:PORT,...",
                         help="split the model across these RPC workers (`apexmtp worker` on each host)")
+    parser.add_argument("--mmproj", type=Path, metavar="FILE",
+                        help="vision projector GGUF (mmproj) for image input (default: the one pull fetched)")
 
 
 def prepare(opts: RunOptions, *, profile: HardwareProfile | None = None,
@@ -770,6 +779,8 @@ def prepare(opts: RunOptions, *, profile: HardwareProfile | None = None,
     log.info("%s", pulled.explanation)
     config = yaml.safe_load(pulled.config_path.read_text(encoding="utf-8"))
     config["options"] = options
+    if opts.mmproj is not None:
+        config["mmproj"] = str(opts.mmproj.expanduser().resolve())
     load = model_options(config, models_dir, threads=opts.threads, embeddings=opts.embeddings)
     defaults = {k: v for k, v in (config.get("parameters") or {}).items() if k != "model"}
     aliases |= {pulled.model_path.name, pulled.model_path.stem}
@@ -824,7 +835,7 @@ def main(argv: list[str]) -> int:
                       no_mtp=args.no_mtp, parallel=args.parallel, prefer=args.prefer, progress=not args.quiet,
                       echo_backend=not args.quiet, gallery=args.gallery,
                       api_keys=parse_keys([*(args.api_key or []), constants.API_KEY]),
-                      http_workers=args.http_workers, rpc=args.rpc)
+                      http_workers=args.http_workers, rpc=args.rpc, mmproj=args.mmproj)
     warning = exposure_warning(opts.host, opts.api_keys)
     if warning:
         print(f"apexmtp run: warning: {warning}", file=sys.stderr, flush=True)

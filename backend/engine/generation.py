@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .llama import Engine
+from .vision import Image
 from .sampling import SamplingParams
 from .speculative import SpecStats
 from .textstream import ReasoningSplitter, TextStream
@@ -21,7 +22,11 @@ from .textstream import ReasoningSplitter, TextStream
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One completion. `logprobs`: None = off, 0 = the chosen token's only, n = plus the top n."""
+    """One completion. `logprobs`: None = off, 0 = the chosen token's only, n = plus the top n.
+
+    `prompt` holds one entry per position: text tokens, and at each image's positions its (negative) key, once
+    per position it occupies; `images` are those images, encoded (`Projector.prompt` makes both).
+    """
 
     prompt: list[int]
     sampling: SamplingParams = SamplingParams()
@@ -31,6 +36,16 @@ class GenerationRequest:
     n_draft: int | None = None
     logprobs: int | None = None
     thinking: bool = False  # the prompt leaves the model inside a <think> block
+    images: tuple[Image, ...] = ()
+
+    @property
+    def n_prompt(self) -> int:
+        """Prompt tokens as clients count them: text tokens plus every image's embedding rows."""
+        return len(self.prompt) + sum(img.n_tokens - img.n_pos for img in self.images)
+
+    @property
+    def text_tokens(self) -> list[int]:
+        return [t for t in self.prompt if t >= 0] if self.images else self.prompt
 
 
 @dataclass

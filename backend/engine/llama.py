@@ -35,6 +35,7 @@ from ..gguf_file import GGUFInfo, read_gguf
 from ..rpc.client import Workers, split_array
 from . import ggml
 from .llamalog import LIVE, LLAMA_LOG, parse_device_lines, parse_memory_lines
+from .vision import Image, Projector
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class EngineConfig:
     n_cpu_moe: int = 0  # keep the routed experts of the first N trunk layers in system RAM (-1: all layers)
     rpc_servers: tuple[str, ...] = ()  # RPC workers (host:port) to split the layers across, with local GPUs
     tensor_split: tuple[float, ...] = ()  # proportion of layers per device (workers first); () splits by free memory
+    mmproj: str = ""  # vision projector GGUF (LocalAI's MMProj), loaded through mtmd
 
     def __post_init__(self) -> None:
         if self.n_ctx < 8:
@@ -178,6 +180,18 @@ class Batch:
         self.n += 1
         return idx
 
+    def add_embd(self, row: np.ndarray, pos: np.ndarray, seq: int) -> int:
+        """An input-embedding entry (an image row); `pos` holds its 4 M-RoPE sections (only the first is read
+        on a model without M-RoPE)."""
+        embd = L.llama_embd(row.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), 1, row.shape[0])
+        idx = L.llama_batch_ext_add_embd(self.ptr, seq, embd)  # copies the row now
+        if idx < 0:
+            raise RuntimeError(f"llama_batch_ext_add_embd failed ({idx})")
+        sections = (L.llama_pos * 4)(*(int(p) for p in pos))
+        L.llama_batch_ext_set_pos(self.ptr, idx, sections)
+        self.n += 1
+        return idx
+
     def free(self) -> None:
         if self.ptr:
             L.llama_batch_ext_free(self.ptr)
@@ -212,10 +226,11 @@ class Sequence:
     # (position, token) of the first draft entry left in the MTP context by `draft`: exactly the first entry the
     # next mirror would write, so the mirror skips it (llama.cpp re-evaluates it).
     ahead: tuple[int, int] | None = None
-    # Mirror entries (token, position, h row) not yet decoded into the MTP context. Mirroring is deferred until
-    # the head must draft for this sequence, so steps that do not speculate cost what plain decoding costs and
+    # Mirror entries (token, position, h row, M-RoPE sections) not yet decoded into the MTP context; an image row
+    # has its negative key as token and its 4 position sections (None for text). Mirroring is deferred until the
+    # head must draft for this sequence, so steps that do not speculate cost what plain decoding costs and
     # rejected drafts are never mirrored.
-    mirror: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
+    mirror: list[tuple[int, int, np.ndarray, np.ndarray | None]] = field(default_factory=list)
 
 
 class DecodeError(RuntimeError):
@@ -270,6 +285,7 @@ class Engine:
         self._dbatch: Batch | None = None
         self._ebatch: Batch | None = None
         self._eval_callback = eval_callback
+        self.projector: Projector | None = None
         self.workers: Workers | None = None
         self._vocab_lock = threading.Lock()
         self.mirror_seconds = 0.0  # time spent decoding mirror entries (left out of the controller's step costs)
@@ -343,6 +359,15 @@ class Engine:
             X.llama_set_embeddings_nextn(self._dctx, True, True)  # h rows only for output tokens
             self._dbatch = Batch(self._dctx)
         self.seqs = [self._fresh_seq() for _ in range(cfg.n_seq)]
+        self.n_embd_inp = int(L.llama_model_n_embd_inp(self._model))
+        if cfg.mmproj:
+            if cfg.mtp and self.n_embd_inp != self.n_embd:
+                # Image rows reach the MTP context as input embeddings the width of its hidden input.
+                raise ModelLoadError(f"{self.path}: MTP with a vision projector needs n_embd_inp == n_embd "
+                                     f"({self.n_embd_inp} != {self.n_embd}); load with spec_type:none")
+            self.projector = Projector(cfg.mmproj, self._model, n_embd=self.n_embd_inp,
+                                       n_threads=cfg.n_threads or default_threads(), use_gpu=cfg.n_gpu_layers != 0)
+            self.memory["mmproj"] = self.projector.size
 
     def _new_context(self, cfg: EngineConfig, *, kind: str) -> int:
         cp = L.llama_context_default_params()
@@ -411,7 +436,10 @@ class Engine:
         return self._dctx is not None
 
     def close(self) -> None:
-        """Free every llama.cpp object, batches and contexts before the model (idempotent)."""
+        """Free every llama.cpp object: the projector, batches and contexts before the model (idempotent)."""
+        if self.projector is not None:
+            self.projector.close()
+            self.projector = None
         for attr in ("_batch", "_dbatch", "_ebatch"):
             batch = getattr(self, attr)
             if batch is not None:
@@ -497,6 +525,8 @@ class Engine:
                 break
             common += 1
         n_keep = min(common, len(prompt) - 1)
+        while 0 < n_keep < len(prompt) and prompt[n_keep] < 0 and prompt[n_keep - 1] == prompt[n_keep]:
+            n_keep -= 1  # never cut an image's positions: its rows all sit at its first position
         if n_keep >= len(s.tokens):
             return len(s.tokens)
         if n_keep > 0 and L.llama_memory_seq_rm(L.llama_get_memory(self._ctx), seq, n_keep, -1):
@@ -570,10 +600,51 @@ class Engine:
                                      logits="last" if start + self.n_batch >= len(todo) else "none")
         return row
 
+    @_open
+    def decode_image(self, seq: int, image: Image) -> None:
+        """Decode an encoded image into the sequence at its next position, as its own target decode(s).
+
+        Its rows take M-RoPE positions from mtmd (all at the image's first position in time, spread in x/y), and
+        it occupies `n_pos` positions. With MTP, each row is queued for the MTP context like text prefill: at the
+        same positions, with the target's hidden row of the position before (so the text after the image pairs
+        with the image's last hidden row), as an input embedding since an image row has no token.
+        """
+        s = self.seqs[seq]
+        p0 = len(s.tokens)
+        if p0 + image.n_pos > self.n_ctx:
+            raise ContextOverflowError(p0 + image.n_pos, self.n_ctx)
+        if image.embd.shape[1] != self.n_embd_inp:
+            raise InvalidRequestError(f"image rows are {image.embd.shape[1]} wide; the model takes {self.n_embd_inp}")
+        if self.projector is None:
+            raise InvalidRequestError("this model has no vision projector (mmproj)")
+        pos = image.rel_pos + (np.array([p0, p0, p0, 0], np.int32) if self.projector.mrope else p0)
+        b = self._batch
+        for start in range(0, image.n_tokens, self.n_batch):
+            b.clear()
+            stop = min(start + self.n_batch, image.n_tokens)
+            for i in range(start, stop):
+                b.add_embd(image.embd[i], pos[i], seq)
+            self._check_workers()
+            rc = L.llama_process(self._ctx, L.LLAMA_PROCESS_TYPE_DECODE, b.ptr)
+            self._check_workers()
+            if rc != 0:
+                self.reset(seq)
+                raise DecodeError(f"llama.cpp image decode failed ({rc}) with {b.n} rows", (seq,))
+            if self._dctx:
+                ptr = X.llama_get_embeddings_nextn(self._ctx)
+                h = np.ctypeslib.as_array(ptr, shape=(b.n * self.n_embd,)).reshape(b.n, self.n_embd).copy()
+                rows = [s.pending_h, *h[:-1]]
+                s.mirror.extend((image.key, int(pos[i][0]), rows[i - start], pos[i]) for i in range(start, stop))
+                s.pending_h = h[-1]
+                s.verify_h = None
+        s.tokens.extend([image.key] * image.n_pos)
+        if len(s.mirror) >= self.n_batch:
+            self.flush_mirror([seq])
+
     def _queue_mirror(self, s: Sequence, tokens: list[int], p0: int, h: np.ndarray) -> None:
         """Queue the MTP entries of a decoded row: token p pairs with the target's hidden row of p-1."""
         rows = [s.pending_h, *h[:-1]]
-        s.mirror.extend(zip(tokens, range(p0, p0 + len(tokens)), rows))
+        s.mirror.extend((tok, pos, row, None) for tok, pos, row in zip(tokens, range(p0, p0 + len(tokens)), rows))
         s.verify_h = h
         s.pending_h = h[-1]
         if len(s.mirror) >= self.n_batch:
@@ -584,7 +655,7 @@ class Engine:
         """Decode the queued mirror entries of `seqs` (default all) into the MTP context, batched together."""
         if not self._dctx:
             return
-        entries: list[tuple[int, int, int, np.ndarray]] = []
+        entries: list[tuple[int, int, int, np.ndarray, np.ndarray | None]] = []
         for seq in range(self.n_seq) if seqs is None else seqs:
             s = self.seqs[seq]
             queue, s.mirror = s.mirror, []
@@ -594,21 +665,32 @@ class Engine:
                 else:  # not the step it was drafted for: drop the stale entry
                     L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), seq, s.ahead[0], -1)
                 s.ahead = None
-            entries.extend((seq, tok, pos, row) for tok, pos, row in queue)
+            entries.extend((seq, *entry) for entry in queue)
         if not entries:
             return
         t0 = time.perf_counter()
         db = self._dbatch
-        for start in range(0, len(entries), self.n_batch):
+        start = 0
+        while start < len(entries):
+            # One decode holds at most n_batch entries of one kind: llama.cpp takes token+h entries and image rows
+            # (input embeddings with M-RoPE positions) only in separate batches.
+            image = entries[start][4] is not None
             db.clear()
-            for seq, tok, pos, row in entries[start:start + self.n_batch]:
-                db.add(tok, pos, seq, embd=row)
+            end = start
+            while end < len(entries) and end - start < self.n_batch and (entries[end][4] is not None) == image:
+                seq, tok, pos, row, sections = entries[end]
+                if image:
+                    db.add_embd(row, sections, seq)
+                else:
+                    db.add(tok, pos, seq, embd=row)
+                end += 1
             rc = L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr)
             if rc != 0:
                 seqs_hit = {e[0] for e in entries}
                 for seq in seqs_hit:
                     self.reset(seq)
                 raise DecodeError(f"llama.cpp MTP mirror decode failed ({rc})", seqs_hit)
+            start = end
         self.mirror_seconds += time.perf_counter() - t0
 
     @_open

@@ -47,6 +47,11 @@ class LlamaLog:
                 L.llama_log_set(self._cb, ctypes.c_void_p(0))
                 self._installed = True
 
+    @property
+    def callback(self) -> object:
+        """The ctypes callback itself, for libraries with a log hook of their own (mtmd) to share."""
+        return self._cb
+
     def _on_log(self, level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         msg = (text or b"").decode("utf-8", "replace")
         with self._lock:
@@ -61,8 +66,9 @@ class LlamaLog:
                 if level >= min_level:
                     sink.extend(lines)
         pylevel = _PY_LEVELS.get(level, logging.DEBUG)
-        if pylevel == logging.WARNING and "unused tensor" in msg:
-            pylevel = logging.DEBUG  # expected for MTP tensors when the head is not loaded
+        if pylevel == logging.WARNING and ("unused tensor" in msg or "non-consecutive token position" in msg):
+            # expected: MTP tensors when the head is not loaded; an image's M-RoPE positions in recurrent layers
+            pylevel = logging.DEBUG
         if self._logger.isEnabledFor(pylevel):
             for line in lines:
                 self._logger.log(pylevel, "%s", line)

@@ -66,7 +66,7 @@ class Ticket:
         self.sampler = sampler
         self.sink = sink
         self.inspect = inspect
-        self.result = Result(n_prompt=len(req.prompt))
+        self.result = Result(n_prompt=req.n_prompt)
         self.cancelled = False
         self.t_submit = time.perf_counter()
 
@@ -140,9 +140,15 @@ class Scheduler:
             raise InvalidRequestError(f"max tokens must be positive, got {req.max_tokens}")
         if not req.prompt:
             raise InvalidRequestError("empty prompt: nothing to condition on")
-        if len(req.prompt) >= self.engine.n_ctx:
-            raise ContextOverflowError(len(req.prompt), self.engine.n_ctx)
-        self.engine.check_tokens(req.prompt)
+        if req.n_prompt >= self.engine.n_ctx:  # an image's rows each take a KV cell
+            raise ContextOverflowError(req.n_prompt, self.engine.n_ctx)
+        self.engine.check_tokens(req.text_tokens)
+        keys = {img.key for img in req.images}
+        if len(req.text_tokens) + sum(img.n_pos for img in req.images) != len(req.prompt) or \
+                any(t < 0 and t not in keys for t in req.prompt):
+            raise InvalidRequestError("the prompt's image positions do not match its images")
+        if req.prompt[-1] < 0:
+            raise InvalidRequestError("a prompt cannot end with an image: the model needs text after it")
         sampling = req.sampling
         if sampling.seed is None and self.default_seed is not None:
             sampling = replace(sampling, seed=self.default_seed)
@@ -282,6 +288,7 @@ class Scheduler:
         for s in self.slots:
             if s.ticket is not None and s.ticket.cancelled:
                 self._end(s, reason="cancelled")
+        self._prefill_images()
         decoding = [s for s in self.slots if s.ticket is not None and s.y is not None]
         prefilling = sorted((s for s in self.slots if s.ticket is not None and s.y is None), key=lambda s: s.t_admit)
         if not decoding and not prefilling:
@@ -295,6 +302,9 @@ class Scheduler:
             if budget <= 0:
                 break
             chunk = s.todo[:budget]
+            chunk = chunk[:next((i for i, t in enumerate(chunk) if t < 0), len(chunk))]  # up to the next image
+            if not chunk:
+                continue
             rows.insert(0, (s, Row(s.seq, chunk, "last" if len(chunk) == len(s.todo) else "none")))
             budget -= len(chunk)
         engine.decode([r for _, r in rows])
@@ -314,6 +324,20 @@ class Scheduler:
             k = max(len(d) for d in drafts.values()) if drafts else 0
             self.controller.observe(len(decoding), k, time.perf_counter() - t0 - (engine.mirror_seconds - m0))
         return True
+
+    def _prefill_images(self) -> None:
+        """Decode the images that come next in a prefilling slot's prompt, each as its own target decode (an image
+        row is an embedding, which llama.cpp takes only in a batch of embeddings)."""
+        for s in self.slots:
+            while s.ticket is not None and s.y is None and s.todo and s.todo[0] < 0:
+                image = next(img for img in s.ticket.req.images if img.key == s.todo[0])
+                try:
+                    self.engine.decode_image(s.seq, image)
+                except (DecodeError, InvalidRequestError) as exc:
+                    log.error("%s: slot %d: %s", self.name, s.seq, exc)
+                    self._end(s, error=exc)
+                    break
+                del s.todo[:image.n_pos]
 
     def _admit(self) -> None:
         """Pending requests into free slots, FIFO; each takes the free slot holding most of its prompt."""
@@ -338,7 +362,7 @@ class Scheduler:
             slot.t_admit = time.perf_counter()
             ticket.result.n_cached, ticket.result.slot = n_keep, slot.seq
             ticket.result.t_queue_ms = (slot.t_admit - ticket.t_submit) * 1000
-            ticket.sampler.observe_prompt(prompt)
+            ticket.sampler.observe_prompt(ticket.req.text_tokens)
 
     def _drafts(self, decoding: list[Slot]) -> dict[int, list[int]]:
         """Draft tokens per decoding slot (seq -> drafts): one k for all, each slot capped by its request."""

@@ -123,6 +123,16 @@ def resolve_model_path(model: str, model_file: str, model_path: str) -> Path:
     raise ModelNotFoundError(candidates[0], hint=f"also looked for {candidates[-1]}" if len(candidates) > 1 else "")
 
 
+def resolve_mmproj(mmproj: str, model_path: str) -> Path:
+    """ModelOptions.MMProj: absolute, or relative to ModelPath like Model; it must exist."""
+    p = Path(mmproj)
+    if not p.is_absolute() and model_path:
+        p = Path(model_path) / p
+    if not p.is_file():
+        raise ModelNotFoundError(p, hint="MMProj names the vision projector file")
+    return p
+
+
 @dataclass(frozen=True)
 class LoadPlan:
     """Everything LoadModel decided: the file, engine settings, speculation and template use."""
@@ -134,6 +144,7 @@ class LoadPlan:
     mtp_reason: str  # why MTP is on or off, for the log and Status
     identity: str = ""  # ModelOptions.Model: requests naming another ModelIdentity are refused
     grammar_triggers: tuple[str, ...] = ()  # ModelOptions.GrammarTriggers words: a request's Grammar waits for one
+    image_limit: int = 0  # ModelOptions.LimitImagePerPrompt: most images one request may carry (0: no limit)
 
 
 def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
@@ -170,13 +181,15 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         n_cpu_moe=-1 if opts.get("cpu_moe") else opts.get("n_cpu_moe", 0),
         rpc_servers=opts.get("rpc_servers", constants.RPC_SERVERS),
         tensor_split=opts.get("tensor_split") or (parse_tensor_split(req.TensorSplit) if req.TensorSplit else ()),
+        mmproj=str(resolve_mmproj(req.MMProj, req.ModelPath)) if req.MMProj else "",
     )
     if cfg.n_gpu_layers != 0 and not cfg.rpc_servers:  # with workers, the offloaded layers go to their devices
         _warn_if_cpu_only(req.NGPULayers)
     spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
                       adaptive=opts.get("adaptive", True))
     return LoadPlan(path=path, engine=cfg, spec=spec, use_jinja=opts.get("use_jinja", True), mtp_reason=reason,
-                    identity=req.Model, grammar_triggers=tuple(t.word for t in req.GrammarTriggers if t.word))
+                    identity=req.Model, grammar_triggers=tuple(t.word for t in req.GrammarTriggers if t.word),
+                    image_limit=max(req.LimitImagePerPrompt, 0))
 
 
 def _warn_if_cpu_only(n_gpu_layers: int) -> None:

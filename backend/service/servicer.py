@@ -10,6 +10,8 @@ expects of it.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import os
@@ -24,6 +26,7 @@ from ..engine.llama import Engine
 from ..engine.llamalog import LIVE
 from ..engine.sampling import SamplingParams, parse_logit_bias
 from ..engine.scheduler import Scheduler, llama_thread
+from ..engine.vision import Image, check_image
 from ..errors import (ApexError, EngineClosedError, EntryNotFoundError, InsufficientDiskSpaceError,
                       InsufficientMemoryError, InvalidRequestError, ModelMismatchError, ModelNotFoundError,
                       NoModelLoadedError)
@@ -153,7 +156,7 @@ class BackendServicer(pb_grpc.BackendServicer):
     async def Predict(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.Reply:
         try:
             model = self._loaded(request)
-            req, parser = self._request(model, request)
+            req, parser = await self._request(model, request)
             logprobs: list[dict] = []
             async for event in _events(model.scheduler, req):
                 if isinstance(event, Result):
@@ -166,8 +169,8 @@ class BackendServicer(pb_grpc.BackendServicer):
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Reply]:
         try:
             model = self._loaded(request)
-            req, parser = self._request(model, request)
-            result = Result(n_prompt=len(req.prompt))
+            req, parser = await self._request(model, request)
+            result = Result(n_prompt=req.n_prompt)
             async for event in _events(model.scheduler, req, progress=result):
                 if isinstance(event, Result):
                     yield _final_reply(event, [], parser, with_text=False)
@@ -179,11 +182,16 @@ class BackendServicer(pb_grpc.BackendServicer):
         except Exception as exc:
             await _abort(context, exc)
 
-    def _request(self, model: LoadedModel, r: pb.PredictOptions) -> tuple[GenerationRequest, ToolCallParser | None]:
+    async def _request(self, model: LoadedModel,
+                       r: pb.PredictOptions) -> tuple[GenerationRequest, ToolCallParser | None]:
         engine = model.engine
         tools = _tool_plan(model, r)
         text, thinking = self._prompt_text(model, r, tools)
-        prompt = _tokenize_prompt(model, text)
+        images: tuple = ()
+        if r.Images:
+            prompt, images = await _image_prompt(model, text, list(r.Images))
+        else:
+            prompt = _tokenize_prompt(model, text)
         if r.Grammar:  # the client's own grammar (lazy when the model was loaded with GrammarTriggers)
             grammar, triggers = r.Grammar, tuple(trigger_patterns(model.plan.grammar_triggers))
         else:
@@ -205,7 +213,7 @@ class BackendServicer(pb_grpc.BackendServicer):
         req = GenerationRequest(
             prompt=prompt, sampling=sampling, max_tokens=r.Tokens or DEFAULT_MAX_TOKENS,
             stop=tuple(s for s in r.StopPrompts if s), ignore_eos=r.IgnoreEOS,
-            n_draft=r.NDraft if r.NDraft > 0 else None, logprobs=logprobs, thinking=thinking,
+            n_draft=r.NDraft if r.NDraft > 0 else None, logprobs=logprobs, thinking=thinking, images=images,
         )
         return req, tools.parser()
 
@@ -291,7 +299,9 @@ class BackendServicer(pb_grpc.BackendServicer):
         except InvalidRequestError as exc:
             log.warning("chat template does not render a sample: %s", exc)
             rendered = ""
-        return pb.ModelMetadataResponse(supports_thinking=model.template.supports_thinking, rendered_template=rendered)
+        projector = model.engine.projector
+        return pb.ModelMetadataResponse(supports_thinking=model.template.supports_thinking, rendered_template=rendered,
+                                        media_marker=projector.marker if projector is not None else "")
 
     # -- quantization (LocalAI's quantization UI drives the APEX quantizer) ----------------------------
 
@@ -411,6 +421,40 @@ def _tokenize_prompt(model: LoadedModel, text: str) -> list[int]:
     # A rendered template usually carries its own BOS; adding another would double it.
     add_special = not (bos and text.startswith(bos))
     return model.engine.tokenize(text, add_special=add_special, parse_special=True)
+
+
+def decode_images(images: list[str]) -> list[bytes]:
+    """PredictOptions.Images (base64, optionally as data: URLs) -> checked image bytes."""
+    out = []
+    for i, item in enumerate(images):
+        payload = item.split(",", 1)[1] if item.startswith("data:") and "," in item else item
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequestError(f"Images[{i}] is not valid base64", param="Images") from None
+        try:
+            check_image(data, f"Images[{i}]")
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(str(exc), param="Images") from None
+        out.append(data)
+    return out
+
+
+async def _image_prompt(model: LoadedModel, text: str, images: list[str]) -> tuple[list[int], tuple[Image, ...]]:
+    """The prompt with its images tokenized and encoded by the projector, on the llama thread (between steps)."""
+    projector = model.engine.projector
+    if projector is None:
+        raise InvalidRequestError(f"this model has no vision projector (mmproj): {model.name} cannot take images; "
+                                  "load it with MMProj (apexmtp run --mmproj FILE)", param="Images")
+    limit = model.plan.image_limit
+    if limit and len(images) > limit:
+        raise InvalidRequestError(f"{len(images)} images in one request; this model takes at most {limit} "
+                                  "(LimitImagePerPrompt)", param="Images")
+    data = await asyncio.to_thread(decode_images, images)  # Pillow's check off the event loop
+    bos = model.template.bos_token if model.template else ""
+    add_special = not (bos and text.startswith(bos))
+    return await asyncio.wrap_future(model.scheduler.call(
+        lambda engine: engine.projector.prompt(text, data, add_special=add_special)))
 
 
 def _tool_plan(model: LoadedModel, r: pb.PredictOptions) -> ToolPlan:

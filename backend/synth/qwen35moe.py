@@ -839,15 +839,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=sorted(_FILE_TYPES), default="f16")
     parser.add_argument("--no-mtp", action="store_true", help="write the trunk only (no MTP block)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mmproj", type=Path, metavar="PROJ.gguf",
+                        help="also write a matching tiny vision projector (qwen3vl_merger) there")
     args = parser.parse_args(argv)
     config = replace(PRESETS[args.preset], mtp=not args.no_mtp)
     t0 = time.perf_counter()
     options = {k: getattr(args, k) for k in ("mode", "acceptance", "dtype", "seed", "n_draft")}
     try:
         out = write_model(args.out, config, **options)
+        if args.mmproj is not None:
+            from .mmproj import write_projector
+
+            write_projector(args.mmproj, config.n_embd, seed=args.seed)
     except ApexError as exc:
         print(f"apexmtp synth: {exc}", file=sys.stderr)
         return 2
     size_mib, elapsed = out.stat().st_size / 2**20, time.perf_counter() - t0
     print(f"wrote {out} ({size_mib:.1f} MiB, {args.preset}, {args.mode}, {args.dtype}) in {elapsed:.1f} s")
+    if args.mmproj is not None:
+        print(f"wrote {args.mmproj} (vision projector for it)")
     return 0

@@ -233,6 +233,24 @@ class Sequence:
     mirror: list[tuple[int, int, np.ndarray, np.ndarray | None]] = field(default_factory=list)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    """Give the heap pages a freed model leaves behind back to the OS. glibc keeps freed chunks in its arenas, so
+    without this a process that reloads models keeps the fragments of earlier ones resident (bench_soak: +24 MiB
+    of anonymous memory on the first reload with MTP)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class DecodeError(RuntimeError):
     """llama.cpp refused or failed a decode; the sequences involved were reset."""
 
@@ -456,6 +474,7 @@ class Engine:
                 L.llama_model_free(self._model)
                 self._model = None
                 LIVE["model"] -= 1
+        _trim_heap()
 
     # -- vocabulary (any thread) -------------------------------------------------------------------
 

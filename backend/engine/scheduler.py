@@ -391,7 +391,7 @@ class Scheduler:
         if tok is None:  # a grammar that is complete from the start
             return self._end(s, reason="stop")
         extra = s.ticket.inspect(self.engine, idx, tok) if s.ticket.inspect else None
-        if self._emit(s, tok, extra):
+        if self._emit(s, [(tok, extra)]):
             s.y = tok
 
     def _verify(self, s: Slot, row: Row, drafts: list[int]) -> None:
@@ -414,23 +414,32 @@ class Scheduler:
         if drafts:
             s.acc.observe(len(drafts), n_keep - 1)
             self.controller.observe_acceptance(len(drafts), n_keep - 1)
-        for tok, extra in accepted:
-            if not self._emit(s, tok, extra):
-                return
+        if not self._emit(s, accepted):
+            return
         if complete:
             return self._end(s, reason="stop")
         s.y = accepted[-1][0]
 
-    def _emit(self, s: Slot, tok: int, extra: dict | None) -> bool:
-        """Hand one token to the request; False when the slot finished with it."""
-        chunk = s.out.token(tok, extra)
-        if chunk:
-            s.ticket.sink(chunk)
-        s.ticket.result.t_gen_ms = (time.perf_counter() - s.t_first) * 1000
-        if s.out.done or s.ticket.result.n_tokens >= s.max_tokens:
+    def _emit(self, s: Slot, tokens: list[tuple[int, dict | None]]) -> bool:
+        """Hand a step's tokens to the request as one chunk (a verify step accepts several: one message per step
+        down the gRPC and SSE streams, not one per token); False when the slot finished with them."""
+        out, result = s.out, s.ticket.result
+        merged = Chunk()
+        done = False
+        for tok, extra in tokens:
+            chunk = out.token(tok, extra)
+            merged.content += chunk.content
+            merged.reasoning += chunk.reasoning
+            merged.logprobs += chunk.logprobs
+            if out.done or result.n_tokens >= s.max_tokens:
+                done = True
+                break
+        if merged:
+            s.ticket.sink(merged)
+        result.t_gen_ms = (time.perf_counter() - s.t_first) * 1000
+        if done:
             self._end(s)
-            return False
-        return True
+        return not done
 
     def _end(self, s: Slot, *, reason: str | None = None, error: BaseException | None = None) -> None:
         """Finish the slot's request (normally, cancelled, or with an error) and free the slot."""

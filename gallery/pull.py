@@ -16,7 +16,7 @@ from pathlib import Path
 
 from backend.errors import ApexError, InsufficientMemoryError
 
-from .catalog import Catalog, Entry, load_catalog
+from .catalog import Catalog, Entry, GalleryFile, load_catalog
 from .detect import HardwareProfile, detect
 from .download import fetch
 from .estimate import ArchFacts, weights_from_gguf
@@ -142,20 +142,22 @@ def _fetch_mmproj(entry: Entry | None, models_dir: Path, progress: bool) -> Path
     f = entry.mmproj_file if entry is not None else None
     if f is None:
         return None
+    return fetch(_hub_file(entry, f), f.filename, models_dir=models_dir, sha256=f.sha256, progress=progress).path
+
+
+def _hub_file(entry: Entry, f: GalleryFile) -> HubFile:
+    """Where one of the entry's files lives on the hub."""
     hub = parse_hub_uri(f.uri)
     if hub is None:
-        raise ApexError(f"entry {entry.name}: unsupported mmproj uri {f.uri!r}")
-    return fetch(hub, f.filename, models_dir=models_dir, sha256=f.sha256, progress=progress).path
+        raise ApexError(f"entry {entry.name}: unsupported uri {f.uri!r} for {f.filename}")
+    return hub
 
 
 def _source(resolved: Resolved, entry: Entry | None) -> tuple[HubFile, str, str | None]:
     """(hub file, destination under the models dir, pinned sha256) for a gallery entry or a bare hub file."""
     if entry is not None:
         f = entry.model_file
-        hub = parse_hub_uri(f.uri)
-        if hub is None:
-            raise ApexError(f"entry {entry.name}: unsupported uri {f.uri!r}")
-        return hub, f.filename, f.sha256
+        return _hub_file(entry, f), f.filename, f.sha256
     assert resolved.hub_file is not None
     return resolved.hub_file, resolved.hub_file.local_path, None
 

@@ -256,13 +256,13 @@ def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, env: _Env, n_cpu_moe
                     cache_type_v=policy["cache_type"], mtp=mtp, spec_n_max=policy["mtp"]["spec_n_max"] if mtp else 0,
                     draft_cache_type=policy["mtp"]["draft_cache_type"], mmproj_bytes=cand.mmproj_bytes)
     b = estimate(cand.arch, cand.weights, run)
+    if mode == SPLIT:
+        return _try_split(cand, run, b, env)
     margin, host_margin = policy["margin"], policy["host_margin"]
     if mode == "gpu+ram" and n_cpu_moe is None:
         per_layer = max(b.expert_bytes(1), 1)
         full = place(b, "gpu", arch=cand.arch, n_ubatch=run.n_ubatch).device
         n_cpu_moe = min(max(1, -(-(full + margin - budget.gpu_free) // per_layer)), cand.arch.n_layer)
-    if mode == SPLIT:
-        return _try_split(cand, run, b, env)
     p = place(b, mode, n_cpu_moe or 0, arch=cand.arch, n_ubatch=run.n_ubatch)
     if mode == "cpu":
         device_need, host_need = 0, p.host + host_margin

@@ -6,8 +6,9 @@ mtmd at once, so no mtmd object outlives the call). An image sits in the token l
 negative key derived from its bytes' hash: the list stays one entry per position (what the engine's sequences
 and rollbacks count), and the slot prefix cache can never take one image for another.
 
-Image bytes are checked in Python before mtmd sees them (size, format, dimensions, decodable by Pillow when it is
-installed): mtmd's buffer loader falls back to launching ffprobe on bytes it cannot read as an image.
+Image bytes are checked in Python before mtmd sees them (`check_image`, which callers of `Projector.prompt` run
+first, off the llama thread: size, format, dimensions, decodable by Pillow when it is installed): mtmd's buffer
+loader falls back to launching ffprobe on bytes it cannot read as an image.
 """
 
 from __future__ import annotations
@@ -60,15 +61,15 @@ def image_key(data: bytes) -> int:
     return -1 - int.from_bytes(hashlib.sha256(data).digest()[:6], "little")
 
 
-def check_image(data: bytes, what: str = "image") -> None:
+def check_image(data: bytes, what: str = "image", *, param: str | None = None) -> None:
     """Refuse bytes llama.cpp should not be handed: too large, not an image format it reads, too many pixels, or
-    (with Pillow installed) not decodable."""
+    (with Pillow installed) not decodable. `param` names the request field the error blames."""
     if not data:
-        raise InvalidRequestError(f"{what} is empty")
+        raise InvalidRequestError(f"{what} is empty", param=param)
     if len(data) > MAX_IMAGE_BYTES:
-        raise InvalidRequestError(f"{what} is {len(data)} bytes; the limit is {MAX_IMAGE_BYTES} bytes")
+        raise InvalidRequestError(f"{what} is {len(data)} bytes; the limit is {MAX_IMAGE_BYTES} bytes", param=param)
     if not any(data.startswith(magic) for magic, _ in _MAGIC):
-        raise InvalidRequestError(f"{what} is not a PNG, JPEG, GIF or BMP image")
+        raise InvalidRequestError(f"{what} is not a PNG, JPEG, GIF or BMP image", param=param)
     try:
         from PIL import Image as PILImage
     except ImportError:  # mtmd's own decoder is the check then
@@ -77,12 +78,13 @@ def check_image(data: bytes, what: str = "image") -> None:
         with PILImage.open(io.BytesIO(data)) as img:
             width, height = img.size
             if width * height > MAX_IMAGE_PIXELS:
-                raise InvalidRequestError(f"{what} is {width}x{height} pixels; the limit is {MAX_IMAGE_PIXELS} pixels")
+                raise InvalidRequestError(f"{what} is {width}x{height} pixels; the limit is {MAX_IMAGE_PIXELS} pixels",
+                                          param=param)
             img.load()
     except InvalidRequestError:
         raise
     except Exception as exc:  # Pillow raises many types for truncated or corrupt data
-        raise InvalidRequestError(f"{what} cannot be decoded: {exc}") from None
+        raise InvalidRequestError(f"{what} cannot be decoded: {exc}", param=param) from None
 
 
 def check_projector_file(path: Path) -> None:
@@ -142,7 +144,8 @@ class Projector:
     def prompt(self, text: str, images: list[bytes], *, add_special: bool) -> tuple[list[int], tuple[Image, ...]]:
         """Tokenize `text` with one image per media marker and encode the images (on the llama thread).
 
-        Returns the prompt (text tokens, and `n_pos` copies of each image's key at its positions) and the images.
+        `images` must have passed `check_image` (the servicer checks them off this thread: a Pillow decode here
+        would stall every slot's step). Returns the prompt (text tokens, and `n_pos` copies of each image's key at its positions) and the images.
         """
         n_markers = text.count(self.marker)
         if n_markers != len(images):
@@ -152,7 +155,6 @@ class Projector:
         chunks = M.mtmd_input_chunks_init()
         try:
             for i, data in enumerate(images):
-                check_image(data, f"image {i}")
                 buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
                 bitmap = M.mtmd_helper_bitmap_init_from_buf(self._ctx, buf, len(data), False)
                 if not bitmap:

@@ -416,11 +416,15 @@ def _template_kwargs(metadata: Any) -> dict[str, Any]:
     return kwargs
 
 
-def _tokenize_prompt(model: LoadedModel, text: str) -> list[int]:
+def _add_special(model: LoadedModel, text: str) -> bool:
+    """Whether tokenizing `text` should add BOS: a rendered template usually carries its own, and another would
+    double it."""
     bos = model.template.bos_token if model.template else ""
-    # A rendered template usually carries its own BOS; adding another would double it.
-    add_special = not (bos and text.startswith(bos))
-    return model.engine.tokenize(text, add_special=add_special, parse_special=True)
+    return not (bos and text.startswith(bos))
+
+
+def _tokenize_prompt(model: LoadedModel, text: str) -> list[int]:
+    return model.engine.tokenize(text, add_special=_add_special(model, text), parse_special=True)
 
 
 def decode_images(images: list[str]) -> list[bytes]:
@@ -432,10 +436,7 @@ def decode_images(images: list[str]) -> list[bytes]:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidRequestError(f"Images[{i}] is not valid base64", param="Images") from None
-        try:
-            check_image(data, f"Images[{i}]")
-        except InvalidRequestError as exc:
-            raise InvalidRequestError(str(exc), param="Images") from None
+        check_image(data, f"Images[{i}]", param="Images")
         out.append(data)
     return out
 
@@ -450,9 +451,8 @@ async def _image_prompt(model: LoadedModel, text: str, images: list[str]) -> tup
     if limit and len(images) > limit:
         raise InvalidRequestError(f"{len(images)} images in one request; this model takes at most {limit} "
                                   "(LimitImagePerPrompt)", param="Images")
-    data = await asyncio.to_thread(decode_images, images)  # Pillow's check off the event loop
-    bos = model.template.bos_token if model.template else ""
-    add_special = not (bos and text.startswith(bos))
+    data = await asyncio.to_thread(decode_images, images)  # Pillow's check off the event loop and the llama thread
+    add_special = _add_special(model, text)
     return await asyncio.wrap_future(model.scheduler.call(
         lambda engine: engine.projector.prompt(text, data, add_special=add_special)))
 

@@ -27,9 +27,8 @@ from synth_models import synth_model, tiny_nomtp_gguf, tiny_predictable_gguf, ti
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SH = ROOT / "backend" / "run.sh"
 MB50 = 50 * 1024 * 1024
-# The project's shared facts live beside the checkout (CI clones main with ../shared next to it).
-SHARED_APEX = next((p for p in (ROOT.parent / "shared" / "data" / "apex", Path("/work/shared/data/apex"))
-                    if p.is_dir()), ROOT.parent / "shared" / "data" / "apex")
+# The APEX fact files the tests check against, kept in the repository (tests/data/apex/README.md names sources).
+APEX_FACTS = ROOT / "tests" / "data" / "apex"
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,8 @@ from quantizer.plan import ModelLayout, TensorSpec, build_plan, check_rules, fir
 from quantizer.recipes import all_tiers, get_tier, parse_tiers
 from quantizer.roles import allows_quantization, classify
 
-from conftest import SHARED_APEX as APEX_DATA  # noqa: E402
-INVENTORY = APEX_DATA / "tensor-inventory.yaml"
-pytestmark = pytest.mark.skipif(not INVENTORY.exists(), reason="shared APEX metadata not available")
+from conftest import APEX_FACTS  # noqa: E402
+INVENTORY = APEX_FACTS / "tensor-inventory.yaml"
 
 # upstream tier tables: (tensor-inventory model key, tier key) per recipe
 UPSTREAM = {

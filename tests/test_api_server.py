@@ -141,7 +141,8 @@ def test_chat_non_stream(smol):
     assert r.usage.completion_tokens == 16 and r.usage.prompt_tokens > 10
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     t = r.model_extra["timings"]
-    assert t["predicted_n"] == 16 and t["prompt_n"] == r.usage.prompt_tokens
+    assert t["predicted_n"] == 16 and t["prompt_n"] + t["cache_n"] == r.usage.prompt_tokens
+    assert r.usage.prompt_tokens_details.cached_tokens == t["cache_n"]
     assert t["predicted_ms"] > 0 and t["predicted_per_second"] > 0 and t["prompt_per_second"] > 0
     assert t["draft_n"] == 0 and t["draft_n_accepted"] == 0
 

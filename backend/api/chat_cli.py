@@ -183,7 +183,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str]) -> int:
     """`apexmtp chat [REF] [--url http://127.0.0.1:8080] [--system TEXT] [--temperature T] [--max-tokens N]`"""
-    from .server import RunOptions, add_run_arguments, serve
+    from .server import RunOptions, add_run_arguments, cache_options, serve
 
     parser = argparse.ArgumentParser(prog="apexmtp chat", description=__doc__.splitlines()[0])
     add_run_arguments(parser)
@@ -208,7 +208,8 @@ def main(argv: list[str]) -> int:
             server = serve(RunOptions(ref=args.ref, port=0, tier=args.tier, context=args.context,
                                       models_dir=args.models_dir, threads=args.threads, embeddings=args.embeddings,
                                       no_mtp=args.no_mtp, parallel=args.parallel, prefer=args.prefer,
-                                      echo_backend=False, rpc=args.rpc, mmproj=args.mmproj))
+                                      echo_backend=False, rpc=args.rpc, mmproj=args.mmproj,
+                                      cache_options=cache_options(args)))
             base = server.url
         model = get_json(base, "/v1/models", key)["data"][0]["id"]
         return ChatSession(base, model, sys.stdout, system=args.system, sampling=sampling, key=key).run(sys.stdin)

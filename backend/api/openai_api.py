@@ -345,9 +345,10 @@ def timings(reply: pb.Reply) -> dict[str, float | int]:
     """llama-server's `timings` object from a final Reply.
 
     The backend's generation time runs from the first token to the last, so the rate counts the n-1 tokens after
-    the first one (the first token's cost is in `prompt_ms`, as in llama-server).
+    the first one (the first token's cost is in `prompt_ms`, as in llama-server). `prompt_n` counts the prompt
+    tokens decoded, `cache_n` those reused (a slot, a checkpoint or the prompt cache), as llama-server counts them.
     """
-    pn, gn = reply.prompt_tokens, reply.tokens
+    pn, gn = reply.prompt_tokens - reply.cached_prompt_tokens, reply.tokens
     pms, gms = reply.timing_prompt_processing, reply.timing_token_generation
     steps = max(gn - 1, 0)
     return {
@@ -360,9 +361,11 @@ def timings(reply: pb.Reply) -> dict[str, float | int]:
     }
 
 
-def usage(reply: pb.Reply) -> dict[str, int]:
+def usage(reply: pb.Reply) -> dict[str, Any]:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens` is what the prompt reused instead of prefilling."""
     return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.tokens,
-            "total_tokens": reply.prompt_tokens + reply.tokens}
+            "total_tokens": reply.prompt_tokens + reply.tokens,
+            "prompt_tokens_details": {"cached_tokens": reply.cached_prompt_tokens}}
 
 
 def finish_reason(reply: pb.Reply, request: pb.PredictOptions, context_size: int, tool_calls: bool) -> str:

@@ -725,6 +725,7 @@ class RunOptions:
     http_workers: int = DEFAULT_WORKERS
     rpc: tuple[str, ...] = ()  # RPC workers (`apexmtp worker`) to split the model across
     mmproj: Path | None = None  # vision projector GGUF; overrides the one the model config names
+    cache_options: tuple[str, ...] = ()  # prompt-reuse options from --cache-ram, --prompt-cache, ... (cache_options())
 
     @property
     def models_path(self) -> Path:
@@ -750,6 +751,23 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="split the model across these RPC workers (`apexmtp worker` on each host)")
     parser.add_argument("--mmproj", type=Path, metavar="FILE",
                         help="vision projector GGUF (mmproj) for image input (default: the one pull fetched)")
+    parser.add_argument("--cache-ram", type=int, metavar="MiB",
+                        help="host-RAM cache for the states of slots taken by other prompts (default 8192; 0 off, "
+                        "-1 no limit)")
+    parser.add_argument("--prompt-cache", type=Path, metavar="DIR",
+                        help="keep the states of long prompts in DIR and reuse them after a restart or reload")
+    parser.add_argument("--ctx-checkpoints", type=int, metavar="N",
+                        help="recurrent-state checkpoints per slot on hybrid models (default 32; 0 off)")
+    parser.add_argument("--checkpoint-min-step", type=int, metavar="TOKENS",
+                        help="fewest tokens between two mid-prompt checkpoints (default 512)")
+
+
+def cache_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The backend options (LocalAI's names) that the prompt-reuse flags of `add_run_arguments` set."""
+    given = {"cache_ram": args.cache_ram, "ctx_checkpoints": args.ctx_checkpoints,
+             "checkpoint_min_step": args.checkpoint_min_step,
+             "prompt_cache_dir": args.prompt_cache.expanduser().resolve() if args.prompt_cache else None}
+    return tuple(f"{key}:{value}" for key, value in given.items() if value is not None)
 
 
 def prepare(opts: RunOptions, *, profile: HardwareProfile | None = None,
@@ -775,7 +793,7 @@ def prepare(opts: RunOptions, *, profile: HardwareProfile | None = None,
                       prefer=opts.prefer)
         options, aliases = list(pulled.options), {opts.ref}
     options = merge_options(options, (f"parallel:{opts.parallel}",) + ((f"rpc_servers:{','.join(opts.rpc)}",)
-                                                                     if opts.rpc else ()))
+                                                                     if opts.rpc else ()) + opts.cache_options)
     log.info("%s", pulled.explanation)
     config = yaml.safe_load(pulled.config_path.read_text(encoding="utf-8"))
     config["options"] = options
@@ -835,7 +853,8 @@ def main(argv: list[str]) -> int:
                       no_mtp=args.no_mtp, parallel=args.parallel, prefer=args.prefer, progress=not args.quiet,
                       echo_backend=not args.quiet, gallery=args.gallery,
                       api_keys=parse_keys([*(args.api_key or []), constants.API_KEY]),
-                      http_workers=args.http_workers, rpc=args.rpc, mmproj=args.mmproj)
+                      http_workers=args.http_workers, rpc=args.rpc, mmproj=args.mmproj,
+                      cache_options=cache_options(args))
     warning = exposure_warning(opts.host, opts.api_keys)
     if warning:
         print(f"apexmtp run: warning: {warning}", file=sys.stderr, flush=True)

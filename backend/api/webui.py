@@ -34,7 +34,9 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
 # Keys of the backend's Status breakdown that are figures, not memory; every other key is bytes of one memory part.
 FIGURES = ("slots", "slots_busy", "queue_depth", "slot_context", "requests_total", "prompt_tokens_total",
            "generated_tokens_total", "drafted_total", "accepted_total", "spec_drafted", "spec_accepted",
-           "spec_verify_steps")
+           "spec_verify_steps", "prompt_tokens_cached_total", "prompt_tokens_prefilled_total",
+           "prompt_cache_misses_total", "prompt_cache_ram_entries",
+           *(f"prompt_cache_hits_{source}_total" for source in ("slot", "checkpoint", "ram", "disk")))
 
 # /metrics: (name, type, help, figure it reports).
 METRICS: tuple[tuple[str, str, str, str], ...] = (
@@ -48,6 +50,16 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("apexmtp_slots_busy", "gauge", "Slots generating now.", "slots_busy"),
     ("apexmtp_queue_depth", "gauge", "Requests waiting for a free slot.", "queue_depth"),
     ("apexmtp_slot_context_tokens", "gauge", "Context of one slot (prompt + answer of one request).", "slot_context"),
+    ("apexmtp_prompt_tokens_cached_total", "counter", "Prompt tokens reused instead of prefilled (timings.cache_n).",
+     "prompt_tokens_cached_total"),
+    ("apexmtp_prompt_tokens_prefilled_total", "counter", "Prompt tokens decoded.", "prompt_tokens_prefilled_total"),
+    ("apexmtp_prompt_cache_misses_total", "counter", "Requests that reused no prompt token.",
+     "prompt_cache_misses_total"),
+    *((f"apexmtp_prompt_cache_hits_{source}_total", "counter", f"Requests whose prompt resumed from {what}.",
+       f"prompt_cache_hits_{source}_total")
+      for source, what in (("slot", "what their slot held"), ("checkpoint", "a recurrent-state checkpoint"),
+                           ("ram", "the RAM prompt cache"), ("disk", "the disk prompt cache"))),
+    ("apexmtp_prompt_cache_ram_entries", "gauge", "States held by the RAM prompt cache.", "prompt_cache_ram_entries"),
 )
 
 

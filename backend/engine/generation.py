@@ -66,7 +66,8 @@ class Result:
 
     n_prompt: int = 0
     n_tokens: int = 0
-    n_cached: int = 0  # prompt tokens reused from the slot's previous request
+    n_cached: int = 0  # prompt tokens not prefilled: reused from the slot, a checkpoint or the prompt cache
+    cache_source: str = ""  # where they came from: slot, checkpoint, ram, disk ("" when none)
     token_ids: list[int] = field(default_factory=list)  # every emitted token, EOS included
     content: str = ""
     reasoning: str = ""

@@ -35,6 +35,7 @@ from ..gguf_file import GGUFInfo, read_gguf
 from ..rpc.client import Workers, split_array
 from . import ggml
 from .llamalog import LIVE, LLAMA_LOG, parse_device_lines, parse_memory_lines
+from .prompt_cache import Checkpoint, SavedState, common_prefix, thin
 from .vision import Image, Projector
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,8 @@ class Sequence:
     # head must draft for this sequence, so steps that do not speculate cost what plain decoding costs and
     # rejected drafts are never mirrored.
     mirror: list[tuple[int, int, np.ndarray, np.ndarray | None]] = field(default_factory=list)
+    # Recurrent-state checkpoints of this sequence, by position (hybrid models only; see prompt_cache.py).
+    checkpoints: list[Checkpoint] = field(default_factory=list)
 
 
 @functools.cache
@@ -307,6 +310,7 @@ class Engine:
         self.workers: Workers | None = None
         self._vocab_lock = threading.Lock()
         self.mirror_seconds = 0.0  # time spent decoding mirror entries (left out of the controller's step costs)
+        self.checkpoint_restores = 0
         _init_backend()
         try:
             self._load(config)
@@ -450,6 +454,13 @@ class Engine:
         return self._model is None
 
     @property
+    def state_settings(self) -> dict[str, object]:
+        """The settings that shape a serialised sequence state besides the model file (prompt-cache identity)."""
+        c = self.config
+        return {"type_k": c.type_k, "type_v": c.type_v, "flash_attn": c.flash_attn, "mtp": self.mtp_enabled,
+                "n_embd": self.n_embd, "n_vocab": self.n_vocab, "format": 1}
+
+    @property
     def mtp_enabled(self) -> bool:
         return self._dctx is not None
 
@@ -536,27 +547,118 @@ class Engine:
     def keep_prefix(self, seq: int, prompt: list[int]) -> int:
         """Keep the longest prefix of `prompt` the sequence already holds (at most all but its last token, whose
         logits are needed) and return its length; drop the rest. A recurrent model can truncate only within
-        its rollback window: beyond it the sequence starts over."""
+        its rollback window; beyond it the sequence resumes from its newest checkpoint at or before the
+        divergence, else starts over."""
         s = self.seqs[seq]
-        common = 0
-        for a, b in zip(s.tokens, prompt):
-            if a != b:
-                break
-            common += 1
-        n_keep = min(common, len(prompt) - 1)
+        n_keep = min(common_prefix(s.tokens, prompt), len(prompt) - 1)
         while 0 < n_keep < len(prompt) and prompt[n_keep] < 0 and prompt[n_keep - 1] == prompt[n_keep]:
             n_keep -= 1  # never cut an image's positions: its rows all sit at its first position
         if n_keep >= len(s.tokens):
             return len(s.tokens)
         if n_keep > 0 and L.llama_memory_seq_rm(L.llama_get_memory(self._ctx), seq, n_keep, -1):
-            if self._dctx:
-                L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), seq, n_keep, -1)
-                s.ahead = None
-                s.mirror = [e for e in s.mirror if e[1] < n_keep]
-            del s.tokens[n_keep:]
+            self._truncate(seq, n_keep)
             return n_keep
+        ckpt = next((c for c in reversed(s.checkpoints) if 0 < c.n_tokens <= n_keep), None)
+        if ckpt is not None and self._restore_checkpoint(seq, ckpt):
+            return ckpt.n_tokens
         self.reset(seq)
         return 0
+
+    def _truncate(self, seq: int, n: int) -> None:
+        """Our record of a sequence whose target memory now ends at `n`: cut the MTP context and the mirror
+        queue to match, and forget the checkpoints beyond it."""
+        s = self.seqs[seq]
+        if self._dctx:
+            L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), seq, n, -1)
+            s.ahead = None
+            s.mirror = [e for e in s.mirror if e[1] < n]
+        del s.tokens[n:]
+        s.checkpoints = [c for c in s.checkpoints if c.n_tokens <= n]
+
+    def _restore_checkpoint(self, seq: int, ckpt: Checkpoint) -> bool:
+        """Put the recurrent state back as it was after `ckpt.n_tokens` tokens and drop the KV behind it. The MTP
+        context holds attention KV only, so cutting it (and the mirror queue) at the same position suffices; the
+        hidden row saved with the checkpoint is what the head drafts from next."""
+        if not self._set_state(self._ctx, seq, ckpt.state, L.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY):
+            log.warning("%s: llama.cpp refused checkpoint at %d of sequence %d", self.path, ckpt.n_tokens, seq)
+            return False
+        if not L.llama_memory_seq_rm(L.llama_get_memory(self._ctx), seq, ckpt.n_tokens, -1):
+            return False
+        self._truncate(seq, ckpt.n_tokens)
+        s = self.seqs[seq]
+        s.verify_h = None
+        if ckpt.h is not None:
+            s.pending_h = ckpt.h.copy()
+        self.checkpoint_restores += 1
+        return True
+
+    # -- saved states (checkpoints, prompt cache) -----------------------------------------------------
+
+    def _get_state(self, ctx: int, seq: int, flags: int) -> bytes:
+        n = int(L.llama_state_seq_get_size_ext(ctx, seq, flags))
+        buf = (ctypes.c_uint8 * max(n, 1))()
+        got = int(L.llama_state_seq_get_data_ext(ctx, buf, n, seq, flags))
+        if got == 0 and n:
+            raise RuntimeError(f"llama.cpp could not serialise sequence {seq} ({n} bytes)")
+        return ctypes.string_at(buf, got)
+
+    def _set_state(self, ctx: int, seq: int, data: bytes, flags: int) -> bool:
+        src = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+        return int(L.llama_state_seq_set_data_ext(ctx, src, len(data), seq, flags)) > 0
+
+    @_open
+    def checkpoint(self, seq: int, limit: int) -> Checkpoint | None:
+        """Save the sequence's recurrent state at its current length (hybrid/recurrent models only: attention KV
+        needs none), keeping at most `limit` checkpoints for it."""
+        s = self.seqs[seq]
+        if not self.recurrent or limit <= 0 or not s.tokens:
+            return None
+        if s.checkpoints and s.checkpoints[-1].n_tokens == len(s.tokens):
+            return s.checkpoints[-1]
+        ckpt = Checkpoint(len(s.tokens), self._get_state(self._ctx, seq, L.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY),
+                          s.pending_h.copy() if self._dctx else None)
+        s.checkpoints = thin([*s.checkpoints, ckpt], limit)
+        return ckpt
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        return sum(c.nbytes for s in self.seqs for c in s.checkpoints)
+
+    @_open
+    def save_state(self, seq: int) -> SavedState | None:
+        """Everything the sequence holds, to restore into this or another sequence later (None when empty)."""
+        s = self.seqs[seq]
+        if not s.tokens:
+            return None
+        mtp = b""
+        if self._dctx:
+            self.flush_mirror([seq])  # the MTP context must hold every position the tokens say
+            if s.ahead is not None:  # a draft entry beyond the tokens: not part of the state
+                L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), seq, len(s.tokens), -1)
+                s.ahead = None
+            mtp = self._get_state(self._dctx, seq, L.LLAMA_STATE_SEQ_FLAGS_NONE)
+        return SavedState(tokens=tuple(s.tokens), target=self._get_state(self._ctx, seq, L.LLAMA_STATE_SEQ_FLAGS_NONE),
+                          mtp=mtp, h=s.pending_h.copy() if self._dctx else None, checkpoints=tuple(s.checkpoints))
+
+    @_open
+    def load_state(self, seq: int, saved: SavedState) -> bool:
+        """Make the sequence hold exactly `saved` (replacing what it held); False, with the sequence empty, when
+        llama.cpp cannot place it (e.g. no free KV cells) or it was saved without MTP and MTP is on."""
+        self.reset(seq)
+        if len(saved.tokens) >= self.n_ctx or bool(saved.mtp) != bool(self._dctx):
+            return False
+        ok = self._set_state(self._ctx, seq, saved.target, L.LLAMA_STATE_SEQ_FLAGS_NONE)
+        if ok and self._dctx:
+            ok = self._set_state(self._dctx, seq, saved.mtp, L.LLAMA_STATE_SEQ_FLAGS_NONE)
+        if not ok:
+            self.reset(seq)
+            return False
+        s = self.seqs[seq]
+        s.tokens = list(saved.tokens)
+        s.checkpoints = list(saved.checkpoints)
+        if saved.h is not None:
+            s.pending_h = saved.h.copy()
+        return True
 
     # -- decoding ------------------------------------------------------------------------------------
 

@@ -32,6 +32,7 @@ from typing import Any
 from ..errors import ContextOverflowError, EngineClosedError, InvalidRequestError
 from .generation import Chunk, GenerationRequest, Inspect, Output, Result, make_logprobs
 from .llama import DecodeError, Engine, Row
+from .prompt_cache import CacheConfig, DiskCache, RamCache, SavedState, common_prefix, model_identity
 from .sampling import Sampler
 from .speculative import Acceptance, DraftController, SpecConfig
 
@@ -89,6 +90,8 @@ class Slot:
     t_admit: float = 0.0
     t_first: float = 0.0
     last_used: float = 0.0
+    n_prompt: int = 0  # the request's prompt length (where its last checkpoint goes)
+    saved: bool = False  # what the sequence holds is in the RAM cache already
 
 
 @dataclass
@@ -101,14 +104,23 @@ class Metrics:
     drafted: int = 0
     accepted: int = 0
     last: Result | None = None
+    cached_tokens: int = 0  # prompt tokens not prefilled, from any source
+    prefilled_tokens: int = 0  # prompt tokens decoded
+    cache_hits: dict[str, int] = field(default_factory=lambda: {"slot": 0, "checkpoint": 0, "ram": 0, "disk": 0})
+    cache_misses: int = 0  # requests that reused nothing
 
 
 class Scheduler:
     """Serves requests on an engine's slots with continuous batching; owns the engine and frees it on close."""
 
-    def __init__(self, engine: Engine, spec: SpecConfig, *, name: str = "", default_seed: int | None = None) -> None:
+    def __init__(self, engine: Engine, spec: SpecConfig, *, name: str = "", default_seed: int | None = None,
+                 cache: CacheConfig | None = None) -> None:
         self.engine = engine
         self.spec = spec
+        self.cache = cache or CacheConfig()
+        self.ram = RamCache(self.cache.ram_bytes) if self.cache.ram_mib != 0 else None
+        self.disk = DiskCache(self.cache.disk_dir, model_identity(engine.path, engine.state_settings),
+                              self.cache.disk_mib * (1 << 20)) if self.cache.disk_dir else None
         self.name = name or engine.path
         self.default_seed = default_seed  # ModelOptions.Seed: used by requests that set none
         self.controller = (
@@ -208,7 +220,23 @@ class Scheduler:
         else:
             with self._driving:
                 self._drain()
+        if self.disk is not None:
+            self._persist_slots()
+            self.disk.close()
+        if self.ram is not None:
+            self.ram.clear()
         self.engine.close()
+
+    def _persist_slots(self) -> None:
+        """Write the slots' long prompts to the disk cache before the engine goes (a restart resumes them)."""
+        try:
+            for s in self.slots:
+                if not self.engine.closed and self.engine.n_past(s.seq) >= self.cache.disk_min_tokens:
+                    state = self.engine.save_state(s.seq)
+                    if state is not None:
+                        self.disk.store(state)
+        except (RuntimeError, OSError) as exc:
+            log.warning("%s: could not save the slots to the prompt cache: %s", self.name, exc)
 
     # -- the scheduler's thread --------------------------------------------------------------------
 
@@ -301,7 +329,7 @@ class Scheduler:
         for s in prefilling:
             if budget <= 0:
                 break
-            chunk = s.todo[:budget]
+            chunk = s.todo[:min(budget, self._until_checkpoint(s))]
             chunk = chunk[:next((i for i, t in enumerate(chunk) if t < 0), len(chunk))]  # up to the next image
             if not chunk:
                 continue
@@ -314,6 +342,8 @@ class Scheduler:
                 if row.logits != "all":
                     prefilled = True
                     del s.todo[:len(row.tokens)]
+                    self.metrics.prefilled_tokens += len(row.tokens)
+                    self._maybe_checkpoint(s)
                     if not s.todo:
                         self._first_token(s, row.last)
                 else:
@@ -340,7 +370,9 @@ class Scheduler:
                 del s.todo[:image.n_pos]
 
     def _admit(self) -> None:
-        """Pending requests into free slots, FIFO; each takes the free slot holding most of its prompt."""
+        """Pending requests into free slots, FIFO. Each takes the free slot holding most of its prompt, unless the
+        RAM or disk cache holds more of it (then that state is restored into the slot); a slot whose contents
+        the new prompt would mostly discard is saved to the RAM cache first."""
         while True:
             with self._cv:
                 free = [s for s in self.slots if s.ticket is None]
@@ -353,16 +385,109 @@ class Scheduler:
                 ticket.sink(ticket.result)
                 continue
             prompt = ticket.req.prompt
-            slot = max(free, key=lambda s: (_common_prefix(self.engine.seqs[s.seq].tokens, prompt), -s.last_used))
+            slot = self._pick_slot(free, prompt)
+            source = self._restore_from_cache(slot, prompt)
+            n_slot = common_prefix(self.engine.seqs[slot.seq].tokens, prompt)
+            if source is None and n_slot < len(self.engine.seqs[slot.seq].tokens) // 2:
+                self._stash(slot)  # most of it is about to go: keep it for the conversation's return
+            restores = self.engine.checkpoint_restores
             n_keep = self.engine.keep_prefix(slot.seq, prompt)
+            if source is None and n_keep:
+                source = "checkpoint" if self.engine.checkpoint_restores > restores else "slot"
             slot.ticket, slot.todo, slot.y = ticket, prompt[n_keep:], None
+            slot.saved = slot.saved and n_keep == self.engine.n_past(slot.seq)
+            slot.n_prompt = len(prompt)
             slot.out = Output(self.engine, ticket.req, ticket.result)
             slot.acc = self.controller.new_slot() if self.controller else None
             slot.max_tokens = min(ticket.req.max_tokens, self.engine.n_ctx - len(prompt))
             slot.t_admit = time.perf_counter()
             ticket.result.n_cached, ticket.result.slot = n_keep, slot.seq
+            ticket.result.cache_source = source or ""
             ticket.result.t_queue_ms = (slot.t_admit - ticket.t_submit) * 1000
             ticket.sampler.observe_prompt(ticket.req.text_tokens)
+            self.metrics.cached_tokens += n_keep
+            if source:
+                self.metrics.cache_hits[source] += 1
+            else:
+                self.metrics.cache_misses += 1
+            if self.cache.idle_slots:
+                for other in self.slots:
+                    if other.ticket is None:
+                        self._stash(other)
+
+    def _pick_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
+        """The free slot sharing the longest prefix with the prompt when that is more than `similarity` of it
+        (ties: the least recently used), else the least recently used free slot."""
+        scored = [(common_prefix(self.engine.seqs[s.seq].tokens, prompt), s) for s in free]
+        n, slot = max(scored, key=lambda x: (x[0], -x[1].last_used))
+        if n <= self.cache.similarity * len(prompt):
+            slot = min(free, key=lambda s: s.last_used)
+        return slot
+
+    def _restore_from_cache(self, slot: Slot, prompt: list[int]) -> str | None:
+        """Restore into `slot` the cached state (RAM, then disk) that shares more of `prompt` than the slot does;
+        the name of the source, or None when the slot's own contents are the best start."""
+        engine = self.engine
+        n_slot = common_prefix(engine.seqs[slot.seq].tokens, prompt)
+        floor = max(n_slot, int(self.cache.similarity * len(prompt)))
+        candidates: list[tuple[int, str, object]] = []
+        if self.ram is not None:
+            entry, n = self.ram.best(prompt)
+            if entry is not None and n > floor:
+                candidates.append((n, "ram", entry))
+        if self.disk is not None and len(prompt) >= self.cache.disk_min_tokens:
+            path, n = self.disk.best(prompt)
+            if path is not None and n > floor:
+                candidates.append((n, "disk", path))
+        for n, source, what in sorted(candidates, key=lambda c: -c[0]):
+            state = what if isinstance(what, SavedState) else self.disk.load(what)
+            if state is None:
+                continue
+            self._stash(slot)
+            if engine.load_state(slot.seq, state):
+                slot.saved = source == "ram"
+                if self.ram is not None and source == "ram":
+                    self.ram.touch(state)
+                log.info("%s: slot %d: restored %d cached tokens from the %s cache (%d shared with the prompt)",
+                         self.name, slot.seq, len(state.tokens), source, n)
+                return source
+            log.warning("%s: slot %d: llama.cpp could not restore a %s-cached state of %d tokens", self.name,
+                        slot.seq, source, len(state.tokens))
+        return None
+
+    def _stash(self, slot: Slot) -> None:
+        """Save what the (idle) slot holds to the RAM cache (long prompts reach the disk cache when their prefill
+        ends and when the model is unloaded, not on every turn)."""
+        if slot.saved or self.ram is None or self.engine.n_past(slot.seq) < 8:
+            return
+        state = self.engine.save_state(slot.seq)
+        slot.saved = True
+        if state is None:
+            return
+        if self.ram is not None:
+            self.ram.add(state)
+
+    def _until_checkpoint(self, s: Slot) -> int:
+        """How many prompt tokens the slot may prefill before its next checkpoint position: 4 tokens before the
+        end of the prompt (a next turn that re-renders the prompt's last tokens, e.g. a template dropping the
+        reasoning, resumes there). Unbounded when checkpoints are off or not needed."""
+        if not (self.engine.recurrent and self.cache.n_checkpoints > 0):
+            return len(s.todo)
+        at = self.engine.n_past(s.seq)
+        cut = s.n_prompt - 4
+        return cut - at if at < cut else len(s.todo)
+
+    def _maybe_checkpoint(self, s: Slot) -> None:
+        """Checkpoint the slot's recurrent state after a prompt chunk: at the prompt's end minus 4, and whenever
+        `min_step` tokens have passed since the last one."""
+        engine, cfg = self.engine, self.cache
+        if not (engine.recurrent and cfg.n_checkpoints > 0):
+            return
+        at = engine.n_past(s.seq)
+        ckpts = engine.seqs[s.seq].checkpoints
+        last = ckpts[-1].n_tokens if ckpts else 0
+        if at == s.n_prompt - 4 or at - last >= cfg.min_step:
+            engine.checkpoint(s.seq, cfg.n_checkpoints)
 
     def _drafts(self, decoding: list[Slot]) -> dict[int, list[int]]:
         """Draft tokens per decoding slot (seq -> drafts): one k for all, each slot capped by its request."""
@@ -387,6 +512,14 @@ class Scheduler:
     def _first_token(self, s: Slot, idx: int) -> None:
         s.t_first = time.perf_counter()
         s.ticket.result.t_prompt_ms = (s.t_first - s.t_admit) * 1000
+        if self.disk is not None and s.n_prompt >= self.cache.disk_min_tokens:
+            # A long prompt most of which the disk does not hold yet (an agent's system prompt and tools): keep
+            # it across restarts. The state is copied now; the file is written in the background.
+            _, n_disk = self.disk.best(self.engine.seqs[s.seq].tokens)
+            if n_disk < 0.9 * s.n_prompt:
+                state = self.engine.save_state(s.seq)
+                if state is not None:
+                    self.disk.store(state)
         tok = s.ticket.sampler.sample(self.engine.ctx, idx)
         if tok is None:  # a grammar that is complete from the start
             return self._end(s, reason="stop")
@@ -444,7 +577,7 @@ class Scheduler:
     def _end(self, s: Slot, *, reason: str | None = None, error: BaseException | None = None) -> None:
         """Finish the slot's request (normally, cancelled, or with an error) and free the slot."""
         ticket, s.ticket = s.ticket, None
-        s.y, s.todo, s.last_used = None, [], time.perf_counter()
+        s.y, s.todo, s.last_used, s.saved = None, [], time.perf_counter(), False
         ticket.sampler.close()
         result = ticket.result
         if error is not None:
@@ -463,19 +596,11 @@ class Scheduler:
         m.drafted += result.stats.drafted
         m.accepted += result.stats.accepted
         m.last = result
-        log.info("%s: slot %d: %d prompt (%d cached) + %d generated tokens, %.1f tok/s, finish=%s%s", self.name,
-                 s.seq, result.n_prompt, result.n_cached, result.n_tokens, result.tokens_per_second,
+        log.info("%s: slot %d: %d prompt (%d cached%s) + %d generated tokens, %.1f tok/s, finish=%s%s", self.name,
+                 s.seq, result.n_prompt, result.n_cached, f" from {result.cache_source}" if result.cache_source else "",
+                 result.n_tokens, result.tokens_per_second,
                  result.finish_reason, f", speculation {result.stats.as_dict()}" if result.stats.verify_steps else "")
         ticket.sink(result)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # ------------------------------------------------------------------------------------- consumers

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from .. import constants
 from ..engine.llama import EngineConfig
+from ..engine.prompt_cache import CacheConfig
 from ..errors import InvalidOptionError, ModelNotFoundError
 from ..gguf_file import GGUFInfo
 from ..rpc.client import parse_tensor_split
@@ -59,6 +60,19 @@ def _nonneg_int(v: str) -> int:
     return x
 
 
+def _cache_mib(v: str) -> int:
+    x = int(v)
+    if x < -1:
+        raise ValueError(f"must be -1 (no limit), 0 (off) or a size in MiB, got {x}")
+    return x
+
+
+def _directory(v: str) -> str:
+    if not v.strip():
+        raise ValueError("needs a directory")
+    return str(Path(v.strip()).expanduser())
+
+
 def _positive_int(v: str) -> int:
     x = int(v)
     if x < 1:
@@ -86,7 +100,20 @@ OWNED: dict[str, tuple[str, Callable[[str], Any]]] = {
     "n_parallel": ("parallel", _positive_int),
     "rpc_servers": ("rpc_servers", parse_endpoints),
     "tensor_split": ("tensor_split", parse_tensor_split),
+    # Prompt reuse (llama-server's names as LocalAI passes them, plus the disk cache, which is ours).
+    "ctx_checkpoints": ("n_checkpoints", _nonneg_int),
+    "n_ctx_checkpoints": ("n_checkpoints", _nonneg_int),
+    "swa_checkpoints": ("n_checkpoints", _nonneg_int),
+    "checkpoint_min_step": ("min_step", _positive_int),
+    "cache_ram": ("ram_mib", _cache_mib),
+    "cache_idle_slots": ("idle_slots", _bool),
+    "slot_prompt_similarity": ("similarity", _prob),
+    "prompt_cache_dir": ("disk_dir", _directory),
+    "prompt_cache_mib": ("disk_mib", _positive_int),
+    "prompt_cache_min_tokens": ("disk_min_tokens", _positive_int),
 }
+CACHE_FIELDS = ("n_checkpoints", "min_step", "ram_mib", "idle_slots", "similarity", "disk_dir", "disk_mib",
+                "disk_min_tokens")
 
 
 def parse_options(options: list[str]) -> dict[str, Any]:
@@ -145,6 +172,7 @@ class LoadPlan:
     identity: str = ""  # ModelOptions.Model: requests naming another ModelIdentity are refused
     grammar_triggers: tuple[str, ...] = ()  # ModelOptions.GrammarTriggers words: a request's Grammar waits for one
     image_limit: int = 0  # ModelOptions.LimitImagePerPrompt: most images one request may carry (0: no limit)
+    cache: CacheConfig = CacheConfig()  # checkpoints and prompt caches
 
 
 def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
@@ -189,7 +217,8 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
                       adaptive=opts.get("adaptive", True))
     return LoadPlan(path=path, engine=cfg, spec=spec, use_jinja=opts.get("use_jinja", True), mtp_reason=reason,
                     identity=req.Model, grammar_triggers=tuple(t.word for t in req.GrammarTriggers if t.word),
-                    image_limit=max(req.LimitImagePerPrompt, 0))
+                    image_limit=max(req.LimitImagePerPrompt, 0),
+                    cache=CacheConfig(**{k: opts[k] for k in CACHE_FIELDS if k in opts}))
 
 
 def _warn_if_cpu_only(n_gpu_layers: int) -> None:

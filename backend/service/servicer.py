@@ -345,7 +345,7 @@ def _build(request: pb.ModelOptions, plan: LoadPlan, info) -> LoadedModel:
     try:
         template = _template(engine, info) if plan.use_jinja else None
         scheduler = Scheduler(engine, plan.spec, name=request.Model or plan.path.name,
-                              default_seed=request.Seed if request.Seed > 0 else None)
+                              default_seed=request.Seed if request.Seed > 0 else None, cache=plan.cache)
     except BaseException:
         engine.close()
         raise
@@ -519,6 +519,16 @@ def memory_breakdown(model: LoadedModel) -> dict[str, int]:
     mem.update(slots=engine.n_seq, slots_busy=sched.busy_slots, queue_depth=sched.queue_depth,
                slot_context=engine.n_ctx, requests_total=m.requests, prompt_tokens_total=m.prompt_tokens,
                generated_tokens_total=m.generated_tokens, drafted_total=m.drafted, accepted_total=m.accepted)
+    mem.update(prompt_tokens_cached_total=m.cached_tokens, prompt_tokens_prefilled_total=m.prefilled_tokens,
+               prompt_cache_misses_total=m.cache_misses,
+               **{f"prompt_cache_hits_{source}_total": n for source, n in m.cache_hits.items()})
+    # Bytes held for prompt reuse (read from this thread while the scheduler's may change them: a snapshot).
+    mem["checkpoints"] = engine.checkpoint_bytes
+    if sched.ram is not None:
+        mem["prompt_cache_ram"] = sched.ram.nbytes
+        mem["prompt_cache_ram_entries"] = len(sched.ram.entries)
+    if sched.disk is not None:
+        mem["prompt_cache_disk"] = sched.disk.nbytes
     mem.update(_live())
     if engine.workers is not None:
         mem.update(rpc_workers=len(engine.workers.guards), rpc_workers_lost=len(engine.workers.lost))

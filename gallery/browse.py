@@ -19,7 +19,7 @@ import yaml
 from backend.errors import ApexError
 
 from .catalog import DATA_DIR, Catalog, Entry, load_catalog, load_yaml, reload_catalog
-from .resolve import parse_hub_uri
+from .resolve import hub_endpoint, parse_hub_uri
 from .units import GiB, gib
 
 HubSizes = dict[str, tuple[int, str | None]]  # file path in repo -> (size, lfs sha256)
@@ -52,8 +52,6 @@ def show(e: Entry, catalog: Catalog) -> str:
 def hub_sizes(repo: str, endpoint: str | None = None) -> HubSizes:
     """`{path: (size, lfs_sha256)}` for every file of `repo`, from the hub's model API."""
     from huggingface_hub import HfApi
-
-    from .download import hub_endpoint
 
     info = HfApi(endpoint=hub_endpoint(endpoint)).model_info(repo, files_metadata=True)
     return {s.rfilename: (int(s.size or 0), getattr(s.lfs, "sha256", None) if s.lfs else None) for s in info.siblings}

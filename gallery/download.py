@@ -29,11 +29,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend import constants
 from backend.errors import ChecksumMismatchError, DownloadError, EntryNotFoundError, UnsafePathError
 from backend.files import require_free_space, sha256_file
 
-from .resolve import HubFile
+from .resolve import HubFile, hub_endpoint
 from .schema import safe_relative_path
 
 log = logging.getLogger(__name__)
@@ -64,14 +63,6 @@ def safe_join(root: Path, relative: str) -> Path:
     if not dest.is_relative_to(root_resolved):
         raise UnsafePathError(relative, root)
     return dest
-
-
-def hub_endpoint(endpoint: str | None = None) -> str:
-    """The hub URL: `endpoint`, else HF_ENDPOINT as set now (huggingface_hub reads it once, at import), else its
-    default."""
-    from huggingface_hub import constants as hf_constants
-
-    return (endpoint or constants.hf_endpoint() or hf_constants.ENDPOINT).rstrip("/")
 
 
 def _metadata(file: HubFile, endpoint: str, token: str | None):

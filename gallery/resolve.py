@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from backend.errors import EntryNotFoundError, ModelNotFoundError
+from backend import constants
+from backend.errors import DownloadError, EntryNotFoundError, ModelNotFoundError
 
 from .catalog import GALLERY_NAME, Catalog, Entry
 
@@ -45,6 +46,14 @@ class HubFile:
     def local_path(self) -> str:
         """Where it goes under the models dir (LocalAI's convention for llama.cpp models)."""
         return f"llama-cpp/models/{self.repo}/{self.path}"
+
+
+def hub_endpoint(endpoint: str | None = None) -> str:
+    """The hub URL: `endpoint`, else HF_ENDPOINT as set now (huggingface_hub reads it once, at import), else its
+    default."""
+    from huggingface_hub import constants as hf_constants
+
+    return (endpoint or constants.hf_endpoint() or hf_constants.ENDPOINT).rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -147,10 +156,6 @@ def _resolve_repo_at(ref: str, repo: str, right: str, catalog: Catalog,
 def _hub_repo_files(repo: str) -> list[str]:
     from huggingface_hub import HfApi
     from huggingface_hub.errors import RepositoryNotFoundError
-
-    from backend.errors import DownloadError
-
-    from .download import hub_endpoint
 
     try:
         return HfApi(endpoint=hub_endpoint()).list_repo_files(repo)

@@ -23,28 +23,25 @@ Decoding one token is memory-bound: every weight the token touches is read once 
   tokens per second wins, k = 0 (plain decoding) included, so MTP never predicts slower than plain.
 
 Bandwidths: detected GPUs by name from `speed.gpu_gbps` (datasheet figures; vendor defaults otherwise), hardware
-classes from hardware.yaml, and this machine's RAM from a quick numpy matrix-vector probe (`ram_bandwidth`, cached
-under APEXMTP_CACHE_DIR). The constants are calibrated by bench/bench_predict.py (this machine's CPU, measured) and
-against published tg128 figures (apex-method.md §3.2, DGX Spark); see the README's Benchmarks section.
+classes from hardware.yaml, and this machine's RAM as `gallery.detect` measured it (`HardwareProfile.ram_bandwidth`,
+from its cached numpy probe `ram_bandwidth`); this module only computes. The constants are calibrated by
+bench/bench_predict.py (this machine's CPU, measured) and against published tg128 figures (apex-method.md §3.2,
+DGX Spark); see the README's Benchmarks section.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import time
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .catalog import WeightBytes
-from .detect import GPU, HardwareProfile
+from .detect import GPU, HardwareProfile, probe_ram_gbps
 from .estimate import ArchFacts, RunConfig, cache_bytes
+from .units import GB
 
-GB = 1e9  # bandwidths are quoted in GB/s (decimal), as datasheets do
-_PROBE_BYTES = 256 * 1024 * 1024  # well above any L3 cache
-_PROBE_VERSION = 2
-_PROBE_MAX_AGE_S = 24 * 3600
+# bench/bench_predict.py imports the probe from here; new code takes `gallery.detect.probe_ram_gbps`.
+_probe_gbps = probe_ram_gbps
 
 
 @dataclass(frozen=True)
@@ -205,44 +202,3 @@ def bandwidth_for(profile: HardwareProfile, gpu: GPU | None, speed: dict[str, An
         return Bandwidth("cpu", ram, ram, f"RAM {ram / GB:.0f} GB/s" + ("" if profile.ram_bandwidth else " (assumed)"))
     device, source = gpu_bandwidth(gpu, speed)
     return Bandwidth("unified" if gpu.unified else "gpu", device, ram, source)
-
-
-def _probe_gbps() -> float:
-    """Best-of-5 read bandwidth of a float32 matrix-vector product over 256 MiB (GB/s): the access pattern of a
-    decode step (every weight streamed once), run by numpy's BLAS on all its threads."""
-    import numpy as np
-
-    matrix = np.ones((_PROBE_BYTES // 4096, 1024), dtype=np.float32)
-    vector = np.ones(1024, dtype=np.float32)
-    matrix @ vector  # page in, start the BLAS threads
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        matrix @ vector
-        best = min(best, time.perf_counter() - t0)
-    return matrix.nbytes / best / GB
-
-
-def ram_bandwidth(cpu: str, *, refresh: bool = False) -> float:
-    """This machine's RAM read bandwidth in bytes/s (`_probe_gbps`, about a second), cached per CPU name and core
-    count under APEXMTP_CACHE_DIR. Other processes only ever lower the figure, so the cache keeps the best probe
-    seen and probes again (keeping the better figure) once it is a day old or when `refresh` asks."""
-    from backend import constants
-
-    key = f"{cpu}|{os.cpu_count()}|v{_PROBE_VERSION}"
-    path = constants.CACHE_DIR / "ram-bandwidth.json"
-    best = 0.0
-    try:
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            best = float(cached["gbps"])
-            if not refresh and time.time() - float(cached.get("time", 0)) < _PROBE_MAX_AGE_S:
-                return best * GB
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    gbps = max(_probe_gbps(), best)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "gbps": round(gbps, 2), "time": time.time()}))
-    os.replace(tmp, path)
-    return gbps * GB

@@ -12,6 +12,7 @@ from backend.errors import InvalidRequestError
 
 GiB = 1024**3
 MiB = 1024**2
+GB = 1e9  # bandwidths are quoted in GB/s (decimal), as datasheets do
 
 _FACTORS = {
     "": 1,

@@ -11,8 +11,8 @@ import pytest
 
 from backend import constants
 from backend.errors import InvalidRequestError
-from gallery.detect import detect, parse_nvidia_smi
-from gallery.units import GiB, MiB, parse_size
+from gallery.detect import detect, parse_nvidia_smi, ram_bandwidth
+from gallery.units import GB, GiB, MiB, parse_size
 
 MEMINFO = "MemTotal:       65536000 kB\nMemFree:         1000000 kB\nMemAvailable:   60000000 kB\n"
 
@@ -173,3 +173,15 @@ def test_live_machine_detection_is_fast_and_safe() -> None:
     p = detect()
     assert p.ram_total > 0 and p.cpu_count >= 1
     assert os.cpu_count() == p.cpu_count
+
+
+def test_ram_probe_runs_once_and_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(constants, "CACHE_DIR", tmp_path)
+    first = ram_bandwidth("test cpu")
+    cache = tmp_path / "ram-bandwidth.json"
+    assert 0.5 * GB < first < 2000 * GB and cache.is_file()
+    stamp = cache.stat().st_mtime_ns
+    assert ram_bandwidth("test cpu") == round(first / GB, 2) * GB  # the recorded figure, not a new probe
+    assert cache.stat().st_mtime_ns == stamp
+    again = ram_bandwidth("test cpu", refresh=True)
+    assert again >= round(first / GB, 2) * GB and cache.stat().st_mtime_ns != stamp  # the best probe is kept

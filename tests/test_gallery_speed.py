@@ -13,7 +13,6 @@ import yaml
 from backend import constants
 from backend.gguf_file import read_gguf
 from backend.synth.qwen35moe import read_synth_info
-from gallery import speed as speed_mod
 from gallery.catalog import DATA_DIR, load_catalog
 from gallery.detect import GPU, HardwareProfile
 from gallery.estimate import ArchFacts, RunConfig, weights_from_gguf
@@ -118,15 +117,3 @@ def test_published_unified_memory_figures_are_predicted_within_the_tolerance() -
             pred = predict(cand.arch, cand.weights, RunConfig(n_ctx=4096, cache_type_k="f16", cache_type_v="f16"),
                            "gpu", 0, bw, speed).tok_s
             assert abs(pred / PUBLISHED_GB10[cand.tier] - 1) <= CALIBRATION["tolerance"], (cand.tier, pred)
-
-
-def test_ram_probe_runs_once_and_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(constants, "CACHE_DIR", tmp_path)
-    first = speed_mod.ram_bandwidth("test cpu")
-    cache = tmp_path / "ram-bandwidth.json"
-    assert 0.5 * GB < first < 2000 * GB and cache.is_file()
-    stamp = cache.stat().st_mtime_ns
-    assert speed_mod.ram_bandwidth("test cpu") == round(first / GB, 2) * GB  # the recorded figure, not a new probe
-    assert cache.stat().st_mtime_ns == stamp
-    again = speed_mod.ram_bandwidth("test cpu", refresh=True)
-    assert again >= round(first / GB, 2) * GB and cache.stat().st_mtime_ns != stamp  # the best probe is kept

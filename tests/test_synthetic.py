@@ -19,6 +19,7 @@ import pytest
 
 from backend.errors import InvalidGGUFError, InvalidRequestError
 from backend.gguf_file import check_header, read_gguf
+from backend.synth.gguf_writer import tensor_nbytes
 from backend.synth.qwen35moe import (
     PRESETS,
     REAL_CONFIGS,
@@ -31,7 +32,6 @@ from backend.synth.qwen35moe import (
     read_synth_info,
     simulate_speculation,
     tensor_layout,
-    tensor_nbytes,
     write_model,
     write_sparse,
     write_sparse_model,

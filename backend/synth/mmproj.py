@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidRequestError
-from .qwen35moe import MetaValue, _write_gguf
+from .gguf_writer import MetaValue, write_gguf
 
 PROJECTOR_TYPE = "qwen3vl_merger"
 PATCH = 16  # pixels per patch side
@@ -99,4 +99,4 @@ def write_projector(path: str | os.PathLike[str], n_embd_text: int, *, seed: int
             else:
                 yield (rng.standard_normal(shape, dtype=np.float32) * _STD).astype(np.float32)
 
-    return _write_gguf(Path(path), projector_metadata(n_embd_text), layout, data)
+    return write_gguf(Path(path), projector_metadata(n_embd_text), layout, data)

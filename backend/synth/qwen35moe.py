@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import re
 import sys
@@ -46,11 +45,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from ..errors import ApexError, InvalidGGUFError, InvalidRequestError
+from .gguf_writer import MetaValue, write_gguf
+from .mmproj import write_projector
 
 ARCH = "qwen35moe"
 Mode = Literal["random", "predictable"]
@@ -284,8 +285,6 @@ def build_vocab(n_vocab: int) -> Vocab:
 
 # ------------------------------------------------------------------------------------------- metadata
 
-MetaValue = tuple[Any, ...]  # (GGUFValueType, value) or (GGUFValueType.ARRAY, list, item GGUFValueType)
-
 
 def model_metadata(
     config: SynthConfig, *, name: str = "apexmtp-synthetic", file_type: int = 0
@@ -517,76 +516,6 @@ def _encode(values: np.ndarray, ggml_type: str) -> np.ndarray:
 # -------------------------------------------------------------------------------------------- writing
 
 
-def tensor_nbytes(ne: Sequence[int], ggml_type: str) -> int:
-    """Bytes of a tensor of `ne` elements in `ggml_type`, from ggml's block sizes.
-
-    Raises:
-        InvalidRequestError: unknown type, or a row length that is not a multiple of the type's block size.
-    """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    try:
-        qtype = GGMLQuantizationType[ggml_type.upper()]
-    except KeyError:
-        raise InvalidRequestError(f"unknown ggml type {ggml_type!r}") from None
-    block, type_size = GGML_QUANT_SIZES[qtype]
-    if ne[0] % block:
-        raise InvalidRequestError(f"row length {ne[0]} is not a multiple of {qtype.name}'s block size {block}")
-    return math.prod(ne) // block * type_size
-
-
-def _write_gguf(
-    path: Path,
-    metadata: Mapping[str, MetaValue],
-    tensors: Sequence[tuple[str, tuple[int, ...], str]],
-    data: Callable[[], Iterator[np.ndarray]] | None,
-) -> Path:
-    """Write header, metadata, tensor table, then either the tensors `data()` yields (in order) or holes.
-
-    The file is written under a `.part` name and renamed when complete, so a reader never sees half a model.
-    """
-    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
-
-    arch = metadata.get("general.architecture", (GGUFValueType.STRING, ARCH))[1]
-    part = path.with_name(path.name + ".part")
-    writer = GGUFWriter(part, arch)
-    for key, item in metadata.items():
-        if key == "general.architecture":
-            continue
-        vtype, value, *sub = item
-        if vtype == GGUFValueType.ARRAY and len(value) == 0:
-            raise InvalidRequestError(f"metadata {key!r}: GGUF cannot store an empty array")
-        writer.add_key_value(key, list(value) if vtype == GGUFValueType.ARRAY else value, vtype, *sub)
-    total = 0
-    for name, ne, type_name in tensors:
-        nbytes = tensor_nbytes(ne, type_name)
-        if any(name in shard for shard in writer.tensors):
-            raise InvalidRequestError(f"tensor {name!r} appears twice")
-        writer.add_tensor_info(
-            name, tuple(reversed(ne)), np.dtype(np.float32), nbytes, GGMLQuantizationType[type_name.upper()]
-        )
-        total += writer.ggml_pad(nbytes, writer.data_alignment)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        fout = writer.fout[0]
-        start = writer.ggml_pad(fout.tell(), writer.data_alignment)
-        for array in data() if data is not None else ():
-            writer.write_tensor_data(array)
-        # Sets the exact size: pads the last tensor, or (no data) leaves the whole data region a hole that
-        # takes no disk blocks and reads as zeros.
-        fout.truncate(start + total)
-        writer.close()
-        os.replace(part, path)
-    except BaseException:
-        writer.close()
-        part.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_sparse(
     path: str | os.PathLike[str],
     metadata: Mapping[str, MetaValue],
@@ -606,7 +535,11 @@ def write_sparse(
     Raises:
         InvalidRequestError: unknown type, a row not made of whole blocks, or an empty metadata array.
     """
-    return _write_gguf(Path(path), metadata, tensors, None)
+    if "general.architecture" not in metadata:
+        from gguf import GGUFValueType
+
+        metadata = {"general.architecture": (GGUFValueType.STRING, ARCH), **metadata}
+    return write_gguf(Path(path), metadata, tensors)
 
 
 def apex_like_type(name: str, ne: tuple[int, ...], n_layer: int = 40) -> str:
@@ -725,7 +658,7 @@ def write_model(
         for name, ne, type_name in typed:
             yield _encode(_tensor_values(name, ne, rng, pred, config), type_name)
 
-    return _write_gguf(Path(path), meta, typed, data)
+    return write_gguf(Path(path), meta, typed, data)
 
 
 def simulate_speculation(
@@ -848,8 +781,6 @@ def main(argv: list[str]) -> int:
     try:
         out = write_model(args.out, config, **options)
         if args.mmproj is not None:
-            from .mmproj import write_projector
-
             write_projector(args.mmproj, config.n_embd, seed=args.seed)
     except ApexError as exc:
         print(f"apexmtp synth: {exc}", file=sys.stderr)

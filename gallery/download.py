@@ -32,7 +32,7 @@ from pathlib import Path
 from backend.errors import ChecksumMismatchError, DownloadError, EntryNotFoundError, UnsafePathError
 from backend.files import require_free_space, sha256_file
 
-from .resolve import HubFile, hub_endpoint
+from .resolve import HubFile, hub_endpoint, hub_errors
 from .schema import safe_relative_path
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def _metadata(file: HubFile, endpoint: str, token: str | None):
         return url, get_hf_file_metadata(url, token=token, endpoint=endpoint)
     except (RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise EntryNotFoundError(f"{file.uri} not found on {endpoint}: {type(exc).__name__}") from None
-    except Exception as exc:  # network errors, offline mode, 5xx: all "cannot reach the hub right now"
+    except hub_errors() as exc:  # network errors, offline mode, 5xx: all "cannot reach the hub right now"
         raise DownloadError(f"cannot get metadata of {file.uri} from {endpoint}: {exc}") from exc
 
 
@@ -86,7 +86,7 @@ def _hub_sha256(file: HubFile, etag: str | None, endpoint: str, token: str | Non
 
     try:
         infos = HfApi(endpoint=endpoint, token=token).get_paths_info(file.repo, [file.path], revision=file.revision)
-    except Exception as exc:  # noqa: BLE001 - a missing answer only means "no hub sha256"
+    except hub_errors() as exc:  # a missing answer only means "no hub sha256"
         log.debug("paths-info for %s failed: %s", file.uri, exc)
         return None
     lfs = getattr(infos[0], "lfs", None) if infos else None
@@ -151,7 +151,7 @@ def _transfer(url: str, partial: _Partial, have: int, size: int | None, name: st
         try:
             http_get(url, f, resume_size=have, headers=headers, expected_size=size, displayed_filename=name,
                      tqdm_class=None if progress else _silent_tqdm())
-        except Exception as exc:  # HTTP/network/consistency errors: keep the partial for the next run
+        except hub_errors() as exc:  # HTTP/network/consistency/disk errors: keep the partial for the next run
             f.flush()
             raise DownloadError(
                 f"download of {name} interrupted at {f.tell()} bytes ({exc}); run the same command again to resume"

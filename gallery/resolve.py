@@ -56,6 +56,17 @@ def hub_endpoint(endpoint: str | None = None) -> str:
     return (endpoint or constants.hf_endpoint() or hf_constants.ENDPOINT).rstrip("/")
 
 
+def hub_errors() -> tuple[type[Exception], ...]:
+    """What a hub request raises when the hub cannot be reached or refuses: OS errors (offline mode, timeouts,
+    file-metadata and consistency errors are OSErrors), huggingface_hub's HTTP errors, and the HTTP client's own
+    transport errors (the `HTTPError` base HfHubHTTPError shares with them: httpx's, or requests' in older
+    releases). Anything else is a bug and should propagate, not turn into "cannot reach the hub"."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    client = tuple(c for c in HfHubHTTPError.__mro__[1:] if c.__name__ == "HTTPError")
+    return (OSError, HfHubHTTPError, *client)
+
+
 @dataclass(frozen=True)
 class Resolved:
     """The outcome of `resolve`: exactly one of `entry`, `hub_file`, `local_path` is set.
@@ -161,5 +172,5 @@ def _hub_repo_files(repo: str) -> list[str]:
         return HfApi(endpoint=hub_endpoint()).list_repo_files(repo)
     except RepositoryNotFoundError:
         raise EntryNotFoundError(f"repository {repo} not found on the hub") from None
-    except Exception as exc:  # huggingface_hub raises many HTTP/network types; all mean "cannot list"
+    except hub_errors() as exc:
         raise DownloadError(f"cannot list files of {repo} on the hub: {exc}") from exc

@@ -273,3 +273,22 @@ def test_missing_file_and_repo(hub: FakeHub, tmp_path: Path) -> None:
 def test_unreachable_hub_is_a_download_error(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="cannot get metadata"):
         fetch(HubFile(REPO, NAME), DEST, models_dir=tmp_path, endpoint="http://127.0.0.1:9", progress=False)
+
+
+def test_a_bug_below_fetch_is_not_relabelled_a_download_error(hub: FakeHub, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the hub's and the network's errors mean "cannot download"; a programming error propagates as itself."""
+    import huggingface_hub
+    import huggingface_hub.file_download as hf_download
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        _fetch(hub, tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setattr(hf_download, "http_get", broken)
+    with pytest.raises(TypeError, match="a bug"):
+        _fetch(hub, tmp_path)
+    assert not (tmp_path / DEST).exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fakehub import FakeHub
 
-from backend.errors import EntryNotFoundError, ModelNotFoundError
+from backend.errors import DownloadError, EntryNotFoundError, ModelNotFoundError
 from gallery.catalog import load_catalog
 from gallery.resolve import HubFile, parse_hub_uri, resolve
 
@@ -101,3 +101,21 @@ def test_local_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_errors_say_what_would_work(ref: str, message: str) -> None:
     with pytest.raises(EntryNotFoundError, match=message):
         resolve(ref, CAT, list_repo_files=_no_listing)
+
+
+def test_listing_errors_a_user_can_act_on_and_bugs_that_propagate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub that cannot be reached is a DownloadError; a programming error below the listing propagates as itself."""
+    import huggingface_hub
+
+    def failing(error: Exception):
+        def list_repo_files(self, repo: str) -> list[str]:
+            raise error
+        return list_repo_files
+
+    ref = "someone/Other-APEX-GGUF@I-Balanced"
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", failing(ConnectionError("refused")))
+    with pytest.raises(DownloadError, match="cannot list files.*refused"):
+        resolve(ref, CAT)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", failing(TypeError("a bug")))
+    with pytest.raises(TypeError, match="a bug"):
+        resolve(ref, CAT)

@@ -83,7 +83,10 @@ def check_image(data: bytes, what: str = "image", *, param: str | None = None) -
             img.load()
     except InvalidRequestError:
         raise
-    except Exception as exc:  # Pillow raises many types for truncated or corrupt data
+    except (OSError, ValueError, SyntaxError, EOFError, PILImage.DecompressionBombError) as exc:
+        # What Pillow raises for truncated or corrupt data (fuzzed PNG/JPEG/GIF/BMP): OSError (truncation, and
+        # UnidentifiedImageError), ValueError and SyntaxError (broken PNG chunks), EOFError, decompression bombs.
+        # Anything else is a bug and propagates.
         raise InvalidRequestError(f"{what} cannot be decoded: {exc}", param=param) from None
 
 
@@ -93,7 +96,7 @@ def check_projector_file(path: Path) -> None:
         raise ModelLoadError(f"vision projector {path} does not exist")
     try:
         info = read_gguf(path)
-    except Exception as exc:
+    except (ModelLoadError, OSError) as exc:  # read_gguf's InvalidGGUFError/ModelNotFoundError, or the file's I/O
         raise ModelLoadError(f"vision projector {path} is not a GGUF file: {exc}") from None
     if info.architecture != "clip":
         raise ModelLoadError(f"{path} is not a vision projector (general.architecture is "

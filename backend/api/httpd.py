@@ -6,6 +6,8 @@
   arrive within `head_timeout`; every later read or write may stall at most `io_timeout`; a body must arrive at
   `MIN_BODY_RATE` or better after a grace period. A client that misses a deadline is disconnected.
 * **API keys.** `authorized` compares a `Bearer` token with every configured key in constant time.
+* **DNS rebinding.** Without a key, `host_allowed` answers only requests whose Host is a loopback name or the
+  address the server was started on; others get 421 Misdirected Request.
 """
 
 from __future__ import annotations
@@ -63,6 +65,33 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def host_name(value: str) -> str:
+    """The host part of a Host header or `--host` value, lower-cased: `[::1]:8080` -> `::1`, `localhost:80` ->
+    `localhost`, a bare IPv6 address as it is, a trailing dot dropped."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:  # name:port (a bare IPv6 address has several colons)
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def host_allowed(header: str | None, bound: str, keys: tuple[str, ...]) -> bool:
+    """The DNS-rebinding guard: may a request naming `header` as its Host be answered by a server started on
+    `bound` (`--host`) with API `keys`?
+
+    A web page whose own name the attacker re-points at this machine reaches it with that name in the Host header,
+    so without a key only names that cannot be anyone else's are answered: loopback names and addresses
+    (`localhost`, 127.0.0.0/8, `[::1]`, any port) and the exact `--host` value. The machine's other names and
+    addresses are not: a page can be served under any of them too. With a key any Host is answered (a rebound page
+    does not have the key). A request without a Host (HTTP/1.0 tools; no browser sends one) is answered.
+    """
+    if keys or not header:
+        return True
+    name = host_name(header)
+    return is_loopback(name) or (bool(name) and name == host_name(bound))
 
 
 def exposure_warning(host: str, keys: tuple[str, ...]) -> str | None:

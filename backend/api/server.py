@@ -53,6 +53,7 @@ from .httpd import (
     PooledHTTPServer,
     authorized,
     exposure_warning,
+    host_allowed,
     parse_keys,
 )
 from .openai_api import (
@@ -260,6 +261,12 @@ class Handler(DeadlineHandler):
     def _dispatch(self, method: str) -> None:
         self.head_done()
         self._streaming = False
+        host = self.headers.get("Host")
+        if not host_allowed(host, self.server.options.host, self.server.keys):
+            port = self.server.server_address[1]
+            return self._send_error(421, f"this server does not answer for Host {host!r} (DNS rebinding protection): "
+                                    f"use http://127.0.0.1:{port}, the address given to --host, or start it with "
+                                    "--api-key to accept any host name", "misdirected_request")
         path = urlsplit(self.path).path.rstrip("/") or "/"
         prefix = next((p for p in self.PREFIXES if path.startswith(p)), None)
         route = self.PREFIXES[prefix] if prefix else self.ROUTES.get(path)

@@ -50,6 +50,27 @@ class FetchResult:
     reused: bool
 
 
+@dataclass(frozen=True)
+class DownloadProgress:
+    """How far the download of a destination has got, read from the disk, so it is the same whichever process
+    (or thread) is downloading it."""
+
+    dest: Path
+    have: int  # bytes on disk: the landed file's size once it is there, else what the partial holds so far
+    complete: bool  # the verified file is at the destination
+
+
+def download_progress(dest: Path) -> DownloadProgress:
+    """The progress of `fetch` towards `dest` (a path under the models dir, as `safe_join` returns it)."""
+    # The destination is looked at again after the partial: the download may land it between the two looks.
+    for path, complete in ((dest, True), (_Partial(dest).data, False), (dest, True)):
+        try:
+            return DownloadProgress(dest, path.stat().st_size, complete)
+        except FileNotFoundError:
+            continue
+    return DownloadProgress(dest, 0, False)
+
+
 def safe_join(root: Path, relative: str) -> Path:
     """`root / relative`, refusing absolute paths, `..`, and symlinks that lead outside `root`.
 

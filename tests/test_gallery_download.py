@@ -19,7 +19,7 @@ from backend import files
 from backend.errors import (ChecksumMismatchError, DownloadError, EntryNotFoundError, InsufficientDiskSpaceError,
                             UnsafePathError)
 from gallery import download
-from gallery.download import fetch
+from gallery.download import DownloadProgress, download_progress, fetch
 from gallery.resolve import HubFile
 
 REPO = "test/Tiny-APEX-GGUF"
@@ -203,6 +203,7 @@ def test_killed_process_resumes_from_its_partial_file(hub: FakeHub, payload: byt
     """)
     env = dict(os.environ, HF_ENDPOINT=hub.url, PYTHONPATH=str(ROOT), HF_HUB_DISABLE_TELEMETRY="1")
     partial = tmp_path / f"llama-cpp/models/{REPO}/.{NAME}.partial"
+    assert download_progress(tmp_path / DEST) == DownloadProgress(tmp_path / DEST, 0, complete=False)
     hub.throttle = (CHUNK, 0.02)  # ~3 MiB/s: the kill lands mid-transfer
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env, cwd=ROOT)
     deadline = time.monotonic() + 30
@@ -213,11 +214,13 @@ def test_killed_process_resumes_from_its_partial_file(hub: FakeHub, payload: byt
     proc.wait()
     have = partial.stat().st_size
     assert 0 < have < len(payload) and not (tmp_path / DEST).exists()
+    assert download_progress(tmp_path / DEST) == DownloadProgress(tmp_path / DEST, have, complete=False)
     hub.throttle = None
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / DEST).read_bytes() == payload
+    assert download_progress(tmp_path / DEST) == DownloadProgress(tmp_path / DEST, len(payload), complete=True)
     last = hub.gets(NAME)[-1]
     assert last.range == f"bytes={have}-" and last.status == 206 and last.sent == len(payload) - have
     assert _leftovers(tmp_path) == [NAME]

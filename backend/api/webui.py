@@ -18,7 +18,7 @@ from typing import Any
 
 from gallery.catalog import Catalog, Entry
 from gallery.detect import HardwareProfile
-from gallery.download import _Partial, safe_join
+from gallery.download import download_progress, safe_join
 from gallery.select import Request, budget_for, candidates_for, select
 
 from ..errors import ApexError
@@ -203,11 +203,7 @@ class PullJob:
 
     def snapshot(self) -> dict[str, Any]:
         """Progress now: state, bytes on disk, expected total, seconds so far, the error if it failed."""
-        partial = _Partial(self.dest).data
-        if self.dest.is_file():
-            have = self.dest.stat().st_size
-        else:
-            have = partial.stat().st_size if partial.exists() else 0
+        have = download_progress(self.dest).have
         return {"name": self.name, "state": self.state, "bytes": have, "total": max(self.total, have),
                 "seconds": round(time.monotonic() - self.started, 2), "error": self.error}
 

@@ -49,8 +49,8 @@ class CacheConfig:
     (`checkpoint_min_step`): fewest tokens between two checkpoints taken mid-prompt. `ram_mib` (`cache_ram`):
     host-RAM cache for the states of slots taken by other prompts (0: off, -1: unbounded). `idle_slots`
     (`cache_idle_slots`): save idle slots to that cache when a request arrives. `similarity`
-    (`slot_prompt_similarity`): a slot or cached state counts as a match when its common prefix is more than
-    this fraction of the prompt; without a match the least recently used slot is taken. `disk_dir`
+    (`slot_prompt_similarity`): a cached state is restored only when its common prefix with the prompt is more
+    than this fraction of the prompt (slots are chosen by longest common prefix, any length). `disk_dir`
     (`prompt_cache_dir`): where states of prompts of at least `disk_min_tokens` tokens are kept across
     restarts (empty: off), at most `disk_mib` MiB.
     """

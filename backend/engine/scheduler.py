@@ -55,6 +55,10 @@ def llama_thread() -> ThreadPoolExecutor:
         return _LLAMA_THREAD
 
 
+# A cached state is restored only when it holds this many more prompt tokens than the slot: restoring copies the
+# whole state, and a handful of tokens is cheaper to prefill (it also keeps a slot's KV where it was computed).
+_MIN_RESTORE_GAIN = 32
+
 Event = Chunk | Result | BaseException  # what a sink receives: chunks, then a Result or the error that ended it
 Sink = Callable[[Event], None]
 
@@ -385,6 +389,7 @@ class Scheduler:
                 ticket.sink(ticket.result)
                 continue
             prompt = ticket.req.prompt
+            t_admit = time.perf_counter()  # a restore counts as prompt time, as in llama-server's prompt_ms
             slot = self._pick_slot(free, prompt)
             source = self._restore_from_cache(slot, prompt)
             n_slot = common_prefix(self.engine.seqs[slot.seq].tokens, prompt)
@@ -400,7 +405,7 @@ class Scheduler:
             slot.out = Output(self.engine, ticket.req, ticket.result)
             slot.acc = self.controller.new_slot() if self.controller else None
             slot.max_tokens = min(ticket.req.max_tokens, self.engine.n_ctx - len(prompt))
-            slot.t_admit = time.perf_counter()
+            slot.t_admit = t_admit
             ticket.result.n_cached, ticket.result.slot = n_keep, slot.seq
             ticket.result.cache_source = source or ""
             ticket.result.t_queue_ms = (slot.t_admit - ticket.t_submit) * 1000
@@ -416,20 +421,16 @@ class Scheduler:
                         self._stash(other)
 
     def _pick_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
-        """The free slot sharing the longest prefix with the prompt when that is more than `similarity` of it
-        (ties: the least recently used), else the least recently used free slot."""
-        scored = [(common_prefix(self.engine.seqs[s.seq].tokens, prompt), s) for s in free]
-        n, slot = max(scored, key=lambda x: (x[0], -x[1].last_used))
-        if n <= self.cache.similarity * len(prompt):
-            slot = min(free, key=lambda s: s.last_used)
-        return slot
+        """The free slot sharing the longest prefix with the prompt (ties, and no match at all: the least recently
+        used). Any shared prefix is worth keeping: what the new prompt discards of a slot goes to the RAM cache."""
+        return max(free, key=lambda s: (common_prefix(self.engine.seqs[s.seq].tokens, prompt), -s.last_used))
 
     def _restore_from_cache(self, slot: Slot, prompt: list[int]) -> str | None:
         """Restore into `slot` the cached state (RAM, then disk) that shares more of `prompt` than the slot does;
         the name of the source, or None when the slot's own contents are the best start."""
         engine = self.engine
         n_slot = common_prefix(engine.seqs[slot.seq].tokens, prompt)
-        floor = max(n_slot, int(self.cache.similarity * len(prompt)))
+        floor = max(n_slot + _MIN_RESTORE_GAIN, int(self.cache.similarity * len(prompt)))
         candidates: list[tuple[int, str, object]] = []
         if self.ram is not None:
             entry, n = self.ram.best(prompt)

@@ -10,7 +10,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import psutil
@@ -29,6 +31,25 @@ RUN_SH = ROOT / "backend" / "run.sh"
 MB50 = 50 * 1024 * 1024
 # The APEX fact files the tests check against, kept in the repository (tests/data/apex/README.md names sources).
 APEX_FACTS = ROOT / "tests" / "data" / "apex"
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, *,
+               message: str = "") -> T:
+    """Call `predicate` every `interval` seconds until it returns something truthy, and return that.
+
+    Raises:
+        TimeoutError: `timeout` seconds passed without (`message` says what did not happen).
+        Whatever `predicate` raises, at once: a predicate fails fast by raising (a process that exited, say).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(message or f"the condition did not hold within {timeout:g} s")
+        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")
@@ -64,19 +85,18 @@ class BackendProcess:
         self.wait_healthy()
 
     def wait_healthy(self, timeout: float = 60.0, metadata=None) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"backend exited with {self.proc.returncode}: {self.stderr()[-2000:]}")
             try:
                 reply = self.stub.Health(pb.HealthMessage(), timeout=2, metadata=metadata)
-                assert reply.message == b"OK"
-                return time.monotonic() - self.started
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    return time.monotonic() - self.started
-                time.sleep(0.1)
-        raise TimeoutError("backend did not become healthy")
+                return err.code() == grpc.StatusCode.UNAUTHENTICATED  # up, and asking for a token
+            assert reply.message == b"OK"
+            return True
+
+        wait_until(healthy, timeout, 0.1, message="backend did not become healthy")
+        return time.monotonic() - self.started
 
     def stderr(self) -> str:
         self.log.seek(0)
@@ -135,15 +155,14 @@ class WorkerProcess:
             self.wait_ready()
 
     def wait_ready(self, timeout: float = 30.0) -> protocol.WorkerInfo:
-        deadline = time.monotonic() + timeout
-        while True:
+        def answers() -> protocol.WorkerInfo | None:
             assert self.proc.poll() is None, f"worker exited {self.proc.returncode}: {self.proc.stderr.read()}"
             try:
                 return protocol.probe(f"127.0.0.1:{self.port}", 2.0)
             except WorkerUnreachableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+                return None
+
+        return wait_until(answers, timeout, 0.1, message=f"worker on port {self.port} did not answer a probe")
 
     @property
     def rss(self) -> int:

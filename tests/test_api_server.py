@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import openai
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_until
 
 from backend.proto import backend_pb2 as pb
 from backend.proto import backend_pb2_grpc as pb_grpc
@@ -40,13 +40,15 @@ class RunProcess:
         cmd = [sys.executable, "-m", "backend.cli", "run", *args, "--port", str(self.port), "--threads", "1"]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=self.log,
                                      stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def healthy() -> bool:
             assert self.proc.poll() is None, f"apexmtp run exited {self.proc.returncode}:\n{self.output()}"
-            if self.request("GET", "/health")[0] == 200:
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"apexmtp run did not become healthy:\n{self.output()}")
+            return self.request("GET", "/health")[0] == 200
+
+        try:
+            wait_until(healthy, timeout, 0.2)
+        except TimeoutError:
+            raise TimeoutError(f"apexmtp run did not become healthy:\n{self.output()}") from None
 
     def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 60,
                 headers: dict[str, str] | None = None) -> tuple[int, dict]:
@@ -112,13 +114,6 @@ def last_generated(addr: str) -> int:
     """Tokens the backend's most recent generation produced (GetMetrics)."""
     with grpc.insecure_channel(addr) as channel:
         return pb_grpc.BackendStub(channel).GetMetrics(pb.MetricsRequest(), timeout=5).tokens_generated
-
-
-def wait_until(predicate, message: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------------------------------ basics
@@ -318,12 +313,12 @@ def test_client_disconnect_frees_backend(smol):
     resp.close()  # the response holds the socket open: close both
     conn.close()
     # Generating all 900 tokens takes seconds; a cancelled generation stops within a token or two.
-    wait_until(lambda: backend_state(addr) == pb.StatusResponse.READY, "the backend kept generating", timeout=5)
+    wait_until(lambda: backend_state(addr) == pb.StatusResponse.READY, 5, message="the backend kept generating")
     assert last_generated(addr) < 900
     with pytest.raises(openai.APITimeoutError):  # a non-streamed request whose client gives up: the same
         smol.client(timeout=1.0).chat.completions.create(model="demo", messages=HELLO, max_tokens=900,
                                                          extra_body={"ignore_eos": True})
-    wait_until(lambda: backend_state(addr) == pb.StatusResponse.READY, "the backend kept generating", timeout=5)
+    wait_until(lambda: backend_state(addr) == pb.StatusResponse.READY, 5, message="the backend kept generating")
     assert last_generated(addr) < 900
     t0 = time.monotonic()
     r = smol.client().chat.completions.create(model="demo", messages=HELLO, **GREEDY)
@@ -395,10 +390,8 @@ def test_sigterm_stops_server_and_backend(smol):
     time.sleep(0.5)
     smol.proc.send_signal(signal.SIGTERM)
     assert smol.proc.wait(30) == 0
-    deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid}").exists() and "zombie" not in _proc_state(pid):
-        assert time.monotonic() < deadline, "the backend outlived apexmtp run"
-        time.sleep(0.1)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in _proc_state(pid), 10, 0.1,
+               message="the backend outlived apexmtp run")
 
 
 def _proc_state(pid: int) -> str:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import struct
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
-from conftest import RUN_SH, BackendProcess, free_port, smollm2_options
+from conftest import RUN_SH, BackendProcess, free_port, smollm2_options, wait_until
 from backend.proto import backend_pb2 as pb
 
 GREEDY = dict(Temperature=0.0, Tokens=24)
@@ -61,16 +61,15 @@ def test_parent_death_stops_backend(tmp_path):
     subprocess.run(["bash", "-c", f"{RUN_SH} --addr 127.0.0.1:{port} >/dev/null 2>&1 & echo $! > {pidfile}; sleep 1"],
                    check=True, env={"LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": "0.5s", "PATH": "/usr/bin:/bin"})
     pid = int(pidfile.read_text())
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            import os
 
+    def gone() -> bool:
+        try:
             os.kill(pid, 0)
-            time.sleep(0.2)
         except ProcessLookupError:
-            return
-    pytest.fail("backend outlived its parent")
+            return True
+        return False
+
+    wait_until(gone, 20, 0.2, message="backend outlived its parent")
 
 
 # ------------------------------------------------------------------------------------------ LoadModel
@@ -197,8 +196,10 @@ def test_stop_string_never_leaks(smol_backend):
 def test_stream_chunks_are_whole_utf8(smol_backend):
     replies = stream_replies(smol_backend.stub, Prompt="Écris une phrase en français avec des accents: é è à ç ô.",
                              Tokens=48, Temperature=0.9, Seed=3)
-    for r in replies:
-        r.message.decode("utf-8")  # raises if a character was split
+    chunks = [r.message for r in replies if r.message]
+    assert chunks, "the stream carried no text: nothing was checked"
+    for chunk in chunks:
+        chunk.decode("utf-8")  # raises if a character was split
 
 
 def test_seeded_sampling_reproducible(smol_backend):
@@ -285,10 +286,8 @@ def test_cancelled_stream_frees_model(smol_backend):
         if got == 3:
             call.cancel()
             break
-    t0 = time.monotonic()
-    while stub.Status(pb.HealthMessage()).state != pb.StatusResponse.READY:
-        assert time.monotonic() - t0 < 5, "model still busy after cancel"
-        time.sleep(0.05)
+    wait_until(lambda: stub.Status(pb.HealthMessage()).state == pb.StatusResponse.READY, 5,
+               message="model still busy after cancel")
     assert stub.GetMetrics(pb.MetricsRequest()).tokens_generated < 50
     assert predict_text(stub, Prompt="The capital of France is", **GREEDY)
 

@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 from fakehub import FakeHub
 
 from backend import files
@@ -206,10 +206,12 @@ def test_killed_process_resumes_from_its_partial_file(hub: FakeHub, payload: byt
     assert download_progress(tmp_path / DEST) == DownloadProgress(tmp_path / DEST, 0, complete=False)
     hub.throttle = (CHUNK, 0.02)  # ~3 MiB/s: the kill lands mid-transfer
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env, cwd=ROOT)
-    deadline = time.monotonic() + 30
-    while not (partial.exists() and partial.stat().st_size >= 1024 * 1024):
-        assert proc.poll() is None and time.monotonic() < deadline, "download finished or stalled before the kill"
-        time.sleep(0.02)
+
+    def mid_transfer() -> bool:
+        assert proc.poll() is None, "download finished before the kill"
+        return partial.exists() and partial.stat().st_size >= 1024 * 1024
+
+    wait_until(mid_transfer, 30, 0.02, message="download stalled before the kill")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     have = partial.stat().st_size

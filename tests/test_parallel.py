@@ -22,7 +22,7 @@ from backend.engine.scheduler import Scheduler, Stream, collect
 from backend.engine.speculative import SpecConfig
 from backend.errors import ContextOverflowError, InvalidRequestError
 from backend.proto import backend_pb2 as pb
-from conftest import BackendProcess, smollm2_options
+from conftest import BackendProcess, smollm2_options, wait_until
 
 SEEDED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=99)
 
@@ -264,16 +264,18 @@ def test_grpc_concurrent_streams_equal_sequential_and_health_stays_fast(par_back
 def test_grpc_cancel_mid_prefill_frees_the_slot_fast(par_backend, p70):
     stub = par_backend.stub
     _load(par_backend, p70, "spec_n_max:4", ctx=8192)
-    long_prompt = "a very long prompt " * 1500  # ~6k tokens: dozens of 64-token prefill steps
-    t0 = time.perf_counter()
+    # ~5.5k tokens of the synthetic vocabulary (11 a repeat): dozens of 64-token prefill steps, inside the 8k context
+    long_prompt = "a very long prompt " * 500
     call = stub.PredictStream(pb.PredictOptions(Prompt=long_prompt, Tokens=8))
     time.sleep(0.5)
-    while stub.Status(pb.HealthMessage()).memory.breakdown["slots_busy"] == 0 and time.perf_counter() - t0 < 10:
-        time.sleep(0.05)
+
+    def busy() -> int:
+        return stub.Status(pb.HealthMessage()).memory.breakdown["slots_busy"]
+
+    wait_until(busy, 10, message="the request never took a slot")
     call.cancel()
     t_cancel = time.perf_counter()
-    while stub.Status(pb.HealthMessage()).memory.breakdown["slots_busy"] and time.perf_counter() - t_cancel < 10:
-        time.sleep(0.02)
+    wait_until(lambda: not busy(), 10, 0.02, message="the slot stayed busy after the cancel")
     freed_after = time.perf_counter() - t_cancel
     # the slot frees at the next step boundary, long before the prompt could have been prefilled
     assert freed_after < 1.0, freed_after

@@ -175,7 +175,7 @@ PRESETS: dict[str, SynthConfig] = {
 }
 
 # Published architectures, for sparse real-size layouts only (`write_sparse_model`); values from
-# /work/shared/data/apex/architectures.yaml. Never pass these to `write_model`: that would write ~70 GB.
+# tests/data/apex/architectures.yaml. Never pass these to `write_model`: that would write ~70 GB.
 REAL_CONFIGS: dict[str, SynthConfig] = {
     "qwen35moe-35b-a3b": SynthConfig(
         n_embd=2048, n_layer=40, n_head=16, n_head_kv=2, head_dim=256, n_expert=256, n_expert_used=8, n_ff_exp=512,

@@ -21,7 +21,7 @@ import yaml
 from backend.engine.generation import GenerationRequest, Result
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.prompt_cache import (CacheConfig, CacheFileError, Checkpoint, DiskCache, RamCache, SavedState,
-                                         common_prefix, decode, encode, thin)
+                                         checkpoint_positions, common_prefix, decode, encode, thin)
 from backend.engine.scheduler import Scheduler, Stream, collect
 from backend.engine.speculative import SpecConfig
 from backend.proto import backend_pb2 as pb
@@ -95,6 +95,32 @@ def test_without_checkpoints_a_divergence_reprefills(hybrid):
         assert s.engine.seqs[0].checkpoints == []
         got = run(s, prompt[:250] + tokens(50, 4))
         assert got.n_cached == 0 and got.cache_source == ""
+    finally:
+        s.close()
+
+
+def test_checkpoint_positions():
+    prompt = [1] * 10 + [9] + [1] * 39 + [9] + [1] * 39 + [9] + [1] * 30  # turn markers (9) at 10, 50 and 90
+    assert checkpoint_positions(prompt, frozenset({9}), 32) == [32, 50, 64, 90, 96, 117]
+    assert checkpoint_positions(prompt, frozenset(), 0) == [117]
+
+
+def test_a_thinking_chat_prefills_only_its_new_tokens(hybrid):
+    """Qwen3.5-style: each turn's history keeps the answer without its reasoning, so the prompt diverges from the
+    slot right after the assistant's turn marker; the checkpoint before that marker resumes it."""
+    s = scheduler(hybrid, n_max=4, ram_mib=0, min_step=256)
+    try:
+        (im_start,) = s.engine.turn_markers
+        system, history = [im_start] + tokens(300, 20), []
+        for turn in range(4):
+            user = [im_start] + tokens(30, 30 + turn)
+            prompt = system + [t for u, a in history for t in u + a] + user + [im_start] + tokens(5, 99)
+            got = run(s, prompt)
+            if turn:
+                new = len(user) + len(history[-1][1]) + 6 + 1  # this turn's user message, the last answer, the opener
+                assert got.cache_source == "checkpoint" and got.n_prompt - got.n_cached <= new, got.n_cached
+                assert got.token_ids == cold(hybrid, prompt, n_max=4)
+            history.append((user, [im_start] + got.token_ids[12:]))  # the first 12 tokens stand for the reasoning
     finally:
         s.close()
 

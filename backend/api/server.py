@@ -766,7 +766,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ctx-checkpoints", type=int, metavar="N",
                         help="recurrent-state checkpoints per slot on hybrid models (default 32; 0 off)")
     parser.add_argument("--checkpoint-min-step", type=int, metavar="TOKENS",
-                        help="fewest tokens between two mid-prompt checkpoints (default 512)")
+                        help="tokens between two mid-prompt checkpoints (default 256)")
 
 
 def cache_options(args: argparse.Namespace) -> tuple[str, ...]:

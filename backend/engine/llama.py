@@ -35,7 +35,7 @@ from ..gguf_file import GGUFInfo, read_gguf
 from ..rpc.client import Workers, split_array
 from . import ggml
 from .llamalog import LIVE, LLAMA_LOG, parse_device_lines, parse_memory_lines
-from .prompt_cache import Checkpoint, SavedState, common_prefix, thin
+from .prompt_cache import TURN_MARKERS, Checkpoint, SavedState, common_prefix, thin
 from .vision import Image, Projector
 
 log = logging.getLogger(__name__)
@@ -452,6 +452,16 @@ class Engine:
     @property
     def closed(self) -> bool:
         return self._model is None
+
+    @functools.cached_property
+    def turn_markers(self) -> frozenset[int]:
+        """Token ids of the chat-message openers (`TURN_MARKERS`) this vocabulary has as single control tokens."""
+        found = set()
+        for text in TURN_MARKERS:
+            ids = self.tokenize(text, add_special=False, parse_special=True)
+            if len(ids) == 1 and ids != self.tokenize(text, add_special=False, parse_special=False):
+                found.add(ids[0])
+        return frozenset(found)
 
     @property
     def state_settings(self) -> dict[str, object]:

@@ -46,7 +46,7 @@ class CacheConfig:
     """Prompt-reuse settings, with LocalAI's option names (its llama-cpp backend passes them to llama-server).
 
     `n_checkpoints` (`ctx_checkpoints`): recurrent-state checkpoints kept per slot (0: none). `min_step`
-    (`checkpoint_min_step`): fewest tokens between two checkpoints taken mid-prompt. `ram_mib` (`cache_ram`):
+    (`checkpoint_min_step`): the spacing of mid-prompt checkpoints (see `checkpoint_positions`). `ram_mib` (`cache_ram`):
     host-RAM cache for the states of slots taken by other prompts (0: off, -1: unbounded). `idle_slots`
     (`cache_idle_slots`): save idle slots to that cache when a request arrives. `similarity`
     (`slot_prompt_similarity`): a cached state is restored only when its common prefix with the prompt is more
@@ -56,7 +56,7 @@ class CacheConfig:
     """
 
     n_checkpoints: int = 32
-    min_step: int = 512
+    min_step: int = 256
     ram_mib: int = 8192
     idle_slots: bool = True
     similarity: float = 0.1
@@ -111,6 +111,25 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     y = np.asarray(b[:n], dtype=np.int64)
     diff = np.flatnonzero(x != y)
     return int(diff[0]) if diff.size else n
+
+
+# Special tokens that open a chat message in the templates of the models served here (ChatML for Qwen, then Llama 3,
+# Gemma, GLM): a next turn re-renders the conversation from one of these on, so a checkpoint just before the last
+# ones lets it resume there.
+TURN_MARKERS = ("<|im_start|>", "<|start_header_id|>", "<start_of_turn>", "<|user|>", "<|assistant|>")
+END_MARGIN = 4  # a checkpoint this many tokens before the prompt's end (llama-server makes the same one)
+
+
+def checkpoint_positions(prompt: Sequence[int], markers: frozenset[int], min_step: int) -> list[int]:
+    """Where a prompt's prefill stops for a checkpoint: every `min_step` tokens (fixed multiples, so a restored
+    prompt is prefilled in the same chunks as a cold one), just before each of the last two turn markers (the
+    last user message and the assistant's turn: a chat template that drops the answer's reasoning, or an agent
+    that rewrites the last message, diverges after them), and `END_MARGIN` tokens before the end."""
+    n = len(prompt)
+    at = set(range(min_step, n - END_MARGIN, min_step)) if min_step > 0 else set()
+    at.update([i for i, t in enumerate(prompt) if t in markers][-2:])
+    at.add(n - END_MARGIN)
+    return sorted(p for p in at if 0 < p < n)
 
 
 def thin(checkpoints: list[Checkpoint], limit: int) -> list[Checkpoint]:

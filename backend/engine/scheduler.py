@@ -32,7 +32,8 @@ from typing import Any
 from ..errors import ContextOverflowError, EngineClosedError, InvalidRequestError
 from .generation import Chunk, GenerationRequest, Inspect, Output, Result, make_logprobs
 from .llama import DecodeError, Engine, Row
-from .prompt_cache import CacheConfig, DiskCache, RamCache, SavedState, common_prefix, model_identity
+from .prompt_cache import (CacheConfig, DiskCache, RamCache, SavedState, checkpoint_positions, common_prefix,
+                           model_identity)
 from .sampling import Sampler
 from .speculative import Acceptance, DraftController, SpecConfig
 
@@ -94,7 +95,8 @@ class Slot:
     t_admit: float = 0.0
     t_first: float = 0.0
     last_used: float = 0.0
-    n_prompt: int = 0  # the request's prompt length (where its last checkpoint goes)
+    n_prompt: int = 0  # the request's prompt length
+    checkpoint_at: list[int] = field(default_factory=list)  # prefill positions to checkpoint the recurrent state at
     saved: bool = False  # what the sequence holds is in the RAM cache already
 
 
@@ -402,6 +404,8 @@ class Scheduler:
             slot.ticket, slot.todo, slot.y = ticket, prompt[n_keep:], None
             slot.saved = slot.saved and n_keep == self.engine.n_past(slot.seq)
             slot.n_prompt = len(prompt)
+            slot.checkpoint_at = checkpoint_positions(prompt, self.engine.turn_markers, self.cache.min_step) \
+                if self.engine.recurrent and self.cache.n_checkpoints > 0 else []
             slot.out = Output(self.engine, ticket.req, ticket.result)
             slot.acc = self.controller.new_slot() if self.controller else None
             slot.max_tokens = min(ticket.req.max_tokens, self.engine.n_ctx - len(prompt))
@@ -469,26 +473,15 @@ class Scheduler:
             self.ram.add(state)
 
     def _until_checkpoint(self, s: Slot) -> int:
-        """How many prompt tokens the slot may prefill before its next checkpoint position: 4 tokens before the
-        end of the prompt (a next turn that re-renders the prompt's last tokens, e.g. a template dropping the
-        reasoning, resumes there). Unbounded when checkpoints are off or not needed."""
-        if not (self.engine.recurrent and self.cache.n_checkpoints > 0):
-            return len(s.todo)
+        """How many prompt tokens the slot may prefill before its next checkpoint position (all of them when
+        checkpoints are off or the model needs none)."""
         at = self.engine.n_past(s.seq)
-        cut = s.n_prompt - 4
-        return cut - at if at < cut else len(s.todo)
+        return next((p - at for p in s.checkpoint_at if p > at), len(s.todo))
 
     def _maybe_checkpoint(self, s: Slot) -> None:
-        """Checkpoint the slot's recurrent state after a prompt chunk: at the prompt's end minus 4, and whenever
-        `min_step` tokens have passed since the last one."""
-        engine, cfg = self.engine, self.cache
-        if not (engine.recurrent and cfg.n_checkpoints > 0):
-            return
-        at = engine.n_past(s.seq)
-        ckpts = engine.seqs[s.seq].checkpoints
-        last = ckpts[-1].n_tokens if ckpts else 0
-        if at == s.n_prompt - 4 or at - last >= cfg.min_step:
-            engine.checkpoint(s.seq, cfg.n_checkpoints)
+        """Checkpoint the slot's recurrent state when its prefill has reached one of its checkpoint positions."""
+        if self.engine.n_past(s.seq) in s.checkpoint_at:
+            self.engine.checkpoint(s.seq, self.cache.n_checkpoints)
 
     def _drafts(self, decoding: list[Slot]) -> dict[int, list[int]]:
         """Draft tokens per decoding slot (seq -> drafts): one k for all, each slot capped by its request."""

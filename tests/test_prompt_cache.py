@@ -308,12 +308,15 @@ def test_disk_cache_ignores_another_models_files(hybrid, synth_model, tmp_path):
 
 
 def test_truncated_file_and_format_checks():
+    mirror = ((2, 1, np.full(4, 0.5, np.float32), None), (-7, 2, np.full(4, 2.0, np.float32), np.arange(4)))
     state = SavedState(tokens=(1, 2, 3), target=b"T" * 64, mtp=b"M" * 8, h=np.ones(4, np.float32),
-                       checkpoints=(Checkpoint(2, b"C" * 16, np.zeros(4, np.float32)),))
+                       checkpoints=(Checkpoint(2, b"C" * 16, np.zeros(4, np.float32)),), mirror=mirror)
     data = encode(state, "id")
     back = decode(data, "id")
     assert back.tokens == state.tokens and back.target == state.target and back.mtp == state.mtp
     assert back.checkpoints[0].n_tokens == 2 and np.array_equal(back.h, state.h)
+    assert [(t, p, h.tolist(), None if x is None else x.tolist()) for t, p, h, x in back.mirror] == [
+        (2, 1, [0.5] * 4, None), (-7, 2, [2.0] * 4, [0, 1, 2, 3])]
     for bad, why in ((data[:-1], "truncated"), (b"garbage" + data, "magic"), (data.replace(b'"id"', b'"xx"'),
                                                                                 "another model")):
         with pytest.raises(CacheFileError, match=why):

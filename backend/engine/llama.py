@@ -642,13 +642,15 @@ class Engine:
             return None
         mtp = b""
         if self._dctx:
-            self.flush_mirror([seq])  # the MTP context must hold every position the tokens say
-            if s.ahead is not None:  # a draft entry beyond the tokens: not part of the state
-                L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), seq, len(s.tokens), -1)
+            if s.ahead is not None:  # a draft's first entry: the mirror queue rewrites it, so it is not state
+                L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), seq, s.ahead[0], -1)
                 s.ahead = None
+            # The MTP context holds the positions before the mirror queue; the queue (not decoded until the head
+            # next drafts) travels with the state instead of being decoded now for a state that may never draft.
             mtp = self._get_state(self._dctx, seq, L.LLAMA_STATE_SEQ_FLAGS_NONE)
         return SavedState(tokens=tuple(s.tokens), target=self._get_state(self._ctx, seq, L.LLAMA_STATE_SEQ_FLAGS_NONE),
-                          mtp=mtp, h=s.pending_h.copy() if self._dctx else None, checkpoints=tuple(s.checkpoints))
+                          mtp=mtp, h=s.pending_h.copy() if self._dctx else None, checkpoints=tuple(s.checkpoints),
+                          mirror=tuple(s.mirror))
 
     @_open
     def load_state(self, seq: int, saved: SavedState) -> bool:
@@ -666,6 +668,7 @@ class Engine:
         s = self.seqs[seq]
         s.tokens = list(saved.tokens)
         s.checkpoints = list(saved.checkpoints)
+        s.mirror = list(saved.mirror)
         if saved.h is not None:
             s.pending_h = saved.h.copy()
         return True

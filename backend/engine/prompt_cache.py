@@ -94,12 +94,14 @@ class SavedState:
     mtp: bytes = b""
     h: np.ndarray | None = None
     checkpoints: tuple[Checkpoint, ...] = ()
+    # MTP mirror entries not yet decoded into the MTP context: (token, position, hidden row, M-RoPE sections).
+    mirror: tuple[tuple[int, int, np.ndarray, np.ndarray | None], ...] = ()
     last_used: float = field(default_factory=time.monotonic)
 
     @property
     def nbytes(self) -> int:
         return (len(self.target) + len(self.mtp) + (self.h.nbytes if self.h is not None else 0)
-                + sum(c.nbytes for c in self.checkpoints))
+                + sum(c.nbytes for c in self.checkpoints) + sum(e[2].nbytes + 16 for e in self.mirror))
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -236,12 +238,39 @@ def encode(state: SavedState, identity: str) -> bytes:
     for c in state.checkpoints:
         parts += [c.state, _row(c.h)]
         ckpts.append({"n_tokens": c.n_tokens, "state": len(c.state), "h": len(_row(c.h))})
+    mirror = _mirror_bytes(state.mirror)
+    parts.append(mirror)
     payload = b"".join(parts)
     header = json.dumps({
         "identity": identity, "n_tokens": len(state.tokens), "target": len(state.target), "mtp": len(state.mtp),
-        "h": len(_row(state.h)), "checkpoints": ckpts, "sha256": hashlib.sha256(payload).hexdigest(),
+        "h": len(_row(state.h)), "checkpoints": ckpts, "mirror": len(state.mirror), "mirror_bytes": len(mirror),
+        "sha256": hashlib.sha256(payload).hexdigest(),
     }).encode()
     return _MAGIC + _HEAD.pack(_VERSION, len(header)) + header + payload
+
+
+def _mirror_bytes(mirror: Sequence[tuple[int, int, np.ndarray, np.ndarray | None]]) -> bytes:
+    """Pending mirror entries as (token, position, has-sections) int32 triples, the hidden rows (float32), then the
+    4 M-RoPE sections of the entries that have them (image rows)."""
+    if not mirror:
+        return b""
+    head = np.array([(t, p, s is not None) for t, p, _, s in mirror], dtype=np.int32)
+    rows = np.stack([np.asarray(h, dtype=np.float32) for _, _, h, _ in mirror])
+    sections = [np.asarray(s, dtype=np.int32) for *_, s in mirror if s is not None]
+    return head.tobytes() + rows.tobytes() + (np.stack(sections).tobytes() if sections else b"")
+
+
+def _mirror_entries(data: bytes, n: int) -> tuple[tuple[int, int, np.ndarray, np.ndarray | None], ...]:
+    if n == 0:
+        return ()
+    head = np.frombuffer(data[:12 * n], dtype=np.int32).reshape(n, 3)
+    width, rest = divmod(len(data) - 12 * n - 16 * int(head[:, 2].sum()), 4 * n)
+    if width <= 0 or rest:
+        raise CacheFileError("inconsistent mirror entries")
+    rows = np.frombuffer(data[12 * n:12 * n + 4 * n * width], dtype=np.float32).reshape(n, width)
+    sections = iter(np.frombuffer(data[12 * n + 4 * n * width:], dtype=np.int32).reshape(-1, 4))
+    return tuple((int(t), int(p), rows[i].copy(), next(sections).copy() if flag else None)
+                 for i, (t, p, flag) in enumerate(head))
 
 
 def _row(h: np.ndarray | None) -> bytes:
@@ -277,12 +306,13 @@ def decode(data: bytes, identity: str) -> SavedState:
         n_tok = int(header["n_tokens"])
         sizes = [4 * n_tok, int(header["target"]), int(header["mtp"]), int(header["h"])]
         ckpts = [(int(c["n_tokens"]), int(c["state"]), int(c["h"])) for c in header["checkpoints"]]
+        n_mirror, mirror_bytes = int(header["mirror"]), int(header["mirror_bytes"])
         digest = str(header["sha256"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CacheFileError(f"incomplete header ({exc})") from None
-    if len(payload) != sum(sizes) + sum(s + h for _, s, h in ckpts):
-        raise CacheFileError(f"truncated: {len(payload)} payload bytes, the header says "
-                             f"{sum(sizes) + sum(s + h for _, s, h in ckpts)}")
+    expected = sum(sizes) + sum(s + h for _, s, h in ckpts) + mirror_bytes
+    if len(payload) != expected:
+        raise CacheFileError(f"truncated: {len(payload)} payload bytes, the header says {expected}")
     if hashlib.sha256(payload).hexdigest() != digest:
         raise CacheFileError("corrupt: the payload does not match its sha256")
     view = memoryview(payload)
@@ -297,9 +327,10 @@ def decode(data: bytes, identity: str) -> SavedState:
     tokens = tuple(int(t) for t in np.frombuffer(take(sizes[0]), dtype=np.int32))
     target, mtp, h = take(sizes[1]), take(sizes[2]), _unrow(take(sizes[3]))
     checkpoints = tuple(Checkpoint(n, take(s), _unrow(take(hn))) for n, s, hn in ckpts)
-    if not target or any(c.n_tokens > n_tok for c in checkpoints):
-        raise CacheFileError("inconsistent: no target state, or a checkpoint beyond the tokens")
-    return SavedState(tokens=tokens, target=target, mtp=mtp, h=h, checkpoints=checkpoints)
+    mirror = _mirror_entries(take(mirror_bytes), n_mirror)
+    if not target or any(c.n_tokens > n_tok for c in checkpoints) or any(not 0 <= e[1] < n_tok for e in mirror):
+        raise CacheFileError("inconsistent: no target state, or a checkpoint or mirror entry beyond the tokens")
+    return SavedState(tokens=tokens, target=target, mtp=mtp, h=h, checkpoints=checkpoints, mirror=mirror)
 
 
 class DiskCache:

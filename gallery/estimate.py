@@ -182,6 +182,14 @@ class RunConfig:
     spec_n_max: int = 0  # MTP draft length; the target keeps this many recurrent-state snapshots
     draft_cache_type: str = "f16"
     mmproj_bytes: int = 0
+    n_checkpoints: int = 0  # recurrent-state checkpoints per slot (the backend's ctx_checkpoints)
+    checkpoint_min_step: int = 256  # their spacing in a prompt (checkpoint_min_step)
+
+    @property
+    def checkpoints_per_slot(self) -> int:
+        """Checkpoints one slot can hold: one per `checkpoint_min_step` of its context plus the 3 placed at turn
+        markers and the prompt's end, at most `n_checkpoints`."""
+        return min(self.n_checkpoints, -(-self.n_ctx // max(self.checkpoint_min_step, 1)) + 3)
 
     @property
     def n_cells(self) -> int:
@@ -205,6 +213,7 @@ class Breakdown:
     mtp_compute: int
     mtp_output: int
     mmproj: int
+    checkpoints: int = 0  # recurrent-state checkpoints in host RAM (hybrid models only)
     expert_layers: int = field(default=1)  # trunk layers that hold routed experts (for --n-cpu-moe)
 
     @property
@@ -287,6 +296,10 @@ def estimate(arch: ArchFacts, weights: WeightBytes, run: RunConfig) -> Breakdown
         mtp_compute=mtp_comp,
         mtp_output=mtp_out,
         mmproj=run.mmproj_bytes,
+        # Copies of one slot's recurrent state (and, with MTP, the hidden row the head drafts from next).
+        checkpoints=run.n_seq * run.checkpoints_per_slot * (arch.n_recurrent * arch.rs_elems * 4
+                                                            + (arch.n_embd * 4 if run.mtp else 0))
+        if arch.n_recurrent else 0,
         expert_layers=arch.n_layer,
     )
 
@@ -313,8 +326,8 @@ def place(b: Breakdown, mode: str, n_cpu_moe: int = 0, *, arch: ArchFacts | None
     if mode == "cpu":
         return Placement("cpu", 0, 0, b.total)
     moved = b.expert_bytes(n_cpu_moe) if mode == "gpu+ram" else 0
-    device = b.total - b.token_embd - b.output - b.mtp_output - moved
-    host = b.token_embd + b.output + b.mtp_output + moved
+    device = b.total - b.token_embd - b.output - b.mtp_output - moved - b.checkpoints
+    host = b.token_embd + b.output + b.mtp_output + moved + b.checkpoints
     if moved and arch is not None:
         host += n_ubatch * (12 * arch.ff_used + arch.experts_used * arch.n_embd + 4 * arch.n_embd)
     return Placement(mode, n_cpu_moe if mode == "gpu+ram" else 0, device, host)
@@ -414,7 +427,7 @@ def split(b: Breakdown, arch: ArchFacts, run: RunConfig, holders: list[Holder], 
         other += b.compute if out else (in_layer if slots else 0)
         if holders[i].host:
             weights += b.token_embd
-            other += b.output + b.mtp_output + b.mmproj
+            other += b.output + b.mtp_output + b.mmproj + b.checkpoints
         shares[i] = Share(holders[i], counts[i], weights, kv, other)
     return tuple(shares[i] for i in range(len(holders)))
 
@@ -435,6 +448,7 @@ def describe(b: Breakdown, run: RunConfig, arch: ArchFacts) -> list[tuple[str, i
         (f"compute (ubatch {run.n_ubatch})", b.compute + b.output),
         ("MTP head + draft context", b.mtp_total),
         ("mmproj", b.mmproj),
+        (f"checkpoints x{run.checkpoints_per_slot}{per_slot} (RAM)", b.checkpoints),
     ]
     return [(label, n) for label, n in parts if n > 0 and (arch.n_recurrent or not label.startswith("recurrent"))]
 

@@ -256,9 +256,11 @@ def validate_hardware(data: Any, source: str) -> None:
         raise pc.fail("tier_order", "must list each tier once")
     for field in ("margin", "host_margin"):
         pc.size(policy, field)
-    for field in ("default_context", "n_ubatch", "n_batch", "gpu_layers_all"):
+    for field in ("default_context", "n_ubatch", "n_batch", "gpu_layers_all", "checkpoint_min_step"):
         if pc.get(policy, field, int) <= 0:
             raise pc.fail(field, "must be positive")
+    if pc.get(policy, "ctx_checkpoints", int) < 0:
+        raise pc.fail("ctx_checkpoints", "must be >= 0")
     if not all(isinstance(c, int) and c > 0 for c in pc.get(policy, "context_candidates", list)):
         raise pc.fail("context_candidates", "expected positive integers")
     for field in ("cache_type", "flash_attention"):

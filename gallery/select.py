@@ -254,7 +254,8 @@ def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, env: _Env, n_cpu_moe
     policy, budget = env.policy, env.budget
     run = RunConfig(n_ctx=n_ctx, n_ubatch=policy["n_ubatch"], n_seq=env.n_seq, cache_type_k=policy["cache_type"],
                     cache_type_v=policy["cache_type"], mtp=mtp, spec_n_max=policy["mtp"]["spec_n_max"] if mtp else 0,
-                    draft_cache_type=policy["mtp"]["draft_cache_type"], mmproj_bytes=cand.mmproj_bytes)
+                    draft_cache_type=policy["mtp"]["draft_cache_type"], mmproj_bytes=cand.mmproj_bytes,
+                    n_checkpoints=policy["ctx_checkpoints"], checkpoint_min_step=policy["checkpoint_min_step"])
     b = estimate(cand.arch, cand.weights, run)
     if mode == SPLIT:
         return _try_split(cand, run, b, env)

@@ -401,3 +401,28 @@ options:
     finally:
         backend.stop()
     assert list(tmp_path.glob("*.apc"))  # the long prompt reached the disk cache
+
+
+# ------------------------------------------------------------------------------------------- memory plan
+
+
+@pytest.mark.parametrize("n_max", [0, 4], ids=["plain", "mtp"])
+def test_the_estimate_counts_checkpoints_as_the_engine_makes_them(hybrid, smollm2_path, n_max):
+    """The plan's checkpoint bytes are what the engine's checkpoints weigh, per checkpoint and in their number."""
+    from gallery.catalog import WeightBytes
+    from gallery.estimate import ArchFacts, RunConfig, estimate
+
+    s = scheduler(hybrid, n_max=n_max, ram_mib=0, n_checkpoints=4, min_step=64)
+    try:
+        run(s, tokens(600, 40), 2)
+        made = s.engine.seqs[0].checkpoints
+        arch = ArchFacts.from_gguf(read_gguf(hybrid))
+        run_cfg = RunConfig(n_ctx=N_CTX, mtp=n_max > 0, spec_n_max=n_max, n_checkpoints=4, checkpoint_min_step=64)
+        planned = estimate(arch, WeightBytes(0, 0, 0, 0), run_cfg).checkpoints
+        assert len(made) == run_cfg.checkpoints_per_slot == 4
+        # The state arrays exactly; llama.cpp's serialisation adds ~100 bytes of cell metadata to each.
+        assert 0 <= sum(c.nbytes for c in made) - planned <= 256 * len(made)
+    finally:
+        s.close()
+    dense = ArchFacts.from_gguf(read_gguf(smollm2_path))
+    assert estimate(dense, WeightBytes(0, 0, 0, 0), RunConfig(n_ctx=N_CTX, n_checkpoints=16)).checkpoints == 0

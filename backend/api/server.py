@@ -764,7 +764,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-cache", type=Path, metavar="DIR",
                         help="keep the states of long prompts in DIR and reuse them after a restart or reload")
     parser.add_argument("--ctx-checkpoints", type=int, metavar="N",
-                        help="recurrent-state checkpoints per slot on hybrid models (default 32; 0 off)")
+                        help="recurrent-state checkpoints per slot on hybrid models (default 16; 0 off)")
     parser.add_argument("--checkpoint-min-step", type=int, metavar="TOKENS",
                         help="tokens between two mid-prompt checkpoints (default 256)")
 

@@ -55,7 +55,7 @@ class CacheConfig:
     restarts (empty: off), at most `disk_mib` MiB.
     """
 
-    n_checkpoints: int = 32
+    n_checkpoints: int = 16
     min_step: int = 256
     ram_mib: int = 8192
     idle_slots: bool = True

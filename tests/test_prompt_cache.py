@@ -233,6 +233,18 @@ def test_ram_cache_evicts_least_recently_used():
     assert a.tokens not in [e.tokens for e in cache.entries]
 
 
+def test_ram_cache_gives_way_under_memory_pressure():
+    free = [10_000]
+    cache = RamCache(limit=None, keep_free=5_000, available=lambda: free[0])
+    a = SavedState(tokens=(1,), target=b"t" * 3_000)
+    assert cache.add(a)
+    free[0] = 7_000  # something else took memory: the next state would leave too little
+    b = SavedState(tokens=(2,), target=b"t" * 3_000)
+    assert not cache.add(b) and cache.entries == [] and cache.evictions == 1  # a was evicted first, b still too big
+    free[0] = 20_000
+    assert cache.add(b)
+
+
 def test_small_cache_ram_bounds_the_cache(hybrid):
     s = scheduler(hybrid, ram_mib=1)
     try:
@@ -426,3 +438,58 @@ def test_the_estimate_counts_checkpoints_as_the_engine_makes_them(hybrid, smollm
         s.close()
     dense = ArchFacts.from_gguf(read_gguf(smollm2_path))
     assert estimate(dense, WeightBytes(0, 0, 0, 0), RunConfig(n_ctx=N_CTX, n_checkpoints=16)).checkpoints == 0
+
+
+# ------------------------------------------------------------------------------------------- faults
+
+
+def test_a_cancelled_prefill_leaves_only_checkpoints_it_reached(hybrid):
+    s = scheduler(hybrid, n_max=4, ram_mib=0)
+    try:
+        prompt = tokens(700, 50)
+        stream = Stream().attach(s, GenerationRequest(prompt=prompt, max_tokens=8, ignore_eos=True))
+        for _ in range(4):  # four 64-token prefill chunks, then the client goes away
+            s.step()
+        s.cancel(stream.ticket)
+        s.run_until_idle()
+        reached = s.engine.n_past(0)
+        assert 0 < reached < len(prompt)
+        assert all(c.n_tokens <= reached for c in s.engine.seqs[0].checkpoints)
+        got = run(s, prompt)  # the slot resumes where the cancelled prefill stopped
+        assert got.cache_source == "slot" and got.n_cached == reached
+        assert got.token_ids == cold(hybrid, prompt, n_max=4)
+    finally:
+        s.close()
+
+
+def test_a_reload_of_another_model_never_restores_the_first_ones_state(hybrid, synth_model, tmp_path):
+    """Over gRPC: the disk cache is keyed by the model file, the RAM cache dies with the model."""
+    other = synth_model("predictable", acceptance=0.9)
+    backend = BackendProcess()
+    text = " ".join(f"w{i % 41}" for i in range(300))
+
+    def load(path):
+        res = backend.stub.LoadModel(pb.ModelOptions(ModelFile=str(path), ContextSize=N_CTX, NBatch=64, Threads=2,
+                                                     Options=[f"prompt_cache_dir:{tmp_path}",
+                                                              "prompt_cache_min_tokens:64"]), timeout=120)
+        assert res.success, res.message
+
+    def ask():
+        return backend.stub.Predict(pb.PredictOptions(Prompt=text, Tokens=8, Temperature=0.0, IgnoreEOS=True),
+                                    timeout=120)
+
+    try:
+        load(hybrid)
+        first = ask()
+        load(other)  # the first model's slots are written to disk as it goes
+        fresh = ask()
+        assert fresh.cached_prompt_tokens == 0
+        load(hybrid)
+        back = ask()
+        assert back.cached_prompt_tokens >= back.prompt_tokens - 8 and back.message == first.message
+        mem = backend.stub.Status(pb.HealthMessage()).memory.breakdown
+        assert mem["prompt_cache_hits_disk_total"] == 1 and mem["prompt_cache_disk"] > 0
+    except grpc.RpcError as err:
+        pytest.fail(f"{err.code()}: {err.details()}\n{backend.stderr()[-3000:]}")
+    finally:
+        backend.stop()

@@ -29,7 +29,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,14 +150,29 @@ def thin(checkpoints: list[Checkpoint], limit: int) -> list[Checkpoint]:
 # ------------------------------------------------------------------------------------------- RAM
 
 
+def available_ram() -> int:
+    """Bytes of system memory available to new allocations (psutil), or unbounded when it cannot tell."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except (ImportError, OSError):
+        return 1 << 62
+
+
 class RamCache:
     """Saved sequence states in host RAM, at most `limit` bytes (None: unbounded), least recently used evicted.
 
+    Under memory pressure the cache gives way: a state is kept only while `keep_free` bytes of system memory stay
+    available after it (older entries are evicted first), so a full cache never pushes the model into swap.
     Used from the scheduler's thread only.
     """
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, *, keep_free: int = 2 << 30,
+                 available: Callable[[], int] = available_ram) -> None:
         self.limit = limit
+        self.keep_free = keep_free
+        self._available = available
         self.entries: list[SavedState] = []
         self.evictions = 0
 
@@ -171,11 +186,13 @@ class RamCache:
         if self.limit is not None and state.nbytes > self.limit:
             return False
         self.entries = [e for e in self.entries if not _is_prefix(e.tokens, state.tokens)]
-        self.entries.append(state)
-        while self.limit is not None and self.nbytes > self.limit:
-            victim = min(self.entries[:-1], key=lambda e: e.last_used)
-            self.entries.remove(victim)
+        while self.entries and (self.limit is not None and self.nbytes + state.nbytes > self.limit
+                                or self._available() - state.nbytes < self.keep_free):
+            self.entries.remove(min(self.entries, key=lambda e: e.last_used))
             self.evictions += 1
+        if self._available() - state.nbytes < self.keep_free:
+            return False
+        self.entries.append(state)
         return True
 
     def best(self, prompt: Sequence[int]) -> tuple[SavedState | None, int]:

@@ -33,7 +33,7 @@ from backend.api.server import Backend, RunOptions, free_port, prepare
 from backend.engine.llama import Engine
 from backend.engine.generation import GenerationRequest
 from backend.engine.scheduler import Scheduler, Stream, llama_thread
-from backend.gguf_file import read_gguf
+from backend.core.gguf_file import read_gguf
 from backend.service.options import plan_load
 from backend.engine.sampling import SamplingParams
 from backend.proto import backend_pb2 as pb

@@ -26,7 +26,7 @@ from backend.engine.generation import GenerationRequest
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.scheduler import Scheduler, collect
 from backend.engine.speculative import SpecConfig
-from backend.errors import WorkerUnreachableError
+from backend.core.errors import WorkerUnreachableError
 from backend.rpc.protocol import probe
 
 ROOT = Path(__file__).resolve().parents[1]

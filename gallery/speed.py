@@ -35,10 +35,11 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from backend.core.units import GB
+
 from .catalog import WeightBytes
 from .detect import GPU, HardwareProfile, probe_ram_gbps
 from .estimate import ArchFacts, RunConfig, cache_bytes
-from .units import GB
 
 # bench/bench_predict.py imports the probe from here; new code takes `gallery.detect.probe_ram_gbps`.
 _probe_gbps = probe_ram_gbps

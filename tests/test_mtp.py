@@ -13,7 +13,7 @@ from backend.engine.llama import Engine, EngineConfig, expert_pattern
 from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler, Stream, collect
 from backend.engine.speculative import Acceptance, DraftController, SpecConfig
-from backend.errors import ModelLoadError
+from backend.core.errors import ModelLoadError
 from backend.proto import backend_pb2 as pb
 from backend.synth.qwen35moe import read_synth_info
 from conftest import BackendProcess

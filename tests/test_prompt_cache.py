@@ -25,7 +25,7 @@ from backend.engine.prompt_cache import (CacheConfig, CacheFileError, Checkpoint
 from backend.engine.scheduler import Scheduler, Stream, collect
 from backend.engine.speculative import SpecConfig
 from backend.proto import backend_pb2 as pb
-from backend.gguf_file import read_gguf
+from backend.core.gguf_file import read_gguf
 from backend.service.options import plan_load
 from conftest import BackendProcess
 

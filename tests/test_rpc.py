@@ -24,7 +24,7 @@ from backend.engine.llama import Engine, EngineConfig
 from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler, collect
 from backend.engine.speculative import SpecConfig
-from backend.errors import InvalidRequestError, WorkerUnreachableError
+from backend.core.errors import InvalidRequestError, WorkerUnreachableError
 from backend.proto import backend_pb2 as pb
 from backend.rpc import protocol
 from backend.rpc.client import parse_tensor_split

@@ -17,7 +17,7 @@ from gallery.catalog import load_catalog
 from gallery.detect import GPU, HardwareProfile, RemoteDevice
 from gallery.estimate import Holder, RunConfig, estimate, split, split_layers
 from gallery.select import Request, budget_for, candidates_for, select
-from gallery.units import GiB
+from backend.core.units import GiB
 
 CAT = load_catalog()
 POLICY = CAT.policy

@@ -6,7 +6,7 @@ import pytest
 
 from backend.engine.textstream import ReasoningSplitter
 from backend.service.chat import ChatTemplate
-from backend.errors import InvalidOptionError, InvalidRequestError
+from backend.core.errors import InvalidOptionError, InvalidRequestError
 from backend.service.options import parse_options
 from backend.engine.sampling import SamplingParams, parse_logit_bias
 from backend.engine.textstream import TextStream

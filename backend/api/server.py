@@ -40,8 +40,8 @@ from gallery.catalog import Catalog, load_catalog
 from gallery.detect import HardwareProfile, add_workers, detect
 from gallery.select import Request
 
-from .. import constants
-from ..errors import ApexError, EntryNotFoundError, ModelLoadError, NoModelLoadedError
+from ..core import constants
+from ..core.errors import ApexError, EntryNotFoundError, ModelLoadError, NoModelLoadedError
 from ..rpc.protocol import parse_endpoints
 from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import llama_cpp.llama_cpp as L
 
-from ..errors import ModelLoadError
+from ..core.errors import ModelLoadError
 
 LIB_DIR = Path(L.__file__).parent / "lib"
 REBUILD = ('CMAKE_ARGS="-DGGML_RPC=on" .venv/bin/pip install --no-cache-dir --force-reinstall --no-deps '

@@ -29,9 +29,9 @@ import numpy as np
 import llama_cpp.llama_cpp as L
 import llama_cpp.llama_cpp_ext as X
 
-from ..errors import (ContextOverflowError, EngineClosedError, InsufficientMemoryError, InvalidRequestError,
+from ..core.errors import (ContextOverflowError, EngineClosedError, InsufficientMemoryError, InvalidRequestError,
                       ModelLoadError, UnsupportedArchitectureError)
-from ..gguf_file import GGUFInfo, read_gguf
+from ..core.gguf_file import GGUFInfo, read_gguf
 from ..rpc.client import Workers, split_array
 from . import ggml
 from .llamalog import LIVE, LLAMA_LOG, parse_device_lines, parse_memory_lines

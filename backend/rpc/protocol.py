@@ -13,7 +13,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from ..errors import InvalidRequestError, WorkerUnreachableError
+from ..core.errors import InvalidRequestError, WorkerUnreachableError
 
 # ggml-rpc.h of the pinned llama.cpp: a worker must have the same major version and no newer minor one.
 PROTO_MAJOR, PROTO_MINOR = 7, 0

@@ -19,7 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ..errors import ApexError
+from ..core.errors import ApexError
 from ..engine import ggml
 from .protocol import is_loopback, parse_endpoint
 
@@ -45,7 +45,7 @@ def _check_bind(host: str, port: int) -> None:
 
 def main(argv: list[str]) -> int:
     """`apexmtp worker [--addr HOST:PORT] [--threads N] [--mem SIZE] [--cache DIR]`"""
-    from gallery.units import parse_size
+    from backend.core.units import parse_size
 
     from ..engine.llama import default_threads
 

@@ -49,7 +49,7 @@ from typing import Literal
 
 import numpy as np
 
-from ..errors import ApexError, InvalidGGUFError, InvalidRequestError
+from ..core.errors import ApexError, InvalidGGUFError, InvalidRequestError
 from .gguf_writer import MetaValue, write_gguf
 from .mmproj import write_projector
 
@@ -523,7 +523,7 @@ def write_sparse(
 ) -> Path:
     """Write a valid GGUF whose tensor data are a file hole (all zeros, almost no disk).
 
-    Lets real-size layouts (e.g. the 35B-A3B with Q4_K/Q6_K/IQ tensors) be read by `backend.gguf_file` or
+    Lets real-size layouts (e.g. the 35B-A3B with Q4_K/Q6_K/IQ tensors) be read by `backend.core.gguf_file` or
     loaded by llama.cpp with `vocab_only=True`, at no disk or RAM cost.
 
     Args:
@@ -734,7 +734,7 @@ def read_synth_info(path: str | os.PathLike[str]) -> SynthInfo:
     """
     from gguf import GGUFReader
 
-    from ..gguf_file import check_header
+    from ..core.gguf_file import check_header
 
     check_header(path)
     reader = GGUFReader(os.fspath(path), "r")

@@ -80,13 +80,13 @@ def _positive_duration(text: str) -> float:
 
 
 def _memory_size(text: str) -> int:
-    from gallery.units import parse_size  # a pure module; its InvalidRequestError is a ValueError
+    from .units import parse_size  # a pure module; its InvalidRequestError is a ValueError
 
     return parse_size(text)
 
 
 def _endpoints(text: str) -> tuple[str, ...]:
-    from .rpc.protocol import parse_endpoints  # a pure module; its InvalidRequestError is a ValueError
+    from ..rpc.protocol import parse_endpoints  # a pure module; its InvalidRequestError is a ValueError
 
     return parse_endpoints(text)
 

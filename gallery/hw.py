@@ -9,9 +9,9 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from backend.core.endpoints import parse_endpoints
 from backend.core.errors import ApexError
 from backend.core.units import ctx_label, gib, parse_size
-from backend.rpc.protocol import parse_endpoints
 
 from .builds import gpu_hint, unusable_gpu
 from .catalog import Catalog, load_catalog

@@ -11,8 +11,8 @@ import pytest
 
 from backend.core import constants
 from backend.core.errors import InvalidRequestError
-from gallery.detect import detect, parse_nvidia_smi, ram_bandwidth
 from backend.core.units import GB, GiB, MiB, parse_size
+from gallery.detect import detect, parse_nvidia_smi, ram_bandwidth
 
 MEMINFO = "MemTotal:       65536000 kB\nMemFree:         1000000 kB\nMemAvailable:   60000000 kB\n"
 

@@ -20,6 +20,7 @@ from PIL import Image as PILImage
 from synth_models import synth_model, tiny_mmproj_gguf  # noqa: F401 (fixtures)
 from test_api_server import RunProcess
 
+from backend.core.errors import InvalidRequestError
 from backend.engine.generation import GenerationRequest
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.llamalog import LIVE
@@ -27,7 +28,6 @@ from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler, collect
 from backend.engine.speculative import SpecConfig
 from backend.engine.vision import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, check_image
-from backend.core.errors import InvalidRequestError
 from backend.proto import backend_pb2 as pb
 
 MARKER = "<__media__>"

@@ -1,5 +1,6 @@
-"""The ground floor: what every other part stands on and which imports nothing of ours outside this package.
+"""The ground floor: what every other part stands on; it imports nothing of ours outside this package.
 
 The error hierarchy (`errors`), every environment knob (`constants`), file checks (`files`), GGUF header reading
-(`gguf_file`) and byte/context units (`units`). `lint-imports` (contracts in pyproject.toml) keeps it that way.
+(`gguf_file`), byte/context units (`units`), RPC worker addresses (`endpoints`) and the one ctypes binding of
+the ggml llama.cpp loaded (`ggml`). `lint-imports` (contracts in pyproject.toml) keeps it that way.
 """

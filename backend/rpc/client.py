@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import llama_cpp.llama_cpp as L
 
-from ..core import constants
+from ..core import constants, ggml
 from ..core.errors import InvalidRequestError, WorkerLostError, WorkerUnreachableError
-from ..engine import ggml
 from .guard import Guard
 from .protocol import WorkerInfo, probe
 

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core import constants
-from ..engine.llama import EngineConfig
-from ..engine.prompt_cache import CacheConfig
+from ..core.endpoints import parse_endpoints
 from ..core.errors import InvalidOptionError, ModelNotFoundError
 from ..core.gguf_file import GGUFInfo
-from ..rpc.client import parse_tensor_split
-from ..rpc.protocol import parse_endpoints
+from ..engine.llama import EngineConfig
+from ..engine.prompt_cache import CacheConfig
 from ..engine.speculative import SpecConfig
+from ..rpc.client import parse_tensor_split
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc
 from .chat import ChatTemplate, ToolPlan, message_dicts
 from .grammars import trigger_patterns
-from .tools import Parsed, ToolCallParser, merge_calls
 from .options import LoadPlan, plan_load, resolve_model_path
+from .tools import Parsed, ToolCallParser, merge_calls
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ import llama_cpp.llama_cpp_ext as ext
 import numpy as np
 import pytest
 
+from backend.core.acceptance import acceptance_for_accuracy, accuracy_for_acceptance
 from backend.core.errors import InvalidGGUFError, InvalidRequestError
 from backend.core.gguf_file import check_header, read_gguf
 from backend.synth.gguf_writer import tensor_nbytes
@@ -24,8 +25,6 @@ from backend.synth.qwen35moe import (
     PRESETS,
     REAL_CONFIGS,
     SynthConfig,
-    acceptance_for_accuracy,
-    accuracy_for_acceptance,
     build_vocab,
     main,
     model_metadata,

@@ -2,5 +2,6 @@
 
 The error hierarchy (`errors`), every environment knob (`constants`), file checks (`files`), GGUF header reading
 (`gguf_file`), byte/context units (`units`), RPC worker addresses (`endpoints`), the MTP acceptance maths
-(`acceptance`) and the one ctypes binding of the ggml llama.cpp loaded (`ggml`). `lint-imports` (contracts in pyproject.toml) keeps it that way.
+(`acceptance`) and the one ctypes binding of the ggml llama.cpp loaded (`ggml`). `lint-imports` (contracts in
+pyproject.toml) keeps it that way.
 """

@@ -30,13 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median, sse_completion
 
 from backend.api.server import Backend, RunOptions, free_port, prepare
-from backend.engine.llama import Engine
+from backend.core.gguf_file import read_gguf
 from backend.engine.generation import GenerationRequest
-from backend.engine.scheduler import Scheduler, Stream, llama_thread
-from backend.gguf_file import read_gguf
-from backend.service.options import plan_load
+from backend.engine.llama import Engine
 from backend.engine.sampling import SamplingParams
+from backend.engine.scheduler import Scheduler, Stream, llama_thread
 from backend.proto import backend_pb2 as pb
+from backend.service.options import plan_load
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."

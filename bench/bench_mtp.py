@@ -16,9 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median  # noqa: E402
 
-from backend import constants
-from backend.engine.llama import Engine, EngineConfig
+from backend.core import constants
 from backend.engine.generation import GenerationRequest
+from backend.engine.llama import Engine, EngineConfig
 from backend.engine.scheduler import Scheduler, collect
 from backend.engine.speculative import SpecConfig
 from backend.synth.qwen35moe import PRESETS, write_model

@@ -26,18 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import yaml
 from common import machine, median
 
-from backend import constants
+from backend.core import constants
+from backend.core.ggml import default_threads
+from backend.core.gguf_file import read_gguf
+from backend.core.units import GiB
 from backend.engine.generation import GenerationRequest
-from backend.engine.llama import Engine, EngineConfig, default_threads
+from backend.engine.llama import Engine, EngineConfig
 from backend.engine.scheduler import Scheduler, collect
 from backend.engine.speculative import SpecConfig
-from backend.gguf_file import read_gguf
 from backend.synth.qwen35moe import PRESETS, read_synth_info, write_model
 from gallery.catalog import load_catalog
 from gallery.detect import HardwareProfile
 from gallery.estimate import ArchFacts, RunConfig, weights_from_gguf
 from gallery.speed import GB, _probe_gbps, bandwidth_for, predict
-from gallery.units import GiB
 
 TOLERANCE = 0.25
 N_CTX = 2048

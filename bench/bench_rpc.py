@@ -22,11 +22,11 @@ from bench_mtp import model_file  # noqa: E402
 from common import machine, median  # noqa: E402
 
 import backend.rpc.client as rpc_client
+from backend.core.errors import WorkerUnreachableError
 from backend.engine.generation import GenerationRequest
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.scheduler import Scheduler, collect
 from backend.engine.speculative import SpecConfig
-from backend.errors import WorkerUnreachableError
 from backend.rpc.protocol import probe
 
 ROOT = Path(__file__).resolve().parents[1]

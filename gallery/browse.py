@@ -16,11 +16,11 @@ from typing import Any
 
 import yaml
 
-from backend.errors import ApexError
+from backend.core.errors import ApexError
+from backend.core.units import GiB, gib
 
 from .catalog import DATA_DIR, Catalog, Entry, load_catalog, load_yaml, reload_catalog
 from .resolve import hub_endpoint, parse_hub_uri
-from .units import GiB, gib
 
 HubSizes = dict[str, tuple[int, str | None]]  # file path in repo -> (size, lfs sha256)
 

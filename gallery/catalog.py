@@ -15,10 +15,10 @@ from typing import Any
 
 import yaml
 
-from backend.errors import EntryNotFoundError, SchemaError
+from backend.core.errors import EntryNotFoundError, SchemaError
+from backend.core.units import parse_size
 
 from . import schema
-from .units import parse_size
 
 DATA_DIR = Path(__file__).resolve().parent
 GALLERY_NAME = "apexmtp"  # the `<gallery>@<name>` prefix LocalAI uses for our index

@@ -6,8 +6,9 @@ and the next probe runs. Order: NVML (nvidia-ml-py) -> `nvidia-smi` -> AMD sysfs
 (or /proc/meminfo under a test root) capped by cgroup v2/v1 limits; the build from llama.cpp itself
 (`backend.engine.devices`: GPU offload support and ggml's devices); on the live machine, RAM bandwidth from a quick
 cached probe (`ram_bandwidth`). Explicit values (`--vram 24GiB`, `--ram 64GiB`, or APEXMTP_VRAM /
-APEXMTP_RAM, read by `backend.constants`) replace what was detected; a given GPU is a what-if (`GPU.given`). Paths are read under `root`, so tests
-feed fake sysfs/proc trees; external tools are found on PATH, so tests put fake executables there.
+APEXMTP_RAM, read by `backend.core.constants`) replace what was detected; a given GPU is a what-if (`GPU.given`).
+Paths are read under `root`, so tests feed fake sysfs/proc trees; external tools are found on PATH, so tests put
+fake executables there.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from backend import constants
+from backend.core import constants
+from backend.core.units import GB, GiB, MiB, parse_size
 from backend.engine.devices import BuildInfo, build_info
-
-from .units import GB, GiB, MiB, parse_size
 
 T = TypeVar("T")
 PROBE_TIMEOUT_S = 3.0

@@ -9,7 +9,7 @@ its retries and its progress bar all apply). What it does not do, we add (hf-hub
   before downloading. A file already at the destination is verified the same way (size first, when the hub says it)
   before it is trusted, and fetched again when it fails.
 * **free space**: the bytes still to transfer must fit on the disk before the transfer starts
-  (`backend.files.require_free_space`, shared with the quantizer).
+  (`backend.core.files.require_free_space`, shared with the quantizer).
 * **resume across processes**: `hf_hub_download` writes to a per-process `<uuid>.incomplete`, so a new process
   starts from zero. We keep one stable partial file next to the destination (`.<name>.partial`, with a small
   `.partial.json` recording which sha256/size it belongs to) and hand it to `http_get` with `resume_size`, which
@@ -29,8 +29,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.errors import ChecksumMismatchError, DownloadError, EntryNotFoundError, UnsafePathError
-from backend.files import require_free_space, sha256_file
+from backend.core.errors import ChecksumMismatchError, DownloadError, EntryNotFoundError, UnsafePathError
+from backend.core.files import require_free_space, sha256_file
 
 from .resolve import HubFile, hub_endpoint, hub_errors
 from .schema import safe_relative_path

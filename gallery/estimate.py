@@ -25,10 +25,10 @@ from dataclasses import dataclass, field, fields
 from itertools import accumulate
 from typing import Any
 
-from backend.errors import InvalidRequestError
+from backend.core.errors import InvalidRequestError
+from backend.core.units import ctx_label, gib
 
 from .catalog import WeightBytes
-from .units import ctx_label, gib
 
 # ggml block sizes: (values per block, bytes per block) for KV cache types.
 CACHE_TYPES: dict[str, tuple[int, int]] = {
@@ -113,7 +113,7 @@ class ArchFacts:
 
     @classmethod
     def from_gguf(cls, info: Any) -> ArchFacts:
-        """From a `backend.gguf_file.GGUFInfo`; the vocabulary is the row count of `token_embd`."""
+        """From a `backend.core.gguf_file.GGUFInfo`; the vocabulary is the row count of `token_embd`."""
         embd = next((t for t in info.tensors if t.name == "token_embd.weight"), None)
         tokens = info.metadata.get("tokenizer.ggml.tokens")
         n_vocab = embd.ne[1] if embd is not None else (tokens or {}).get("array_len", 0)

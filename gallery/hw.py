@@ -9,14 +9,14 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from backend.errors import ApexError
-from backend.rpc.protocol import parse_endpoints
+from backend.core.endpoints import parse_endpoints
+from backend.core.errors import ApexError
+from backend.core.units import ctx_label, gib, parse_size
 
 from .builds import gpu_hint, unusable_gpu
 from .catalog import Catalog, load_catalog
 from .detect import HardwareProfile, add_workers, detect
 from .select import OBJECTIVES, Request, budget_for, candidates_for, select
-from .units import ctx_label, gib, parse_size
 
 
 def picks(profile: HardwareProfile, catalog: Catalog, request: Request | None = None) -> dict[str, Any]:

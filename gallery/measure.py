@@ -24,7 +24,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from backend.errors import ModelLoadError
+from backend.core.errors import ModelLoadError
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def measure(path: str | os.PathLike[str], specs: list[ContextSpec], *, alloc: bo
     Raises:
         ModelLoadError: llama.cpp refused the model or a context, or the child died.
     """
-    from backend.gguf_file import check_header
+    from backend.core.gguf_file import check_header
 
     check_header(path)
     payload = json.dumps({"path": os.fspath(path), "alloc": alloc, "specs": [asdict(s) for s in specs]})

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from backend.errors import UnsafePathError
+from backend.core.errors import UnsafePathError
 
 from .schema import MTP_OPTION
 

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.errors import ApexError, InsufficientMemoryError
+from backend.core.errors import ApexError, InsufficientMemoryError
 
 from .catalog import Catalog, Entry, GalleryFile, load_catalog
 from .detect import HardwareProfile, detect
@@ -47,7 +47,7 @@ class PulledModel:
 
 def _exact_candidate(path: Path, name: str, tier: str, base_options: tuple[str, ...], mtp_default: bool,
                      mmproj: Path | None = None) -> Candidate:
-    from backend.gguf_file import read_gguf
+    from backend.core.gguf_file import read_gguf
 
     info = read_gguf(path)
     arch = ArchFacts.from_gguf(info)
@@ -84,7 +84,7 @@ def pull(
     Args:
         ref: anything `gallery.resolve` accepts (gallery name, owner/repo@Tier, owner/repo@File.gguf, hf:// URI, path).
         tier: force a tier (overrides auto-selection for a family).
-        models_dir: where models and configs live (default `backend.constants.MODELS_DIR`).
+        models_dir: where models and configs live (default `backend.core.constants.MODELS_DIR`).
         context: context size to plan for (default: auto, as large as fits).
         profile: hardware to plan for (default: `detect()`).
         progress: show download progress.
@@ -99,7 +99,7 @@ def pull(
         InvalidRequestError: an unknown objective or fewer than one slot.
         UnsafePathError, ChecksumMismatchError, DownloadError: see `gallery.download.fetch`.
     """
-    from backend import constants
+    from backend.core import constants
 
     catalog = catalog or load_catalog()
     models_dir = Path(models_dir or constants.MODELS_DIR).expanduser()

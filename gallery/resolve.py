@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from backend import constants
-from backend.errors import DownloadError, EntryNotFoundError, ModelNotFoundError
+from backend.core import constants
+from backend.core.errors import DownloadError, EntryNotFoundError, ModelNotFoundError
 
 from .catalog import GALLERY_NAME, Catalog, Entry
 

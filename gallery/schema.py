@@ -13,9 +13,8 @@ from collections.abc import Callable, Mapping
 from pathlib import PurePosixPath
 from typing import Any
 
-from backend.errors import InvalidRequestError, SchemaError
-
-from .units import parse_size
+from backend.core.errors import InvalidRequestError, SchemaError
+from backend.core.units import parse_size
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")

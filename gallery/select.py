@@ -27,14 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from backend.errors import EntryNotFoundError, InvalidRequestError
+from backend.core.errors import EntryNotFoundError, InvalidRequestError
+from backend.core.units import GiB, ctx_label, gib, parse_size
 
 from .builds import can_use, gpu_hint
 from .catalog import Catalog, Entry, WeightBytes
 from .detect import GPU, HardwareProfile, RemoteDevice
 from .estimate import ArchFacts, Breakdown, Holder, Placement, RunConfig, Share, estimate, hosts, place, split, summary
 from .speed import Bandwidth, Speed, bandwidth_for, over_rpc, predict
-from .units import GiB, ctx_label, gib, parse_size
 
 MODES = ("gpu", "gpu+ram", "cpu")
 SPLIT = "split"  # the mode of every plan with RPC workers

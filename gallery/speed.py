@@ -19,7 +19,7 @@ Decoding one token is memory-bound: every weight the token touches is read once 
   plain step per extra token (the compute a batch adds). Drafts are kept while they match, so with a head right
   on a fraction q of tokens a step emits `1 + q + ... + q^k` tokens on average; q comes from the acceptance rate
   (`speed.mtp_acceptance`, the llama-server figure for Qwen3.6-35B-A3B; a synthetic model's recorded rate) via
-  `backend.synth.qwen35moe.accuracy_for_acceptance`. Like the engine's adaptive controller, the k with the most
+  `backend.core.acceptance.accuracy_for_acceptance`. Like the engine's adaptive controller, the k with the most
   tokens per second wins, k = 0 (plain decoding) included, so MTP never predicts slower than plain.
 
 Bandwidths: detected GPUs by name from `speed.gpu_gbps` (datasheet figures; vendor defaults otherwise), hardware
@@ -35,10 +35,12 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from backend.core.acceptance import accuracy_for_acceptance
+from backend.core.units import GB
+
 from .catalog import WeightBytes
 from .detect import GPU, HardwareProfile, probe_ram_gbps
 from .estimate import ArchFacts, RunConfig, cache_bytes
-from .units import GB
 
 # bench/bench_predict.py imports the probe from here; new code takes `gallery.detect.probe_ram_gbps`.
 _probe_gbps = probe_ram_gbps
@@ -149,7 +151,7 @@ def predict(arch: ArchFacts, weights: WeightBytes, run: RunConfig, mode: str, n_
     best_k, best = 0, plain
     if run.mtp and tb.draft:
         rate, at_k = acceptance or (speed["mtp_acceptance"]["rate"], speed["mtp_acceptance"]["n_draft"])
-        q = head_accuracy(rate, at_k)
+        q = accuracy_for_acceptance(rate, at_k)
         # a draft reads the MTP layer; the engine also mirrors each verified step into the MTP context (one more
         # MTP-layer pass per step)
         draft_ms = 1000 * tb.draft * weight_cost["dev"] / dev_rate + dev["layer_overhead_ms"] + token_ms
@@ -171,13 +173,6 @@ def over_rpc(s: Speed, n_workers: int, speed: dict[str, Any]) -> Speed:
         return s
     plain = 1000 / (1000 / s.plain_tok_s + ms)
     return replace(s, plain_tok_s=plain, tok_s=max(1000 / (1000 / s.tok_s + ms), plain))
-
-
-def head_accuracy(rate: float, n_draft: int) -> float:
-    """Per-token accuracy q of an MTP head whose accepted/drafted rate is `rate` at `n_draft` drafts per step."""
-    from backend.synth.qwen35moe import accuracy_for_acceptance
-
-    return accuracy_for_acceptance(rate, n_draft)
 
 
 # ----------------------------------------------------------------------------------------- bandwidths

@@ -1,6 +1,6 @@
 """`apexmtp plan | imatrix | quantize | eval | publish`: the quantizer's command-line verbs.
 
-Each `*_main(argv)` builds its own parser and returns an exit code; errors from `backend.errors` become one
+Each `*_main(argv)` builds its own parser and returns an exit code; errors from `backend.core.errors` become one
 line on stderr and exit code 1 (2 for usage errors, as argparse does).
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from backend.errors import ApexError
+from backend.core.errors import ApexError
 
 from .evaluate import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.errors import QuantizerError
+from backend.core.errors import QuantizerError
 
 log = logging.getLogger(__name__)
 DATA_DIR = Path(__file__).with_name("data")
@@ -106,7 +106,7 @@ def mtp_acceptance(path: str | Path, prompts: Sequence[list[int]], ks: Sequence[
     from backend.engine.llama import Engine, EngineConfig
     from backend.engine.scheduler import Scheduler, collect
     from backend.engine.speculative import SpecConfig
-    from backend.gguf_file import read_gguf
+    from backend.core.gguf_file import read_gguf
 
     if not read_gguf(path).has_mtp_head:
         return {}

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from backend.errors import QuantizerError
+from backend.core.errors import QuantizerError
 
 from .imatrix_file import Imatrix, ImatrixEntry
 from .llama_glue import GGMLTensor, op_ids, tensor_f32, tensor_i32, weight_name
@@ -166,7 +166,7 @@ def collect_imatrix(
         ModelLoadError and friends from the engine.
     """
     from backend.engine.llama import Engine, EngineConfig
-    from backend.gguf_file import read_gguf
+    from backend.core.gguf_file import read_gguf
 
     use_mtp = mtp and read_gguf(model).has_mtp_head
     collector = ImatrixCollector(process_output=process_output)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.errors import InvalidGGUFError, MissingImatrixError, ModelNotFoundError
+from backend.core.errors import InvalidGGUFError, MissingImatrixError, ModelNotFoundError
 
 _SUMS, _COUNTS = ".in_sum2", ".counts"
 

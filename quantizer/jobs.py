@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from backend.errors import ApexError, InvalidRequestError
+from backend.core.errors import ApexError, InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,8 @@ class QuantizationJobs:
 
     def _prepare(self, model: str, quantization_type: str, output_dir: str, job_id: str,
                  options: dict[str, str]) -> _Job:
-        from backend.constants import MODELS_DIR
-        from backend.gguf_file import read_gguf
+        from backend.core.constants import MODELS_DIR
+        from backend.core.gguf_file import read_gguf
 
         from .quantize import PARTIAL_SUFFIX, model_stem, output_name
         from .recipes import parse_tiers

@@ -37,7 +37,7 @@ GGMLTensor._fields_ = [
 
 @lru_cache(maxsize=1)
 def _ggml() -> ctypes.CDLL:
-    from backend.engine.ggml import library
+    from backend.core.ggml import library
 
     lib = library("libggml-base")  # the copy llama.cpp loaded, not a second ggml
     lib.ggml_op_name.restype = ctypes.c_char_p

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from backend.errors import PlanError
-from backend.gguf_file import n_elements
+from backend.core.errors import PlanError
+from backend.core.gguf_file import n_elements
 
 from . import types as gt
 from .recipes import Tier, llama_quant_facts
@@ -64,8 +64,8 @@ class ModelLayout:
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> ModelLayout:
-        """Read a GGUF header (checked by `backend.gguf_file.read_gguf`) into a layout."""
-        from backend.gguf_file import read_gguf
+        """Read a GGUF header (checked by `backend.core.gguf_file.read_gguf`) into a layout."""
+        from backend.core.gguf_file import read_gguf
 
         info = read_gguf(path)
         tensors = tuple(TensorSpec(t.name, t.ne, t.type_name) for t in info.tensors)

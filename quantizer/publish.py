@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from backend.errors import QuantizerError
-from backend.files import sha256_file
+from backend.core.errors import QuantizerError
+from backend.core.files import sha256_file
 
 from .evaluate import EvalResult, load_json, table
 from .quantize import PARTIAL_SUFFIX, check_published
@@ -54,7 +54,7 @@ def inspect_tier(path: Path) -> TierFile:
         InvalidGGUFError: unreadable, zero header, truncated or unfinished (`.partial`).
         QuantizerError: the name is not `<Model>-APEX[-MTP]-<Tier>.gguf` or the tier is unknown.
     """
-    from backend.gguf_file import read_gguf
+    from backend.core.gguf_file import read_gguf
 
     from .roles import classify
 

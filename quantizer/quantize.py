@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from backend.errors import InvalidGGUFError, MissingImatrixError, QuantizerError
-from backend.files import require_free_space
+from backend.core.errors import InvalidGGUFError, MissingImatrixError, QuantizerError
+from backend.core.files import require_free_space
 
 from . import types as gt
 from .imatrix_file import Imatrix, coverage_report, imatrix_arrays
@@ -210,7 +210,7 @@ def verify_output(path: Path, plan: Plan) -> None:
         InvalidGGUFError: zero header, bad magic, truncation (via `read_gguf`).
         QuantizerError: count or a type differs from the plan.
     """
-    from backend.gguf_file import read_gguf
+    from backend.core.gguf_file import read_gguf
 
     info = read_gguf(path)
     if len(info.tensors) != len(plan.tensors):
@@ -287,7 +287,7 @@ def check_published(path: str | Path) -> None:
     Raises:
         InvalidGGUFError
     """
-    from backend.gguf_file import read_gguf
+    from backend.core.gguf_file import read_gguf
 
     p = Path(path)
     if p.name.endswith(PARTIAL_SUFFIX):

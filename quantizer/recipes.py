@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from backend.errors import RecipeError
+from backend.core.errors import RecipeError
 
 RECIPES_PATH = Path(__file__).with_name("recipes.yaml")
 IMATRIX_PREFIX = "I-"

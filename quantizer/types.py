@@ -6,7 +6,7 @@ size prediction uses the same numbers llama.cpp writes.
 
 from __future__ import annotations
 
-from backend.errors import RecipeError
+from backend.core.errors import RecipeError
 
 
 def _quant_sizes() -> dict[str, tuple[int, int]]:

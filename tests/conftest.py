@@ -18,7 +18,7 @@ import grpc
 import psutil
 import pytest
 
-from backend.errors import WorkerUnreachableError
+from backend.core.errors import WorkerUnreachableError
 from backend.proto import backend_pb2 as pb
 from backend.proto import backend_pb2_grpc as pb_grpc
 from backend.rpc import protocol

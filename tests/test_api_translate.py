@@ -23,7 +23,7 @@ from backend.api.openai_api import (
     timings,
 )
 from backend.api.server import model_options
-from backend.errors import (
+from backend.core.errors import (
     ChecksumMismatchError,
     ContextOverflowError,
     EngineClosedError,

@@ -1,5 +1,5 @@
-"""Environment knobs: read in one place (backend/constants.py), Go durations as LocalAI writes them, and a bad value
-of any knob is a logged warning and the default, never a process that cannot start (real subprocesses)."""
+"""Environment knobs: read in one place (backend/core/constants.py), Go durations as LocalAI writes them, and a bad
+value of any knob is a logged warning and the default, never a process that cannot start (real subprocesses)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from backend import constants
-from backend.constants import knob, parse_bool, parse_duration
+from backend.core import constants
+from backend.core.constants import knob, parse_bool, parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
 KNOBS = ("LLAMACPP_PARALLEL", "LOCALAI_GRPC_AUTH_TOKEN", "LOCALAI_BACKEND_PARENT_WATCH",
@@ -24,7 +24,7 @@ KNOBS = ("LLAMACPP_PARALLEL", "LOCALAI_GRPC_AUTH_TOKEN", "LOCALAI_BACKEND_PARENT
 GARBAGE = {"LLAMACPP_PARALLEL": "lots", "LOCALAI_BACKEND_PARENT_WATCH": "maybe",
            "LOCALAI_BACKEND_PARENT_WATCH_INTERVAL": "soon", "APEXMTP_LLAMA_LOG": "-3", "APEXMTP_VRAM": "huge",
            "APEXMTP_RAM": "1.5 bananas", "LLAMACPP_GRPC_SERVERS": "host-without-port", "APEXMTP_RPC_TIMEOUT": "0s"}
-DUMP = ("import json, backend.constants as c; print(json.dumps({'parallel': c.LLAMACPP_PARALLEL, "
+DUMP = ("import json, backend.core.constants as c; print(json.dumps({'parallel': c.LLAMACPP_PARALLEL, "
         "'watch': c.PARENT_WATCH, 'interval': c.PARENT_WATCH_INTERVAL_S, 'log': c.LLAMA_LOG_LEVEL, "
         "'vram': c.VRAM_OVERRIDE, 'ram': c.RAM_OVERRIDE, 'models': str(c.MODELS_DIR), 'rpc': c.RPC_SERVERS, "
         "'rpc_timeout': c.RPC_TIMEOUT_S}))")
@@ -60,7 +60,7 @@ def test_booleans() -> None:
 
 
 def test_bad_knob_logs_a_warning_and_keeps_the_default(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="backend.constants"):
+    with caplog.at_level(logging.WARNING, logger="backend.core.constants"):
         assert knob("X_INTERVAL", parse_duration, 2.0, environ={"X_INTERVAL": "soon"}) == 2.0
         assert knob("X_INTERVAL", parse_duration, 2.0, environ={"X_INTERVAL": "  "}) == 2.0  # blank = unset
         assert knob("X_INTERVAL", parse_duration, 2.0, environ={"X_INTERVAL": "500ms"}) == 0.5
@@ -105,4 +105,4 @@ def test_the_environment_is_read_only_in_constants() -> None:
     pattern = re.compile(r"\bos\.environ\b|\bgetenv\(|\benviron\.get\(")
     readers = [str(p.relative_to(ROOT)) for pkg in ("backend", "gallery", "quantizer")
                for p in sorted((ROOT / pkg).rglob("*.py")) if pattern.search(p.read_text())]
-    assert readers == ["backend/constants.py"]
+    assert readers == ["backend/core/constants.py"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backend.errors import EntryNotFoundError, SchemaError
+from backend.core.errors import EntryNotFoundError, SchemaError
 from gallery.catalog import DATA_DIR, load_catalog, reload_catalog
 from gallery.modelconfig import tags_for
 from gallery.schema import MTP_OPTION

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from backend import constants
-from backend.errors import InvalidRequestError
+from backend.core import constants
+from backend.core.errors import InvalidRequestError
+from backend.core.units import GB, GiB, MiB, parse_size
 from gallery.detect import detect, parse_nvidia_smi, ram_bandwidth
-from gallery.units import GB, GiB, MiB, parse_size
 
 MEMINFO = "MemTotal:       65536000 kB\nMemFree:         1000000 kB\nMemAvailable:   60000000 kB\n"
 

@@ -15,8 +15,8 @@ import pytest
 from conftest import wait_until
 from fakehub import FakeHub
 
-from backend import files
-from backend.errors import (ChecksumMismatchError, DownloadError, EntryNotFoundError, InsufficientDiskSpaceError,
+from backend.core import files
+from backend.core.errors import (ChecksumMismatchError, DownloadError, EntryNotFoundError, InsufficientDiskSpaceError,
                             UnsafePathError)
 from gallery import download
 from gallery.download import DownloadProgress, download_progress, fetch

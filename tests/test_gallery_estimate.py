@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.errors import InvalidRequestError
-from backend.gguf_file import read_gguf
+from backend.core.errors import InvalidRequestError
+from backend.core.gguf_file import read_gguf
 from backend.synth.qwen35moe import (
     PRESETS,
     REAL_CONFIGS,

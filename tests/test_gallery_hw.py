@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from backend.core.gguf_file import read_gguf
 from backend.engine.devices import DEVICE_KINDS, build_info, list_devices
-from backend.gguf_file import read_gguf
 from backend.proto import backend_pb2 as pb
 from backend.service.options import plan_load
 from gallery import hw

@@ -13,8 +13,9 @@ import pytest
 import yaml
 from fakehub import FakeHub
 
-from backend.errors import ChecksumMismatchError, InsufficientMemoryError
-from backend.gguf_file import read_gguf
+from backend.core.errors import ChecksumMismatchError, InsufficientMemoryError
+from backend.core.gguf_file import read_gguf
+from backend.core.units import GiB
 from backend.synth.qwen35moe import PRESETS, write_model
 from gallery import browse, hw
 from gallery import pull as pull_mod
@@ -23,7 +24,6 @@ from gallery.detect import HardwareProfile
 from gallery.estimate import ArchFacts, weights_from_gguf
 from gallery.pull import pull
 from gallery.table import build_table
-from gallery.units import GiB
 
 REPO = "test/Tiny-APEX-MTP-GGUF"
 TIERS = ("I-Quality", "I-Mini")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fakehub import FakeHub
 
-from backend.errors import DownloadError, EntryNotFoundError, ModelNotFoundError
+from backend.core.errors import DownloadError, EntryNotFoundError, ModelNotFoundError
 from gallery.catalog import load_catalog
 from gallery.resolve import HubFile, parse_hub_uri, resolve
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
+from backend.core.errors import EntryNotFoundError, InvalidRequestError
+from backend.core.units import GiB
 from backend.engine.devices import BuildInfo, Device
-from backend.errors import EntryNotFoundError, InvalidRequestError
 from gallery.catalog import load_catalog
 from gallery.detect import GPU, HardwareProfile
 from gallery.select import OBJECTIVES, Request, budget_for, candidates_for, select
 from gallery.table import build_table, class_profile, table_drift
-from gallery.units import GiB
 
 CAT = load_catalog()
 POLICY = CAT.policy

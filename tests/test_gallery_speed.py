@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backend import constants
-from backend.gguf_file import read_gguf
+from backend.core import constants
+from backend.core.gguf_file import read_gguf
+from backend.core.units import GiB
 from backend.synth.qwen35moe import read_synth_info
 from gallery.catalog import DATA_DIR, load_catalog
 from gallery.detect import GPU, HardwareProfile
 from gallery.estimate import ArchFacts, RunConfig, weights_from_gguf
 from gallery.select import candidates_for
 from gallery.speed import GB, bandwidth_for, gpu_bandwidth, predict, token_bytes
-from gallery.units import GiB
 
 CAT = load_catalog()
 SPEED = CAT.policy["speed"]

@@ -10,8 +10,8 @@ import math
 import llama_cpp.llama_cpp as L
 import pytest
 
+from backend.core.errors import InvalidRequestError
 from backend.engine.sampling import Sampler, SamplingParams
-from backend.errors import InvalidRequestError
 from backend.service.grammars import response_format_grammar, schema_grammar, tool_call_grammar, trigger_patterns
 from backend.service.tools import HERMES, QWEN3_CODER
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
+from backend.core.errors import ModelLoadError
 from backend.engine.generation import GenerationRequest, Result
 from backend.engine.llama import Engine, EngineConfig, expert_pattern
 from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler, Stream, collect
 from backend.engine.speculative import Acceptance, DraftController, SpecConfig
-from backend.errors import ModelLoadError
 from backend.proto import backend_pb2 as pb
 from backend.synth.qwen35moe import read_synth_info
 from conftest import BackendProcess

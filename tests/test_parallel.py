@@ -15,12 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from backend.core.errors import ContextOverflowError, InvalidRequestError
 from backend.engine.generation import GenerationRequest
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler, Stream, collect
 from backend.engine.speculative import SpecConfig
-from backend.errors import ContextOverflowError, InvalidRequestError
 from backend.proto import backend_pb2 as pb
 from conftest import BackendProcess, smollm2_options, wait_until
 
@@ -192,7 +192,7 @@ def test_closed_engine_refuses_calls(p70):
     engine = s.engine
     s.close()
     s.close()  # idempotent
-    from backend.errors import EngineClosedError
+    from backend.core.errors import EngineClosedError
 
     with pytest.raises(EngineClosedError):
         engine.tokenize("freed")

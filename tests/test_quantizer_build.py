@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.errors import InsufficientDiskSpaceError, InvalidGGUFError, MissingImatrixError, QuantizerError
+from backend.core.errors import InsufficientDiskSpaceError, InvalidGGUFError, MissingImatrixError, QuantizerError
 from backend.synth.qwen35moe import SynthConfig, write_model
 from quantizer.evaluate import DEFAULT_CALIBRATION_TEXT
 from quantizer.imatrix import collect_imatrix
@@ -58,7 +58,7 @@ def test_all_tiers_build_load_and_match_their_plan(source: Path, imatrix: Imatri
         result = quantize_tier(source, tier, tmp_path, imatrix)
         assert result.path.name == f"Synth-APEX-MTP-{name}.gguf"
         # quantize_tier already re-read every tensor's type against the plan; check the promise independently
-        from backend.gguf_file import read_gguf
+        from backend.core.gguf_file import read_gguf
 
         plan = build_plan(layout, tier)
         info = read_gguf(result.path)
@@ -184,7 +184,7 @@ def test_too_little_disk_space_is_refused_before_llama_cpp(source: Path, tmp_pat
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import llama_cpp
 
-    from backend import files
+    from backend.core import files
 
     monkeypatch.setattr(llama_cpp, "llama_model_quantize", lambda *_a: pytest.fail("llama.cpp must not run"))
     monkeypatch.setattr(files, "free_bytes", lambda path: 1024)  # the check pull uses too

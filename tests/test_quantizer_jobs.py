@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.errors import InvalidRequestError
+from backend.core.errors import InvalidRequestError
 from backend.synth.qwen35moe import SynthConfig, write_model
 from quantizer.jobs import JobStatus, QuantizationJobs
 

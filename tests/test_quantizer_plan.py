@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backend.errors import PlanError, RecipeError
+from backend.core.errors import PlanError, RecipeError
 from quantizer.plan import ModelLayout, TensorSpec, build_plan, check_rules, first_match_types, parse_type_file
 from quantizer.recipes import all_tiers, get_tier, parse_tiers
 from quantizer.roles import allows_quantization, classify

@@ -19,12 +19,13 @@ import pytest
 from conftest import BackendProcess, WorkerProcess, endpoints, free_port, smollm2_options
 from test_api_server import RunProcess
 
+from backend.core.endpoints import is_loopback, parse_endpoints
+from backend.core.errors import InvalidRequestError, WorkerUnreachableError
 from backend.engine.generation import GenerationRequest, Result
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler, collect
 from backend.engine.speculative import SpecConfig
-from backend.errors import InvalidRequestError, WorkerUnreachableError
 from backend.proto import backend_pb2 as pb
 from backend.rpc import protocol
 from backend.rpc.client import parse_tensor_split
@@ -89,16 +90,16 @@ def test_stand_in_replies_are_well_formed():
 
 
 def test_endpoint_and_split_parsing():
-    assert protocol.parse_endpoints(" 10.0.0.2:50052, host-b:1,10.0.0.2:50052 ,") == ("10.0.0.2:50052", "host-b:1")
-    assert protocol.parse_endpoints("[::1]:50052") == ("::1:50052",)
+    assert parse_endpoints(" 10.0.0.2:50052, host-b:1,10.0.0.2:50052 ,") == ("10.0.0.2:50052", "host-b:1")
+    assert parse_endpoints("[::1]:50052") == ("::1:50052",)
     for bad in ("host", "host:", ":80", "host:0", "host:65536", "host:http"):
         with pytest.raises(InvalidRequestError, match="HOST:PORT"):
-            protocol.parse_endpoints(bad)
+            parse_endpoints(bad)
     assert parse_tensor_split("3,1") == parse_tensor_split("3/1") == (3.0, 1.0)
     for bad in ("a,b", "0,0", "-1,2", ""):
         with pytest.raises(InvalidRequestError, match="tensor_split"):
             parse_tensor_split(bad)
-    assert protocol.is_loopback("127.0.0.2") and protocol.is_loopback("::1") and not protocol.is_loopback("0.0.0.0")
+    assert is_loopback("127.0.0.2") and is_loopback("::1") and not is_loopback("0.0.0.0")
 
 
 # ----------------------------------------------------------------------------------------- the worker

@@ -17,15 +17,14 @@ import llama_cpp.llama_cpp_ext as ext
 import numpy as np
 import pytest
 
-from backend.errors import InvalidGGUFError, InvalidRequestError
-from backend.gguf_file import check_header, read_gguf
+from backend.core.acceptance import acceptance_for_accuracy, accuracy_for_acceptance
+from backend.core.errors import InvalidGGUFError, InvalidRequestError
+from backend.core.gguf_file import check_header, read_gguf
 from backend.synth.gguf_writer import tensor_nbytes
 from backend.synth.qwen35moe import (
     PRESETS,
     REAL_CONFIGS,
     SynthConfig,
-    acceptance_for_accuracy,
-    accuracy_for_acceptance,
     build_vocab,
     main,
     model_metadata,

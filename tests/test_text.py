@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from backend.engine.textstream import ReasoningSplitter
-from backend.service.chat import ChatTemplate
-from backend.errors import InvalidOptionError, InvalidRequestError
-from backend.service.options import parse_options
+from backend.core.errors import InvalidOptionError, InvalidRequestError
 from backend.engine.sampling import SamplingParams, parse_logit_bias
+from backend.engine.textstream import ReasoningSplitter
 from backend.engine.textstream import TextStream
+from backend.service.chat import ChatTemplate
+from backend.service.options import parse_options
 
 
 def feed_all(stream: TextStream, pieces: list[bytes]) -> list[str]:

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from backend.errors import InvalidRequestError
+from backend.core.errors import InvalidRequestError
 from backend.service.chat import ChatTemplate, ToolPlan, parse_tool_choice, polyfill_messages
 from backend.service.tools import HERMES, QWEN3_CODER, ToolCallParser, merge_calls, syntax_for_template, xml_value
 

@@ -20,6 +20,7 @@ from PIL import Image as PILImage
 from synth_models import synth_model, tiny_mmproj_gguf  # noqa: F401 (fixtures)
 from test_api_server import RunProcess
 
+from backend.core.errors import InvalidRequestError
 from backend.engine.generation import GenerationRequest
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.llamalog import LIVE
@@ -27,7 +28,6 @@ from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler, collect
 from backend.engine.speculative import SpecConfig
 from backend.engine.vision import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, check_image
-from backend.errors import InvalidRequestError
 from backend.proto import backend_pb2 as pb
 
 MARKER = "<__media__>"
@@ -220,7 +220,7 @@ def test_pull_fetches_and_verifies_the_projector(tmp_path, tiny_mmproj_gguf):  #
     from fakehub import FakeHub
     from test_gallery_pull import CPU_16G, REPO, TINY_ARCH, _entry
 
-    from backend.errors import ChecksumMismatchError
+    from backend.core.errors import ChecksumMismatchError
     from backend.synth.qwen35moe import PRESETS, write_model
     from gallery.catalog import DATA_DIR, reload_catalog
     from gallery.pull import pull

@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
-from .. import constants
-from ..errors import ApexError
+from ..core import constants
+from ..core.errors import ApexError
 
 HELP = "commands: /reset (forget the conversation), /exit (leave), /help"
 DIM, RESET = "\033[2m", "\033[0m"

@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import constants
-from ..errors import ModelNotFoundError
+from ..core import constants
+from ..core.errors import ModelNotFoundError
 
 
 @dataclass(frozen=True)

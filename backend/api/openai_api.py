@@ -19,8 +19,8 @@ from typing import Any
 
 import grpc
 
-from .. import errors
-from ..errors import (
+from ..core import errors
+from ..core.errors import (
     ApexError,
     ContextOverflowError,
     DownloadError,

@@ -40,9 +40,9 @@ from gallery.catalog import Catalog, load_catalog
 from gallery.detect import HardwareProfile, add_workers, detect
 from gallery.select import Request
 
-from .. import constants
-from ..errors import ApexError, EntryNotFoundError, ModelLoadError, NoModelLoadedError
-from ..rpc.protocol import parse_endpoints
+from ..core import constants
+from ..core.endpoints import parse_endpoints
+from ..core.errors import ApexError, EntryNotFoundError, ModelLoadError, NoModelLoadedError
 from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc
 from . import webui

@@ -21,7 +21,7 @@ from gallery.detect import HardwareProfile
 from gallery.download import download_progress, safe_join
 from gallery.select import Request, budget_for, candidates_for, select
 
-from ..errors import ApexError
+from ..core.errors import ApexError
 from ..proto import backend_pb2 as pb
 from .demo import DEMOS
 

@@ -1,7 +1,7 @@
 """What the installed llama.cpp build can run on: its GPU offload support and the devices ggml's registry sees.
 
 Read from the libraries llama-cpp-python ships (`llama_supports_gpu_offload`, `llama_supports_rpc` from libllama;
-ggml's device registry through `backend.engine.ggml`, the one binding of the ggml llama.cpp loaded).
+ggml's device registry through `backend.core.ggml`, the one binding of the ggml llama.cpp loaded).
 Nothing here initialises a backend, so no compute threads or GPU contexts are started; reading a device's memory
 is the same query llama.cpp's `--fit` makes (cudaMemGetInfo, Metal's working set, sysinfo for the CPU).
 
@@ -71,7 +71,7 @@ def list_devices() -> list[Device]:
     Raises:
         OSError, AttributeError: the llama.cpp libraries are missing or lack the registry API.
     """
-    from . import ggml
+    from ..core import ggml
 
     out = []
     for dev in ggml.local_devices():

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,11 +28,11 @@ import numpy as np
 import llama_cpp.llama_cpp as L
 import llama_cpp.llama_cpp_ext as X
 
-from ..errors import (ContextOverflowError, EngineClosedError, InsufficientMemoryError, InvalidRequestError,
+from ..core.errors import (ContextOverflowError, EngineClosedError, InsufficientMemoryError, InvalidRequestError,
                       ModelLoadError, UnsupportedArchitectureError)
-from ..gguf_file import GGUFInfo, read_gguf
+from ..core import ggml
+from ..core.gguf_file import GGUFInfo, read_gguf
 from ..rpc.client import Workers, split_array
-from . import ggml
 from .llamalog import LIVE, LLAMA_LOG, parse_device_lines, parse_memory_lines
 from .prompt_cache import TURN_MARKERS, Checkpoint, SavedState, common_prefix, thin
 from .vision import Image, Projector
@@ -137,15 +136,6 @@ def _expert_overrides(n_cpu_moe: int, n_layers: int) -> ctypes.Array:
     arr[0].pattern = expert_pattern(n_cpu_moe, n_layers).encode()
     arr[0].buft = ggml.cpu_buffer_type()
     return arr
-
-
-def default_threads() -> int:
-    try:
-        import psutil
-
-        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-    except Exception:
-        return max(1, os.cpu_count() or 1)
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -388,12 +378,13 @@ class Engine:
                 raise ModelLoadError(f"{self.path}: MTP with a vision projector needs n_embd_inp == n_embd "
                                      f"({self.n_embd_inp} != {self.n_embd}); load with spec_type:none")
             self.projector = Projector(cfg.mmproj, self._model, n_embd=self.n_embd_inp,
-                                       n_threads=cfg.n_threads or default_threads(), use_gpu=cfg.n_gpu_layers != 0)
+                                       n_threads=cfg.n_threads or ggml.default_threads(),
+                                       use_gpu=cfg.n_gpu_layers != 0)
             self.memory["mmproj"] = self.projector.size
 
     def _new_context(self, cfg: EngineConfig, *, kind: str) -> int:
         cp = L.llama_context_default_params()
-        threads = cfg.n_threads or default_threads()
+        threads = cfg.n_threads or ggml.default_threads()
         n_batch, n_ubatch = cfg.batch_sizes
         n_seq = 1 if kind == "embeddings" else cfg.n_seq
         cp.n_ctx = cfg.n_ctx * n_seq

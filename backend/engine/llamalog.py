@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import llama_cpp.llama_cpp as L
 
-from .. import constants
+from ..core import constants
 
 # ggml.h enum ggml_log_level: DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous message)
 DEBUG, INFO, WARN, ERROR, CONT = 1, 2, 3, 4, 5

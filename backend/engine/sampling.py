@@ -26,7 +26,7 @@ import numpy as np
 
 import llama_cpp.llama_cpp as L
 
-from ..errors import InvalidRequestError
+from ..core.errors import InvalidRequestError
 from .llamalog import ERROR, LIVE, LLAMA_LOG
 
 DEFAULT_REPEAT_LAST_N = 64

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
-from ..errors import ContextOverflowError, EngineClosedError, InvalidRequestError
+from ..core.errors import ContextOverflowError, EngineClosedError, InvalidRequestError
 from .generation import Chunk, GenerationRequest, Inspect, Output, Result, make_logprobs
 from .llama import DecodeError, Engine, Row
 from .prompt_cache import (CacheConfig, DiskCache, RamCache, SavedState, checkpoint_positions, common_prefix,

@@ -24,8 +24,8 @@ import numpy as np
 
 import llama_cpp.mtmd_cpp as M
 
-from ..errors import InvalidRequestError, ModelLoadError
-from ..gguf_file import read_gguf
+from ..core.errors import InvalidRequestError, ModelLoadError
+from ..core.gguf_file import read_gguf
 from .llamalog import LIVE, LLAMA_LOG
 
 log = logging.getLogger(__name__)

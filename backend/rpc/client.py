@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import llama_cpp.llama_cpp as L
 
-from .. import constants
-from ..errors import InvalidRequestError, WorkerLostError, WorkerUnreachableError
-from ..engine import ggml
+from ..core import constants, ggml
+from ..core.errors import InvalidRequestError, WorkerLostError, WorkerUnreachableError
 from .guard import Guard
 from .protocol import WorkerInfo, probe
 

@@ -27,7 +27,8 @@ import socket
 import threading
 from typing import Callable
 
-from .protocol import CONN_CAPS, HEADER, HELLO, N_COMMANDS, U64, parse_endpoint, reply_size, stand_in
+from ..core.endpoints import parse_endpoint
+from .protocol import CONN_CAPS, HEADER, HELLO, N_COMMANDS, U64, reply_size, stand_in
 
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,12 @@ memory) before llama.cpp connects to it, and to answer llama.cpp's client for a 
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
 
-from ..errors import InvalidRequestError, WorkerUnreachableError
+from ..core.endpoints import parse_endpoint
+from ..core.errors import WorkerUnreachableError
 
 # ggml-rpc.h of the pinned llama.cpp: a worker must have the same major version and no newer minor one.
 PROTO_MAJOR, PROTO_MINOR = 7, 0
@@ -66,44 +66,6 @@ def stand_in(cmd: int, payload: bytes) -> bytes:
     else:
         body = bytes(size)
     return U64.pack(len(body)) + body
-
-
-# ----------------------------------------------------------------------------------------- endpoints
-
-
-def parse_endpoint(text: str) -> tuple[str, int]:
-    """`HOST:PORT` (`[v6]:PORT` for IPv6) -> (host, port).
-
-    Raises:
-        InvalidRequestError: not HOST:PORT with a port in 1..65535.
-    """
-    host, sep, port = text.strip().rpartition(":")
-    host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise InvalidRequestError(f"RPC worker address {text!r} is not HOST:PORT")
-    return host, int(port)
-
-
-def parse_endpoints(text: str) -> tuple[str, ...]:
-    """`"h1:p1,h2:p2"` -> normalised endpoints, in order, without duplicates (llama.cpp's list syntax)."""
-    out: list[str] = []
-    for item in text.split(","):
-        if item.strip():
-            host, port = parse_endpoint(item)
-            endpoint = f"{host}:{port}"
-            if endpoint not in out:
-                out.append(endpoint)
-    return tuple(out)
-
-
-def is_loopback(host: str) -> bool:
-    """True when `host` names this machine only (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # ----------------------------------------------------------------------------------------- probing

@@ -19,9 +19,10 @@ import sys
 import threading
 from pathlib import Path
 
-from ..errors import ApexError
-from ..engine import ggml
-from .protocol import is_loopback, parse_endpoint
+from ..core import ggml
+from ..core.endpoints import is_loopback, parse_endpoint
+from ..core.errors import ApexError
+from ..core.units import parse_size
 
 DEFAULT_ADDR = "127.0.0.1:50052"  # LocalAI's `worker llama-cpp-rpc` default port
 
@@ -45,10 +46,6 @@ def _check_bind(host: str, port: int) -> None:
 
 def main(argv: list[str]) -> int:
     """`apexmtp worker [--addr HOST:PORT] [--threads N] [--mem SIZE] [--cache DIR]`"""
-    from gallery.units import parse_size
-
-    from ..engine.llama import default_threads
-
     parser = argparse.ArgumentParser(prog="apexmtp worker", description=__doc__.splitlines()[0])
     parser.add_argument("--addr", default=DEFAULT_ADDR,
                         help=f"HOST:PORT to listen on (default {DEFAULT_ADDR}; 0.0.0.0 or a LAN address lets other "
@@ -85,7 +82,7 @@ def main(argv: list[str]) -> int:
         free, total = ggml.memory(dev)
         print(f"apexmtp worker: offering {ggml.name(dev)} ({ggml.description(dev)}): {total / 2**30:.1f} GiB, "
               f"{free / 2**30:.1f} GiB free", file=sys.stderr)
-    threads = args.threads or default_threads()
+    threads = args.threads or ggml.default_threads()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell starts background jobs with it ignored
         signal.signal(sig, lambda *_: stop.set())

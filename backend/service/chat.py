@@ -17,8 +17,8 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from ..core.errors import InvalidRequestError
 from ..engine.textstream import THINK_OPEN
-from ..errors import InvalidRequestError
 from .grammars import tool_call_grammar, trigger_patterns
 from .tools import CALL_CLOSE, CALL_OPEN, ToolCallParser, ToolSyntax, syntax_for_template
 

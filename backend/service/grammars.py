@@ -19,7 +19,7 @@ import json
 import re
 from typing import Any, ClassVar
 
-from ..errors import InvalidRequestError
+from ..core.errors import InvalidRequestError
 from .tools import CALL_CLOSE, CALL_OPEN, FUNC_CLOSE, FUNC_OPEN, PARAM_CLOSE, PARAM_OPEN, ToolSyntax
 
 SPACE = '| " " | "\\n"{1,2} [ \\t]{0,20}'  # bounded, so a model cannot loop on whitespace

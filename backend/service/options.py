@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import constants
+from ..core import constants
+from ..core.endpoints import parse_endpoints
+from ..core.errors import InvalidOptionError, ModelNotFoundError
+from ..core.gguf_file import GGUFInfo
 from ..engine.llama import EngineConfig
 from ..engine.prompt_cache import CacheConfig
-from ..errors import InvalidOptionError, ModelNotFoundError
-from ..gguf_file import GGUFInfo
-from ..rpc.client import parse_tensor_split
-from ..rpc.protocol import parse_endpoints
 from ..engine.speculative import SpecConfig
+from ..rpc.client import parse_tensor_split
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import grpc
 
 from ..proto import backend_pb2_grpc as pb_grpc
 
-from .. import constants
+from ..core import constants
 
 log = logging.getLogger(__name__)
 

@@ -27,16 +27,16 @@ from ..engine.llamalog import LIVE
 from ..engine.sampling import SamplingParams, parse_logit_bias
 from ..engine.scheduler import Scheduler, llama_thread
 from ..engine.vision import Image, check_image
-from ..errors import (ApexError, EngineClosedError, EntryNotFoundError, InsufficientDiskSpaceError,
+from ..core.errors import (ApexError, EngineClosedError, EntryNotFoundError, InsufficientDiskSpaceError,
                       InsufficientMemoryError, InvalidRequestError, ModelMismatchError, ModelNotFoundError,
                       NoModelLoadedError)
-from ..gguf_file import read_gguf
+from ..core.gguf_file import read_gguf
 from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc
 from .chat import ChatTemplate, ToolPlan, message_dicts
 from .grammars import trigger_patterns
-from .tools import Parsed, ToolCallParser, merge_calls
 from .options import LoadPlan, plan_load, resolve_model_path
+from .tools import Parsed, ToolCallParser, merge_calls
 
 log = logging.getLogger(__name__)
 

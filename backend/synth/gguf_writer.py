@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidRequestError
+from ..core.errors import InvalidRequestError
 
 MetaValue = tuple[Any, ...]  # (GGUFValueType, value) or (GGUFValueType.ARRAY, list, item GGUFValueType)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InvalidRequestError
+from ..core.errors import InvalidRequestError
 from .gguf_writer import MetaValue, write_gguf
 
 PROJECTOR_TYPE = "qwen3vl_merger"

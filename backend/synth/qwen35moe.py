@@ -27,6 +27,7 @@ along the cycle (random within each run of 16 tokens), so short generations stay
 mean; of 8 such placements the one whose acceptance over a full pass of the cycle is closest to the target is
 kept. The file records that simulated acceptance (``expected_acceptance``), and
 `SynthInfo.speculate` gives the exact drafted/accepted counts of any greedy generation.
+The mapping itself (`backend.core.acceptance`) is shared with the gallery's speed model.
 
 The true maps are stored in the file (``apexmtp.synthetic.*`` keys, ignored by llama.cpp) and are read back
 with `read_synth_info`.
@@ -49,7 +50,8 @@ from typing import Literal
 
 import numpy as np
 
-from ..errors import ApexError, InvalidGGUFError, InvalidRequestError
+from ..core.acceptance import accuracy_for_acceptance
+from ..core.errors import ApexError, InvalidGGUFError, InvalidRequestError
 from .gguf_writer import MetaValue, write_gguf
 from .mmproj import write_projector
 
@@ -523,7 +525,7 @@ def write_sparse(
 ) -> Path:
     """Write a valid GGUF whose tensor data are a file hole (all zeros, almost no disk).
 
-    Lets real-size layouts (e.g. the 35B-A3B with Q4_K/Q6_K/IQ tensors) be read by `backend.gguf_file` or
+    Lets real-size layouts (e.g. the 35B-A3B with Q4_K/Q6_K/IQ tensors) be read by `backend.core.gguf_file` or
     loaded by llama.cpp with `vocab_only=True`, at no disk or RAM cost.
 
     Args:
@@ -580,21 +582,6 @@ def _ggml_type_for(name: str, ne: tuple[int, ...], ggml_type: str) -> str:
 
 
 _FILE_TYPES = {"f32": 0, "f16": 1, "bf16": 32}  # llama_ftype ALL_F32, MOSTLY_F16, MOSTLY_BF16
-
-
-def acceptance_for_accuracy(head_accuracy: float, n_draft: int) -> float:
-    """Expected accepted/drafted rate for a head right on a fraction `head_accuracy` of tokens (module doc)."""
-    q = head_accuracy
-    return sum(q**i for i in range(1, n_draft + 1)) / n_draft
-
-
-def accuracy_for_acceptance(acceptance: float, n_draft: int) -> float:
-    """Inverse of `acceptance_for_accuracy` (monotone in q, solved by bisection)."""
-    lo, hi = 0.0, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if acceptance_for_accuracy(mid, n_draft) < acceptance else (lo, mid)
-    return (lo + hi) / 2
 
 
 def write_model(
@@ -734,7 +721,7 @@ def read_synth_info(path: str | os.PathLike[str]) -> SynthInfo:
     """
     from gguf import GGUFReader
 
-    from ..gguf_file import check_header
+    from ..core.gguf_file import check_header
 
     check_header(path)
     reader = GGUFReader(os.fspath(path), "r")

@@ -15,6 +15,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
+# Their InvalidRequestError is a ValueError, so a bad value is a warning and the default like any other knob's.
+from .endpoints import parse_endpoints
+from .units import parse_size
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -79,18 +83,6 @@ def _positive_duration(text: str) -> float:
     return value
 
 
-def _memory_size(text: str) -> int:
-    from gallery.units import parse_size  # a pure module; its InvalidRequestError is a ValueError
-
-    return parse_size(text)
-
-
-def _endpoints(text: str) -> tuple[str, ...]:
-    from .rpc.protocol import parse_endpoints  # a pure module; its InvalidRequestError is a ValueError
-
-    return parse_endpoints(text)
-
-
 def _path(text: str) -> Path:
     return Path(text.strip()).expanduser()
 
@@ -130,8 +122,8 @@ CACHE_DIR: Path = knob("APEXMTP_CACHE_DIR", _path, Path("~/.cache/apexmtp").expa
 LLAMA_LOG_LEVEL: int = knob("APEXMTP_LLAMA_LOG", _non_negative_int, 0)
 
 # Memory to assume instead of detecting it (`24GiB`; VRAM 0 = no GPU), what `--vram` / `--ram` give per command.
-VRAM_OVERRIDE: int | None = knob("APEXMTP_VRAM", _memory_size, None)
-RAM_OVERRIDE: int | None = knob("APEXMTP_RAM", _memory_size, None)
+VRAM_OVERRIDE: int | None = knob("APEXMTP_VRAM", parse_size, None)
+RAM_OVERRIDE: int | None = knob("APEXMTP_RAM", parse_size, None)
 
 # The GPUs CUDA will show llama.cpp, read as it is: set but empty means none (CUDA's meaning), unset means all.
 CUDA_VISIBLE_DEVICES: str | None = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -141,7 +133,7 @@ API_KEY: str = knob("APEXMTP_API_KEY", str, "")
 
 # RPC workers (`apexmtp worker`, llama.cpp's rpc-server) every model is split across, `host:port,host:port`, as
 # LocalAI's llama-cpp backend reads it; a model's `rpc_servers:` option takes precedence.
-RPC_SERVERS: tuple[str, ...] = knob("LLAMACPP_GRPC_SERVERS", _endpoints, ())
+RPC_SERVERS: tuple[str, ...] = knob("LLAMACPP_GRPC_SERVERS", parse_endpoints, ())
 
 # How long an RPC worker may take to answer one request (the compute of a long prompt included) before it counts as
 # lost; a vanished host is noticed sooner, by TCP keepalive.

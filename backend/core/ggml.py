@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import re
 from pathlib import Path
 
 import llama_cpp.llama_cpp as L
 
-from ..errors import ModelLoadError
+from .errors import ModelLoadError
 
 LIB_DIR = Path(L.__file__).parent / "lib"
 REBUILD = ('CMAKE_ARGS="-DGGML_RPC=on" .venv/bin/pip install --no-cache-dir --force-reinstall --no-deps '
@@ -43,6 +44,17 @@ _SIGNATURES = {
     "ggml_backend_rpc_add_server": ([_str], _vp),
     "ggml_backend_rpc_start_server": ([_str, _str, _sz, _sz, ctypes.POINTER(_vp)], None),
 }
+
+
+def default_threads() -> int:
+    """CPU threads ggml computes with when not told otherwise: one per physical core (logical cores when psutil
+    cannot tell)."""
+    try:
+        import psutil
+
+        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except Exception:
+        return max(1, os.cpu_count() or 1)
 
 
 def has_rpc() -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from backend.errors import InvalidRequestError
+from .errors import InvalidRequestError
 
 GiB = 1024**3
 MiB = 1024**2

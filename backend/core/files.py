@@ -45,7 +45,7 @@ def require_free_space(path: str | Path, need: int, *, what: str) -> None:
     Raises:
         InsufficientDiskSpaceError: names `what`, the need and the free space.
     """
-    from gallery.units import human
+    from .units import human
 
     free = free_bytes(path)
     if need > free:

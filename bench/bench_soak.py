@@ -6,13 +6,18 @@ tok/s the backend reports, the process's thread count and RSS. Printed per cycle
 tok/s ratio, the thread delta and the RSS growth, with MTP off and on. RSS counts the model file's mmapped pages,
 which change with whatever was loaded last; the anonymous part (RssAnon: heap, KV, buffers) is what a leak grows.
 
-    python bench/bench_soak.py [--cycles 50] [--tokens 128]
+With `--prompt-cache`, the model is loaded with the prompt caches on (a disk cache in a temporary directory, the RAM
+cache, checkpoints): every reload writes the slots to disk and the next cycle's prompt is restored from there, so
+the figures show whether the caches leak or restore anything stale (each cycle's answer must equal the first's).
+
+    python bench/bench_soak.py [--cycles 50] [--tokens 128] [--prompt-cache]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -27,9 +32,12 @@ from backend.proto import backend_pb2 as pb  # noqa: E402
 PROMPT = "Benchmarking a backend that stays up for hours. " * 4
 
 
-def cycle_options(path: Path, mtp: bool, threads: int) -> pb.ModelOptions:
+def cycle_options(path: Path, mtp: bool, threads: int, cache_dir: str = "") -> pb.ModelOptions:
+    options = ["spec_n_max:4", "spec_adaptive:false"] if mtp else ["spec_type:none"]
+    if cache_dir:
+        options += [f"prompt_cache_dir:{cache_dir}", "prompt_cache_min_tokens:16", "cache_ram:256"]
     return pb.ModelOptions(ModelFile=str(path), Model=path.name, ContextSize=1024, Threads=threads, NBatch=256,
-                           MMap=True, Options=["spec_n_max:4", "spec_adaptive:false"] if mtp else ["spec_type:none"])
+                           MMap=True, Options=options)
 
 
 def anon_rss(pid: int) -> int:
@@ -49,6 +57,8 @@ def soak(path: Path, other: Path, mtp: bool, args: argparse.Namespace, cycles: i
     only generates, the control that tells a slower process from a slower machine."""
     backend = Backend(echo=False)
     rows = []
+    answers: set[bytes] = set()
+    cached = 0
     try:
         backend.wait_healthy()
         proc = psutil.Process(backend.proc.pid)
@@ -56,19 +66,25 @@ def soak(path: Path, other: Path, mtp: bool, args: argparse.Namespace, cycles: i
         proc = next(iter(proc.children()), proc)
         for c in range(cycles):
             if reload and c % 4 == 3:
-                backend.load(cycle_options(other, False, args.threads))  # a model switch in between
+                backend.load(cycle_options(other, False, args.threads, args.cache_dir))  # a model switch in between
             elif reload and c % 2:
                 backend.stub.Free(pb.HealthMessage())
             if reload or c == 0:
-                backend.load(cycle_options(path, mtp, args.threads))
-            final = list(backend.stub.PredictStream(pb.PredictOptions(Prompt=PROMPT, Tokens=args.tokens,
-                                                                      IgnoreEOS=True)))[-1]
+                backend.load(cycle_options(path, mtp, args.threads, args.cache_dir))
+            replies = list(backend.stub.PredictStream(pb.PredictOptions(Prompt=PROMPT, Tokens=args.tokens,
+                                                                        IgnoreEOS=True)))
+            final = replies[-1]
+            answers.add(b"".join(r.message for r in replies))
+            cached += final.cached_prompt_tokens > 0
             tps = 1000.0 * max(final.tokens - 1, 0) / final.timing_token_generation
             rows.append((tps, proc.num_threads(), proc.memory_info().rss, anon_rss(proc.pid)))
             print(f"  cycle {c + 1:3d}: {tps:7.1f} tok/s, {rows[-1][1]:3d} threads, RSS {rows[-1][2] / 2**20:7.1f} MiB "
                   f"(anon {rows[-1][3] / 2**20:6.1f})", flush=True)
     finally:
         backend.stop()
+    if args.cache_dir:
+        print(f"  prompt cache: {cached} of {len(rows)} cycles reused the prompt; {len(answers)} distinct answer(s) "
+              f"(1 means no restore changed the output)")
     return rows
 
 
@@ -77,7 +93,9 @@ def main() -> int:
     ap.add_argument("--cycles", type=int, default=50)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-cache", action="store_true", help="load with the prompt caches on (see above)")
     args = ap.parse_args()
+    args.cache_dir = tempfile.mkdtemp(prefix="apexmtp-soak-") if args.prompt_cache else ""
     print(f"# machine: {machine()}")
     print(f"# {args.cycles} cycles, {args.tokens} greedy tokens each, {args.threads} threads")
     path = model_file("bench", 1.0, 4)

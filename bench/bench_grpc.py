@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median  # noqa: E402
 
-from backend.api.server import Backend
+from backend.api.supervisor import Backend
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.generation import GenerationRequest
 from backend.engine.scheduler import Scheduler, collect

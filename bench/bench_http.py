@@ -29,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median, sse_completion
 
-from backend.api.server import Backend, RunOptions, free_port, prepare
+from backend.api.models import RunOptions, prepare
+from backend.api.supervisor import Backend, free_port
 from backend.core.gguf_file import read_gguf
 from backend.engine.generation import GenerationRequest
 from backend.engine.llama import Engine

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mtp import model_file  # noqa: E402
 from common import machine, median, sse_completion  # noqa: E402
 
-from backend.api.server import free_port  # noqa: E402
+from backend.api.supervisor import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

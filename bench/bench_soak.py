@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mtp import model_file  # noqa: E402
 from common import machine, median  # noqa: E402
 
-from backend.api.server import Backend  # noqa: E402
+from backend.api.supervisor import Backend  # noqa: E402
 from backend.proto import backend_pb2 as pb  # noqa: E402
 
 PROMPT = "Benchmarking a backend that stays up for hours. " * 4

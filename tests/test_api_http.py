@@ -21,7 +21,8 @@ from conftest import ROOT
 
 from backend.api import httpd
 from backend.api.httpd import authorized, exposure_warning, parse_keys
-from backend.api.server import MAX_BODY, ApiServer, RunOptions
+from backend.api.handler import MAX_BODY, ApiServer
+from backend.api.models import RunOptions
 
 KEYS = ("k1", "k2")
 
@@ -181,8 +182,8 @@ def test_a_bug_in_a_handler_is_a_500_with_one_traceback(server, caplog):
     def broken() -> dict:
         return {}["missing"]  # a KeyError: this used to be answered 404 model_not_found, and logged nowhere
 
-    server.status_view = broken
-    with caplog.at_level(logging.ERROR, logger="backend.api.server"):
+    server.manager.status_view = broken
+    with caplog.at_level(logging.ERROR, logger="backend.api.handler"):
         status, _, body = call(server, "GET", "/api/status", BEARER)
     error = json.loads(body)["error"]
     assert status == 500 and error["type"] == "server_error" and "KeyError" in error["message"]

@@ -22,7 +22,7 @@ from backend.api.openai_api import (
     legacy_logprobs,
     timings,
 )
-from backend.api.server import model_options
+from backend.api.supervisor import model_options
 from backend.core.errors import (
     ChecksumMismatchError,
     ContextOverflowError,

@@ -14,7 +14,8 @@ import json
 import pytest
 
 from backend.api.httpd import host_allowed, host_name
-from backend.api.server import ApiServer, RunOptions
+from backend.api.handler import ApiServer
+from backend.api.models import RunOptions
 
 
 def serve(host: str = "127.0.0.1", keys: tuple[str, ...] = ()) -> ApiServer:

@@ -183,7 +183,8 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str]) -> int:
     """`apexmtp chat [REF] [--url http://127.0.0.1:8080] [--system TEXT] [--temperature T] [--max-tokens N]`"""
-    from .server import RunOptions, add_run_arguments, cache_options, serve
+    from .models import RunOptions
+    from .server import add_run_arguments, cache_options, serve
 
     parser = argparse.ArgumentParser(prog="apexmtp chat", description=__doc__.splitlines()[0])
     add_run_arguments(parser)

@@ -2,7 +2,7 @@
 
 Pure functions over the gallery, the hardware profile and the backend's Status/GetMetrics replies, plus `PullJob`
 (one verified download in a thread, whose progress is read from the partial file `gallery.download` appends to).
-The HTTP routes in `backend.api.server` only call these and serialise the result; the page itself is static
+The HTTP routes in `backend.api.handler` only call these and serialise the result; the page itself is static
 (`backend/api/static/`).
 """
 

@@ -4,7 +4,7 @@ Every class inherits from `ApexError` *and* from the built-in exception a caller
 (`FileNotFoundError`, `ValueError`, `OSError`, ...), so both `except ApexError` and `except ValueError`
 work. Errors carry the facts that explain them as attributes (path, entry, expected/actual digest), and
 their messages say what to do about it. gRPC status codes and HTTP statuses are derived from these classes
-in exactly one place each (`backend.service.servicer.status_for`, `backend.api.server`).
+in exactly one place each (`backend.service.servicer.status_for`, `backend.api.openai_api.http_error`).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def predicted(path: Path, mtp: bool, acceptance: tuple[float, int] | None, profi
     info = read_gguf(path)
     arch = ArchFacts.from_gguf(info)
     weights = weights_from_gguf(info, arch)
-    speed = dict(load_catalog().policy["speed"], at_context=at_context)
+    speed = replace(load_catalog().policy.speed, at_context=at_context)
     run = RunConfig(n_ctx=N_CTX, cache_type_k="f16", cache_type_v="f16", mtp=mtp, spec_n_max=N_MAX if mtp else 0)
     s = predict(arch, weights, run, "cpu", 0, bandwidth_for(profile, None, speed), speed, acceptance)
     return s.tok_s, s.bytes_per_token
@@ -112,7 +112,7 @@ def published_rows(catalog) -> list[tuple[str, float, float]]:
     from gallery.detect import GPU
     from gallery.select import candidates_for
 
-    speed = dict(catalog.policy["speed"], at_context=512)
+    speed = replace(catalog.policy.speed, at_context=512)
     gpu = GPU(0, "NVIDIA GB10", "nvidia", 128 * GiB, None, unified=True)
     profile = HardwareProfile("Linux", "Grace", 20, 128 * GiB, None, (gpu,))
     bw = bandwidth_for(profile, gpu, speed)

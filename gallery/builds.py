@@ -11,11 +11,10 @@ import logging
 import shlex
 import sys
 from importlib import metadata
-from typing import Any
-
 from backend.engine.devices import BuildInfo
 
 from .detect import GPU, HardwareProfile
+from .policy import Policy
 
 log = logging.getLogger(__name__)
 
@@ -26,23 +25,22 @@ def can_use(build: BuildInfo | None, gpu: GPU) -> bool:
     return build is None or gpu.given or bool(build.local_gpus)
 
 
-def reinstall_command(vendor: str, policy: dict[str, Any]) -> str:
+def reinstall_command(vendor: str, policy: Policy) -> str:
     """The one command that rebuilds llama-cpp-python (same version, this interpreter's pip) for `vendor`'s GPU."""
-    builds = policy["gpu_builds"]
-    row = builds["vendors"].get(vendor, builds["vendors"]["default"])
+    builds = policy.gpu_builds
     try:
         version = metadata.version("llama-cpp-python")
     except metadata.PackageNotFoundError:
         version = "0.3.36"
     pip = f"{shlex.quote(sys.executable)} -m pip"
-    return builds["command"].format(flags=row["flags"], pip=pip, version=version)
+    return builds.command.format(flags=builds.for_vendor(vendor).flags, pip=pip, version=version)
 
 
-def gpu_hint(gpu: GPU, policy: dict[str, Any]) -> str:
+def gpu_hint(gpu: GPU, policy: Policy) -> str:
     """What to tell the owner of a GPU the build cannot use: the backend it needs, the prerequisite, the command."""
-    row = policy["gpu_builds"]["vendors"].get(gpu.vendor, policy["gpu_builds"]["vendors"]["default"])
-    return (f"the installed llama.cpp cannot use the {gpu.name} (no {row['backend']} backend in this build); "
-            f"with {row['needs']}, rebuild it: {reinstall_command(gpu.vendor, policy)}")
+    build = policy.gpu_builds.for_vendor(gpu.vendor)
+    return (f"the installed llama.cpp cannot use the {gpu.name} (no {build.backend} backend in this build); "
+            f"with {build.needs}, rebuild it: {reinstall_command(gpu.vendor, policy)}")
 
 
 def unusable_gpu(profile: HardwareProfile) -> GPU | None:

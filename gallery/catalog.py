@@ -16,9 +16,8 @@ from typing import Any
 import yaml
 
 from backend.core.errors import EntryNotFoundError, SchemaError
-from backend.core.units import parse_size
-
 from . import schema
+from .policy import Policy
 
 DATA_DIR = Path(__file__).resolve().parent
 GALLERY_NAME = "apexmtp"  # the `<gallery>@<name>` prefix LocalAI uses for our index
@@ -117,13 +116,13 @@ class Catalog:
 
     entries: dict[str, Entry]
     architectures: dict[str, dict[str, Any]]
-    policy: dict[str, Any]
+    policy: Policy
     classes: tuple[dict[str, Any], ...]
     source_dir: Path
 
     @property
     def tier_order(self) -> list[str]:
-        return list(self.policy["tier_order"])
+        return list(self.policy.tier_order)
 
     def get(self, name: str) -> Entry:
         """The entry called `name` (case-insensitive).
@@ -222,12 +221,9 @@ def _load_catalog(data_dir: Path) -> Catalog:
         if not path.is_file():
             raise SchemaError(path.name, "-", "(file)", f"missing: {path}")
     hardware = load_yaml(paths["hardware"])
-    schema.validate_hardware(hardware, "hardware.yaml")
+    policy = schema.validate_hardware(hardware, "hardware.yaml")
     archs = schema.validate_architectures(load_yaml(paths["architectures"]), "architectures.yaml")
     index = load_yaml(paths["index"])
-    schema.validate_index(index, "index.yaml", architectures=archs, tiers=hardware["policy"]["tier_order"])
+    schema.validate_index(index, "index.yaml", architectures=archs, tiers=list(policy.tier_order))
     entries = {raw["name"]: _entry(raw) for raw in index}
-    policy = dict(hardware["policy"])
-    for key in ("margin", "host_margin"):
-        policy[key] = parse_size(policy[key])
     return Catalog(entries, archs, policy, tuple(hardware["classes"]), data_dir)

@@ -22,7 +22,8 @@ from .download import fetch
 from .estimate import ArchFacts, weights_from_gguf
 from .modelconfig import build_config, write_config
 from .resolve import HubFile, Resolved, parse_hub_uri, resolve
-from .select import OBJECTIVES, Candidate, Request, Selection, candidates_for, select
+from .plan import Candidate
+from .select import OBJECTIVES, Request, Selection, candidates_for, select
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def pull(
         fetched = fetch(hub_file, dest, models_dir=models_dir, sha256=pin, progress=progress)
         path, model_ref, sha256 = fetched.path, dest, fetched.sha256
     mmproj = _fetch_mmproj(entry, models_dir, progress) if resolved.local_path is None else None
-    base_options = entry.options if entry else tuple(catalog.policy["default_options"])
+    base_options = entry.options if entry else catalog.policy.default_options
     mtp_default = entry is None or "spec_type:draft-mtp" in entry.options
     exact = _exact_candidate(path, resolved.name, entry.tier if entry else "file", base_options, mtp_default, mmproj)
     final = select(profile, [exact], catalog.policy,

@@ -16,6 +16,20 @@ from typing import Any
 from backend.core.errors import InvalidRequestError, SchemaError
 from backend.core.units import parse_size
 
+from .policy import (
+    Acceptance,
+    AppleBand,
+    DeviceSpeed,
+    GpuBandwidth,
+    GpuBuild,
+    GpuBuilds,
+    MtpPolicy,
+    Objectives,
+    Policy,
+    Reserve,
+    SpeedPolicy,
+)
+
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -243,86 +257,108 @@ def validate_architectures(data: Any, source: str) -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------- hardware.yaml
 
 
-def validate_hardware(data: Any, source: str) -> None:
-    """Check hardware.yaml: the selection policy and the hardware classes."""
+def validate_hardware(data: Any, source: str) -> Policy:
+    """Check hardware.yaml (the selection policy and the hardware classes) and return its policy, typed."""
     top = Checker(source)
     if not isinstance(data, dict):
         raise top.fail("(top level)", "expected a mapping with 'policy' and 'classes'")
-    policy = top.get(data, "policy", dict)
-    pc = Checker(source, "policy")
+    policy = _policy(Checker(source, "policy"), top.get(data, "policy", dict))
+    _validate_classes(top.get(data, "classes", list), source)
+    return policy
+
+
+def _policy(pc: Checker, policy: dict[str, Any]) -> Policy:
     tiers = pc.strings(policy, "tier_order")
     if not tiers or len(set(tiers)) != len(tiers):
         raise pc.fail("tier_order", "must list each tier once")
-    for field in ("margin", "host_margin"):
-        pc.size(policy, field)
-    for field in ("default_context", "n_ubatch", "n_batch", "gpu_layers_all", "checkpoint_min_step"):
-        if pc.get(policy, field, int) <= 0:
+    margin, host_margin = pc.size(policy, "margin"), pc.size(policy, "host_margin")
+    counts = {field: pc.get(policy, field, int)
+              for field in ("default_context", "n_ubatch", "n_batch", "gpu_layers_all", "checkpoint_min_step")}
+    for field, value in counts.items():
+        if value <= 0:
             raise pc.fail(field, "must be positive")
-    if pc.get(policy, "ctx_checkpoints", int) < 0:
+    ctx_checkpoints = pc.get(policy, "ctx_checkpoints", int)
+    if ctx_checkpoints < 0:
         raise pc.fail("ctx_checkpoints", "must be >= 0")
-    if not all(isinstance(c, int) and c > 0 for c in pc.get(policy, "context_candidates", list)):
+    candidates = pc.get(policy, "context_candidates", list)
+    if not all(isinstance(c, int) and c > 0 for c in candidates):
         raise pc.fail("context_candidates", "expected positive integers")
-    for field in ("cache_type", "flash_attention"):
-        pc.get(policy, field, str)
+    cache_type, flash_attention = pc.get(policy, "cache_type", str), pc.get(policy, "flash_attention", str)
     mtp = pc.get(policy, "mtp", dict)
-    pc.get(mtp, "spec_n_max", int, path="mtp")
-    pc.get(mtp, "spec_p_min", (int, float), path="mtp")
-    pc.get(mtp, "draft_cache_type", str, path="mtp")
-    pc.strings(policy, "default_options")
+    mtp_policy = MtpPolicy(spec_n_max=pc.get(mtp, "spec_n_max", int, path="mtp"),
+                           spec_p_min=float(pc.get(mtp, "spec_p_min", (int, float), path="mtp")),
+                           draft_cache_type=pc.get(mtp, "draft_cache_type", str, path="mtp"))
+    default_options = tuple(pc.strings(policy, "default_options"))
     reserve = pc.get(policy, "reserve", dict)
-    pc.size(reserve, "gpu", path="reserve")
-    pc.size(reserve, "ram_fixed", path="reserve")
-    pc.get(reserve, "ram_fraction", float, path="reserve")
-    for j, band in enumerate(pc.get(policy, "apple_working_set", list)):
-        pc.size(band, "up_to", path=f"apple_working_set[{j}]")
-        pc.get(band, "fraction", float, path=f"apple_working_set[{j}]")
+    reserves = Reserve(gpu=pc.size(reserve, "gpu", path="reserve"),
+                       ram_fixed=pc.size(reserve, "ram_fixed", path="reserve"),
+                       ram_fraction=pc.get(reserve, "ram_fraction", float, path="reserve"))
+    bands = tuple(AppleBand(up_to=pc.size(band, "up_to", path=f"apple_working_set[{j}]"),
+                            fraction=pc.get(band, "fraction", float, path=f"apple_working_set[{j}]"))
+                  for j, band in enumerate(pc.get(policy, "apple_working_set", list)))
     objectives = pc.get(policy, "objectives", dict)
-    pc.number(objectives, "floor_tok_s", path="objectives")
-    if pc.get(objectives, "quality_floor", str, path="objectives") not in tiers:
-        raise pc.fail("objectives.quality_floor", f"{objectives['quality_floor']!r} is not in tier_order")
-    _validate_speed(pc, pc.get(policy, "speed", dict))
-    builds = pc.get(policy, "gpu_builds", dict)
-    if "{flags}" not in pc.get(builds, "command", str, path="gpu_builds"):
+    floor = pc.number(objectives, "floor_tok_s", path="objectives")
+    quality_floor = pc.get(objectives, "quality_floor", str, path="objectives")
+    if quality_floor not in tiers:
+        raise pc.fail("objectives.quality_floor", f"{quality_floor!r} is not in tier_order")
+    speed = _speed(pc, pc.get(policy, "speed", dict))
+    return Policy(tier_order=tuple(tiers), margin=margin, host_margin=host_margin, **counts,
+                  ctx_checkpoints=ctx_checkpoints, context_candidates=tuple(candidates), cache_type=cache_type,
+                  flash_attention=flash_attention, mtp=mtp_policy, default_options=default_options, reserve=reserves,
+                  apple_working_set=bands, objectives=Objectives(floor_tok_s=floor, quality_floor=quality_floor),
+                  speed=speed, gpu_builds=_gpu_builds(pc, pc.get(policy, "gpu_builds", dict)))
+
+
+def _gpu_builds(pc: Checker, builds: dict[str, Any]) -> GpuBuilds:
+    command = pc.get(builds, "command", str, path="gpu_builds")
+    if "{flags}" not in command:
         raise pc.fail("gpu_builds.command", "must contain {flags}")
     vendors = pc.get(builds, "vendors", dict, path="gpu_builds")
     if "default" not in vendors:
         raise pc.fail("gpu_builds.vendors", "needs a 'default' entry")
-    for vendor, row in vendors.items():
-        for field in ("flags", "backend", "needs"):
-            pc.get(row, field, str, path=f"gpu_builds.vendors.{vendor}")
-    _validate_classes(top.get(data, "classes", list), source)
+    return GpuBuilds(command=command, vendors={
+        vendor: GpuBuild(**{field: pc.get(row, field, str, path=f"gpu_builds.vendors.{vendor}")
+                            for field in ("flags", "backend", "needs")})
+        for vendor, row in vendors.items()})
 
 
-def _validate_speed(pc: Checker, speed: dict[str, Any]) -> None:
-    if pc.get(speed, "at_context", int, path="speed") <= 0:
+def _speed(pc: Checker, speed: dict[str, Any]) -> SpeedPolicy:
+    at_context = pc.get(speed, "at_context", int, path="speed")
+    if at_context <= 0:
         raise pc.fail("speed.at_context", "must be positive")
-    pc.number(speed, "token_overhead_ms", path="speed", low_open=False)
-    pc.number(speed, "rpc_token_overhead_ms", path="speed", low_open=False)
+    token_ms = pc.number(speed, "token_overhead_ms", path="speed", low_open=False)
+    rpc_ms = pc.number(speed, "rpc_token_overhead_ms", path="speed", low_open=False)
     devices = pc.get(speed, "devices", dict, path="speed")
+    kinds: dict[str, DeviceSpeed] = {}
     for kind in ("gpu", "unified", "cpu"):
         consts = pc.get(devices, kind, dict, path="speed.devices")
         where = f"speed.devices.{kind}"
-        pc.number(consts, "efficiency", path=where, high=1.0)
-        pc.number(consts, "layer_overhead_ms", path=where, low_open=False)
-        pc.number(consts, "verify_overhead", path=where, low_open=False)
-        pc.number(consts, "quant_cost", path=where)
+        kinds[kind] = DeviceSpeed(efficiency=pc.number(consts, "efficiency", path=where, high=1.0),
+                                  layer_overhead_ms=pc.number(consts, "layer_overhead_ms", path=where, low_open=False),
+                                  verify_overhead=pc.number(consts, "verify_overhead", path=where, low_open=False),
+                                  quant_cost=pc.number(consts, "quant_cost", path=where))
     acc = pc.get(speed, "mtp_acceptance", dict, path="speed")
-    pc.number(acc, "rate", path="speed.mtp_acceptance", high=1.0)
-    if pc.get(acc, "n_draft", int, path="speed.mtp_acceptance") < 1:
+    rate = pc.number(acc, "rate", path="speed.mtp_acceptance", high=1.0)
+    n_draft = pc.get(acc, "n_draft", int, path="speed.mtp_acceptance")
+    if n_draft < 1:
         raise pc.fail("speed.mtp_acceptance.n_draft", "must be >= 1")
-    pc.number(speed, "ram_gbps", path="speed")
+    ram_gbps = pc.number(speed, "ram_gbps", path="speed")
+    rows: list[GpuBandwidth] = []
     for j, row in enumerate(pc.get(speed, "gpu_gbps", list, path="speed")):
         where = f"speed.gpu_gbps[{j}]"
+        match = pc.get(row, "match", str, path=where)
         try:
-            re.compile(pc.get(row, "match", str, path=where))
+            re.compile(match)
         except re.error as exc:
             raise pc.fail(f"{where}.match", f"not a regular expression: {exc}") from None
-        pc.number(row, "gbps", path=where)
+        rows.append(GpuBandwidth(match=match, gbps=pc.number(row, "gbps", path=where)))
     vendor_gbps = pc.get(speed, "vendor_gbps", dict, path="speed")
-    for vendor in vendor_gbps:
-        pc.number(vendor_gbps, vendor, path="speed.vendor_gbps")
+    vendors = {vendor: pc.number(vendor_gbps, vendor, path="speed.vendor_gbps") for vendor in vendor_gbps}
     if "default" not in vendor_gbps:
         raise pc.fail("speed.vendor_gbps", "needs a 'default' entry")
+    return SpeedPolicy(at_context=at_context, token_overhead_ms=token_ms, rpc_token_overhead_ms=rpc_ms,
+                       devices=kinds, mtp_acceptance=Acceptance(rate=rate, n_draft=n_draft), ram_gbps=ram_gbps,
+                       gpu_gbps=tuple(rows), vendor_gbps=vendors)
 
 
 def _validate_classes(classes: list[Any], source: str) -> None:

@@ -20,6 +20,9 @@ engine uses the workers it is given (`estimate.split`: layers in proportion to f
 the first ones when it has no GPU); each holder's share must fit, and the explanation says whether the tier fits
 only across hosts. The speed is this host's device's plus `speed.rpc_token_overhead_ms` per worker host. More
 worker memory never makes a plan slower (the speed does not depend on the shares), so it never gives a worse tier.
+
+The policy is the catalog's typed one (`gallery.policy.Policy`); the plans are `gallery.plan.Trial`s, and the words
+of `Selection.explanation` are `gallery.explain`'s.
 """
 
 from __future__ import annotations
@@ -28,30 +31,18 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from backend.core.errors import EntryNotFoundError, InvalidRequestError
-from backend.core.units import GiB, ctx_label, gib, parse_size
+from backend.core.units import GiB
 
 from .builds import can_use, gpu_hint
-from .catalog import Catalog, Entry, WeightBytes
-from .detect import GPU, HardwareProfile, RemoteDevice
-from .estimate import ArchFacts, Breakdown, Holder, Placement, RunConfig, Share, estimate, hosts, place, split, summary
+from .catalog import Catalog, Entry
+from .detect import HardwareProfile
+from .estimate import ArchFacts, Breakdown, Placement, RunConfig, Share, estimate, hosts, place, split
+from .explain import explain
+from .plan import MODES, SPLIT, Budget, Candidate, Trial
+from .policy import Policy
 from .speed import Bandwidth, Speed, bandwidth_for, over_rpc, predict
 
-MODES = ("gpu", "gpu+ram", "cpu")
-SPLIT = "split"  # the mode of every plan with RPC workers
 OBJECTIVES = ("quality", "speed")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One tier the selector may pick: its facts and whether its options enable MTP by default."""
-
-    name: str
-    tier: str
-    arch: ArchFacts
-    weights: WeightBytes
-    mtp_default: bool
-    base_options: tuple[str, ...] = ()
-    mmproj_bytes: int = 0  # the vision projector loaded beside the weights
 
 
 @dataclass(frozen=True)
@@ -64,40 +55,6 @@ class Request:
     mtp: bool | None = None
     parallel: int = 1
     prefer: str = "quality"
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Memory the selector may plan with: GPU (0 without one), RAM, and where the numbers came from."""
-
-    gpu: GPU | None
-    gpu_free: int
-    ram_free: int
-    unified: bool
-    blocked: GPU | None = None  # a detected GPU the installed llama.cpp cannot use
-    remote: tuple[RemoteDevice, ...] = ()  # RPC workers' devices the model is split onto
-
-    @property
-    def gpu_label(self) -> str:
-        return self.gpu.name if self.gpu else "no GPU"
-
-    @property
-    def what_if(self) -> bool:
-        return (self.gpu is not None and self.gpu.given) or any(d.given for d in self.remote)
-
-    def holders(self, policy: dict[str, Any]) -> list[Holder]:
-        """Where a split plan may put the model, in the engine's order: this host's RAM (holding the first layers
-        when there is no GPU, else only what llama.cpp keeps on the host), the workers' devices, the local GPU
-        (one pool with the host's share when unified)."""
-        margin, host_margin = policy["margin"], policy["host_margin"]
-        workers = [Holder(d.name, d.endpoint, d.free, margin) for d in self.remote]
-        if self.gpu is None:
-            return [Holder("local RAM", "local", self.ram_free, host_margin, device=False, host=True), *workers]
-        gpu = Holder(f"local {self.gpu_label}", "local", self.gpu_free, margin, host=self.unified)
-        if self.unified:
-            return [*workers, gpu]
-        return [Holder("local RAM", "local", self.ram_free, host_margin, device=False, takes_layers=False,
-                       host=True), *workers, gpu]
 
 
 @dataclass(frozen=True)
@@ -196,13 +153,13 @@ class Selection:
         }
 
 
-def budget_for(profile: HardwareProfile, policy: dict[str, Any]) -> Budget:
+def budget_for(profile: HardwareProfile, policy: Policy) -> Budget:
     """Usable GPU and RAM: detected free memory, or size minus the policy's reserves when free is unknown. A GPU
     the probed llama.cpp build cannot use gives no GPU budget (it is `blocked`)."""
-    reserve = policy["reserve"]
+    reserve = policy.reserve
     ram_free = profile.ram_available
     if ram_free is None:
-        ram_free = int(profile.ram_total - parse_size(reserve["ram_fixed"]) - reserve["ram_fraction"] * profile.ram_total)
+        ram_free = int(profile.ram_total - reserve.ram_fixed - reserve.ram_fraction * profile.ram_total)
     gpu, remote = profile.best_gpu, profile.workers
     if gpu is None:
         return Budget(None, 0, max(ram_free, 0), False, remote=remote)
@@ -210,10 +167,10 @@ def budget_for(profile: HardwareProfile, policy: dict[str, Any]) -> Budget:
         return Budget(None, 0, max(ram_free, 0), False, blocked=gpu, remote=remote)
     free = gpu.free
     if free is None and gpu.vendor == "apple":
-        band = next(b for b in policy["apple_working_set"] if gpu.total <= parse_size(b["up_to"]))
-        free = int(gpu.total * band["fraction"])
+        band = next(b for b in policy.apple_working_set if gpu.total <= b.up_to)
+        free = int(gpu.total * band.fraction)
     elif free is None:
-        free = gpu.total - parse_size(reserve["gpu"])
+        free = gpu.total - reserve.gpu
     return Budget(gpu, max(free, 0), max(ram_free, 0), gpu.unified, remote=remote)
 
 
@@ -226,18 +183,6 @@ def candidates_for(catalog: Catalog, entry: Entry) -> list[Candidate]:
     return out
 
 
-@dataclass(frozen=True)
-class _Trial:
-    cand: Candidate
-    run: RunConfig
-    breakdown: Breakdown
-    placement: Placement
-    device_need: int
-    host_need: int
-    fits: bool
-    speed: Speed
-    shares: tuple[Share, ...] = ()
-
 
 @dataclass(frozen=True)
 class _Env:
@@ -245,21 +190,21 @@ class _Env:
 
     budget: Budget
     bandwidth: Bandwidth
-    policy: dict[str, Any]
+    policy: Policy
     n_seq: int
 
 
-def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, env: _Env, n_cpu_moe: int | None = None) -> _Trial:
+def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, env: _Env, n_cpu_moe: int | None = None) -> Trial:
     """Estimate `cand` in `mode`; for gpu+ram pick the smallest n_cpu_moe that fits (or use the given one)."""
     policy, budget = env.policy, env.budget
-    run = RunConfig(n_ctx=n_ctx, n_ubatch=policy["n_ubatch"], n_seq=env.n_seq, cache_type_k=policy["cache_type"],
-                    cache_type_v=policy["cache_type"], mtp=mtp, spec_n_max=policy["mtp"]["spec_n_max"] if mtp else 0,
-                    draft_cache_type=policy["mtp"]["draft_cache_type"], mmproj_bytes=cand.mmproj_bytes,
-                    n_checkpoints=policy["ctx_checkpoints"], checkpoint_min_step=policy["checkpoint_min_step"])
+    run = RunConfig(n_ctx=n_ctx, n_ubatch=policy.n_ubatch, n_seq=env.n_seq, cache_type_k=policy.cache_type,
+                    cache_type_v=policy.cache_type, mtp=mtp, spec_n_max=policy.mtp.spec_n_max if mtp else 0,
+                    draft_cache_type=policy.mtp.draft_cache_type, mmproj_bytes=cand.mmproj_bytes,
+                    n_checkpoints=policy.ctx_checkpoints, checkpoint_min_step=policy.checkpoint_min_step)
     b = estimate(cand.arch, cand.weights, run)
     if mode == SPLIT:
         return _try_split(cand, run, b, env)
-    margin, host_margin = policy["margin"], policy["host_margin"]
+    margin, host_margin = policy.margin, policy.host_margin
     if mode == "gpu+ram" and n_cpu_moe is None:
         per_layer = max(b.expert_bytes(1), 1)
         full = place(b, "gpu", arch=cand.arch, n_ubatch=run.n_ubatch).device
@@ -274,11 +219,11 @@ def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, env: _Env, n_cpu_moe
     else:
         device_need, host_need = p.device + margin, p.host + host_margin
         fits = budget.gpu_free > 0 and device_need <= budget.gpu_free and host_need <= budget.ram_free
-    speed = predict(cand.arch, cand.weights, run, mode, p.n_cpu_moe, env.bandwidth, policy["speed"])
-    return _Trial(cand, run, b, p, device_need, host_need, fits, speed)
+    speed = predict(cand.arch, cand.weights, run, mode, p.n_cpu_moe, env.bandwidth, policy.speed)
+    return Trial(cand, run, b, p, device_need, host_need, fits, speed)
 
 
-def _try_split(cand: Candidate, run: RunConfig, b: Breakdown, env: _Env) -> _Trial:
+def _try_split(cand: Candidate, run: RunConfig, b: Breakdown, env: _Env) -> Trial:
     """`b` split across this host and the workers (`estimate.split`); fits when every holder's share fits."""
     budget, policy = env.budget, env.policy
     shares = split(b, cand.arch, run, budget.holders(policy), tied=cand.weights.output_tied)
@@ -287,10 +232,10 @@ def _try_split(cand: Candidate, run: RunConfig, b: Breakdown, env: _Env) -> _Tri
     p = Placement(SPLIT, 0, sum(s.need - s.holder.margin for s in shares if s.holder.device),
                   sum(s.need - s.holder.margin for s in shares if not s.holder.device))
     local_mode = "cpu" if budget.gpu is None else "gpu"
-    speed = predict(cand.arch, cand.weights, run, local_mode, 0, env.bandwidth, policy["speed"])
+    speed = predict(cand.arch, cand.weights, run, local_mode, 0, env.bandwidth, policy.speed)
     workers = [h for h in hosts(shares) if h != "local"]
-    return _Trial(cand, run, b, p, local_gpu, local_ram, all(s.fits for s in shares),
-                  over_rpc(speed, len(workers), policy["speed"]), shares)
+    return Trial(cand, run, b, p, local_gpu, local_ram, all(s.fits for s in shares),
+                  over_rpc(speed, len(workers), policy.speed), shares)
 
 
 def _modes(budget: Budget) -> list[str]:
@@ -309,11 +254,11 @@ def _mtp_choices(cand: Candidate, request: Request) -> list[bool]:
     return [True, False] if cand.mtp_default else [False]
 
 
-def _fastest(cand: Candidate, n_ctx: int, request: Request, env: _Env) -> tuple[_Trial | None, _Trial]:
+def _fastest(cand: Candidate, n_ctx: int, request: Request, env: _Env) -> tuple[Trial | None, Trial]:
     """(the fastest plan of `cand` that fits, or None; its first trial, the fully-on-GPU one where there is a GPU,
     for explanations)."""
-    best: _Trial | None = None
-    first: _Trial | None = None
+    best: Trial | None = None
+    first: Trial | None = None
     for mode in _modes(env.budget):
         for mtp in _mtp_choices(cand, request):
             trial = _try(cand, mode, n_ctx, mtp, env)
@@ -324,19 +269,19 @@ def _fastest(cand: Candidate, n_ctx: int, request: Request, env: _Env) -> tuple[
     return best, first
 
 
-def _rank(tier: str, policy: dict[str, Any]) -> int:
+def _rank(tier: str, policy: Policy) -> int:
     """Position in the quality order (unknown tiers, e.g. a local file, rank best)."""
-    order = policy["tier_order"]
+    order = policy.tier_order
     return order.index(tier) if tier in order else -1
 
 
-def _choose(plans: list[tuple[_Trial | None, _Trial]], prefer: str, policy: dict[str, Any]) -> tuple[int, str]:
+def _choose(plans: list[tuple[Trial | None, Trial]], prefer: str, policy: Policy) -> tuple[int, str]:
     """Index of the chosen plan (candidates are best quality first) and the objective's reason; -1 = nothing fits."""
     fitting = [i for i, (best, _) in enumerate(plans) if best is not None]
     if not fitting:
         return -1, ""
-    obj = policy["objectives"]
-    floor = obj["floor_tok_s"]
+    obj = policy.objectives
+    floor = obj.floor_tok_s
 
     def fastest(indices: list[int]) -> int:
         return max(indices, key=lambda i: (plans[i][0].speed.tok_s, -i))  # ties: the better tier
@@ -346,21 +291,21 @@ def _choose(plans: list[tuple[_Trial | None, _Trial]], prefer: str, policy: dict
         if meeting:
             return meeting[0], f"quality first (the best tier predicted at >= {floor:g} tok/s)"
         return fastest(fitting), f"quality first, but no tier reaches {floor:g} tok/s here, so the fastest"
-    limit = _rank(obj["quality_floor"], policy)
+    limit = _rank(obj.quality_floor, policy)
     good = [i for i in fitting if _rank(plans[i][0].cand.tier, policy) <= limit]
     if good:
-        return fastest(good), f"speed first (the fastest tier at least as good as {obj['quality_floor']})"
-    return fastest(fitting), f"speed first (no tier as good as {obj['quality_floor']} fits, so the fastest)"
+        return fastest(good), f"speed first (the fastest tier at least as good as {obj.quality_floor})"
+    return fastest(fitting), f"speed first (no tier as good as {obj.quality_floor} fits, so the fastest)"
 
 
-def select(profile: HardwareProfile, candidates: list[Candidate], policy: dict[str, Any],
+def select(profile: HardwareProfile, candidates: list[Candidate], policy: Policy,
            request: Request = Request()) -> Selection:
     """Choose a tier, placement and runtime options for `profile` (see the module doc for the objectives).
 
     Args:
         profile: detected (or given) hardware.
         candidates: the tiers to choose from, best quality first (`candidates_for`).
-        policy: hardware.yaml's `policy` (margins, context, cache type, MTP tuning, reserves, objectives, speed).
+        policy: hardware.yaml's `policy` as the catalog holds it (`Catalog.policy`).
         request: explicit context / tier / MTP wishes, parallel slots and the objective.
 
     Returns:
@@ -382,8 +327,8 @@ def select(profile: HardwareProfile, candidates: list[Candidate], policy: dict[s
     if not candidates:
         raise EntryNotFoundError("no candidate tiers to choose from")
     budget = budget_for(profile, policy)
-    env = _Env(budget, bandwidth_for(profile, budget.gpu, policy["speed"]), policy, request.parallel)
-    n_ctx = request.context or policy["default_context"]
+    env = _Env(budget, bandwidth_for(profile, budget.gpu, policy.speed), policy, request.parallel)
+    n_ctx = request.context or policy.default_context
     max_ctx = candidates[0].arch.n_ctx_train
     if max_ctx and n_ctx > max_ctx:
         if request.context:
@@ -402,10 +347,10 @@ def select(profile: HardwareProfile, candidates: list[Candidate], policy: dict[s
     return _selection(trial, env, request, reason, plans[chosen][1], better)
 
 
-def _grow_context(trial: _Trial, env: _Env) -> _Trial:
+def _grow_context(trial: Trial, env: _Env) -> Trial:
     """The same tier, MTP setting and expert placement at the largest candidate context that still fits."""
     max_ctx = trial.cand.arch.n_ctx_train or trial.run.n_ctx
-    for ctx in sorted(env.policy["context_candidates"], reverse=True):
+    for ctx in sorted(env.policy.context_candidates, reverse=True):
         if trial.run.n_ctx < ctx <= max_ctx:
             bigger = _try(trial.cand, trial.placement.mode, ctx, trial.run.mtp, env,
                           n_cpu_moe=trial.placement.n_cpu_moe)
@@ -414,11 +359,12 @@ def _grow_context(trial: _Trial, env: _Env) -> _Trial:
     return trial
 
 
-def _selection(t: _Trial, env: _Env, request: Request, reason: str, first: _Trial,
-               better: tuple[_Trial | None, _Trial] | None = None) -> Selection:
+def _selection(t: Trial, env: _Env, request: Request, reason: str, first: Trial,
+               better: tuple[Trial | None, Trial] | None = None) -> Selection:
     policy, budget = env.policy, env.budget
     mode = t.placement.mode
     hint = gpu_hint(budget.blocked, policy) if budget.blocked is not None else None
+    alone = _alone(t, env) if mode == SPLIT and t.fits else None
     return Selection(
         name=t.cand.name,
         tier=t.cand.tier,
@@ -430,14 +376,14 @@ def _selection(t: _Trial, env: _Env, request: Request, reason: str, first: _Tria
         gpu_layers=_gpu_layers(t, policy),
         cache_type_k=t.run.cache_type_k,
         cache_type_v=t.run.cache_type_v,
-        flash_attention=policy["flash_attention"],
-        spec_n_max=policy["mtp"]["spec_n_max"],
-        spec_p_min=float(policy["mtp"]["spec_p_min"]),
+        flash_attention=policy.flash_attention,
+        spec_n_max=policy.mtp.spec_n_max,
+        spec_p_min=policy.mtp.spec_p_min,
         device_need=t.device_need,
         device_budget=budget.gpu_free,
         host_need=t.host_need,
         host_budget=budget.ram_free,
-        explanation=explain(t, env, reason, first, better, hint),
+        explanation=explain(t, budget, policy, reason, first, better, hint=hint, alone=alone),
         breakdown=t.breakdown,
         speed=t.speed,
         objective=request.prefer,
@@ -445,127 +391,23 @@ def _selection(t: _Trial, env: _Env, request: Request, reason: str, first: _Tria
         what_if=budget.what_if,
         build_hint=hint,
         has_mtp_head=t.cand.arch.n_nextn > 0,
-        base_options=t.cand.base_options or tuple(policy["default_options"]),
+        base_options=t.cand.base_options or policy.default_options,
         shares=t.shares,
         rpc_servers=tuple(dict.fromkeys(d.endpoint for d in budget.remote if not d.given)) if t.shares else (),
     )
 
 
-def _gpu_layers(t: _Trial, policy: dict[str, Any]) -> int:
+def _gpu_layers(t: Trial, policy: Policy) -> int:
     """`n_gpu_layers`: every layer on the GPU; on a split, all but the slots this host's CPU keeps (llama.cpp
     offloads the last n_gpu_layers slots to the devices)."""
     if t.placement.mode == "cpu":
         return 0
     cpu = sum(s.layers for s in t.shares if not s.holder.device)
-    return sum(s.layers for s in t.shares) - cpu if cpu else policy["gpu_layers_all"]
+    return sum(s.layers for s in t.shares) - cpu if cpu else policy.gpu_layers_all
 
 
-def _slots(run: RunConfig) -> str:
-    return f"context {ctx_label(run.n_ctx)}" if run.n_seq == 1 else \
-        f"{run.n_seq} slots x {ctx_label(run.n_ctx)} tokens"
-
-
-def _speed_text(t: _Trial, at_context: int) -> str:
-    s = t.speed
-    mtp = f" with MTP (k={s.k}, {s.mtp_gain:.2f}x plain {s.plain_tok_s:.0f})" if t.run.mtp and s.k else ""
-    if t.run.mtp and not s.k:
-        mtp = " (MTP predicted not to pay here: plain speed)"
-    return (f"predicted ~{s.tok_s:.0f} tok/s decode for one client{mtp} at {ctx_label(min(at_context, t.run.n_ctx))} "
-            f"tokens of context ({s.bytes_per_token / 1e9:.2f} GB per token; {s.bandwidth.source})")
-
-
-def _hosts(t: _Trial) -> str:
-    n = len(hosts(t.shares))
-    return f"{n} hosts" if n > 1 else "1 host"
-
-
-def _shares_text(t: _Trial) -> str:
-    """`local RAM 9.1 GiB of 20.0 GiB (13 layers) + RPC0[10.0.0.2:50052] 12.0 GiB of 16.0 GiB (28 layers)`."""
-    return " + ".join(f"{s.holder.name} {gib(s.need)} of {gib(s.holder.free)} ({s.layers} layers)"
-                      for s in t.shares) + " (margins included)"
-
-
-def _alone(t: _Trial, env: _Env) -> str | None:
-    """Why `t`'s tier would not fit on this host without the workers (None when it would)."""
+def _alone(t: Trial, env: _Env) -> Trial | None:
+    """`t`'s tier on this host without the workers: None when it fits there, else its first (fullest) plan."""
     local = _Env(replace(env.budget, remote=()), env.bandwidth, env.policy, env.n_seq)
     trials = [_try(t.cand, mode, t.run.n_ctx, t.run.mtp, local) for mode in _modes(local.budget)]
-    if any(trial.fits for trial in trials):
-        return None
-    first = trials[0]
-    if first.placement.mode == "cpu":
-        return f"this host alone would need {gib(first.host_need)} of RAM, {gib(local.budget.ram_free)} available"
-    return f"this host alone would need {gib(first.device_need)} on the GPU, {gib(local.budget.gpu_free)} free"
-
-
-def _why_not(better: tuple[_Trial | None, _Trial], floor: float) -> str:
-    fit, first = better
-    tier = first.cand.tier
-    if fit is not None:
-        return f"{tier} would decode at only ~{fit.speed.tok_s:.0f} tok/s here (below {floor:g})"
-    if first.placement.mode == SPLIT:
-        over = ", ".join(f"{s.holder.name} {gib(s.need)} of {gib(s.holder.free)}" for s in first.shares if not s.fits)
-        return f"{tier} would need {over}"
-    if first.placement.mode == "cpu":
-        return f"{tier} would need {gib(first.host_need)} of RAM"
-    return f"{tier} would need {gib(first.device_need)} on the GPU"
-
-
-def explain(t: _Trial, env: _Env, reason: str, first: _Trial, better: tuple[_Trial | None, _Trial] | None,
-            hint: str | None) -> str:
-    """The human reason: the objective, which tier, where, the sum that fits (or does not), the predicted speed,
-    what the next better tier lacked, and a what-if or GPU-build note."""
-    policy, budget = env.policy, env.budget
-    parts = summary(t.breakdown, t.run, t.cand.arch)
-    mode = t.placement.mode
-    mtp = " with MTP" if t.run.mtp else (" (MTP off)" if t.cand.arch.n_nextn else "")
-    if mode == SPLIT and not t.fits:
-        fewer = ", fewer --parallel slots" if t.run.n_seq > 1 else ""
-        over = ", ".join(s.holder.name for s in t.shares if not s.fits)
-        text = (f"nothing fits: even {t.cand.tier} split across {_hosts(t)} needs {_shares_text(t)}, too much for "
-                f"{over}; all of it: {parts}; add workers or memory (--mem), pick a tier with --tier to try anyway, "
-                f"or a smaller --context{fewer}")
-        return text + (f"; {hint}" if hint else "")
-    if mode == "cpu" and not t.fits:
-        fewer = ", fewer --parallel slots" if t.run.n_seq > 1 else ""
-        text = (f"nothing fits: even {t.cand.tier} on the CPU needs {gib(t.host_need)} of RAM ({parts} + "
-                f"{gib(policy['host_margin'])} margin) and {gib(budget.ram_free)} is available; "
-                f"pick a tier with --tier to try anyway, or a smaller --context{fewer}")
-        return text + (f"; {hint}" if hint else "")
-    if mode == SPLIT:
-        alone = _alone(t, env)
-        if alone is None:
-            text = (f"{t.cand.tier}{mtp} split across {_hosts(t)} (it would fit on this host alone too; the workers "
-                    f"given are used)")
-        else:
-            text = f"{t.cand.tier}{mtp} fits only across {_hosts(t)} ({alone})"
-        text += f", by layers in proportion to free memory: {_shares_text(t)}; all of it: {parts}"
-    elif mode == "cpu":
-        if budget.gpu is None:
-            why = "GPU unusable" if budget.blocked else "no GPU"
-        else:
-            why = f"too large for {budget.gpu_label} even with experts in RAM"
-        text = (f"{t.cand.tier}{mtp} on the CPU ({why}): {parts} + {gib(policy['host_margin'])} margin = "
-                f"{gib(t.host_need)} of {gib(budget.ram_free)} RAM available")
-    elif mode == "gpu":
-        where = "in unified memory" if budget.unified else "fully on the GPU"
-        text = (f"{t.cand.tier}{mtp} {where} ({budget.gpu_label}): {parts} + {gib(policy['margin'])} margin = "
-                f"{gib(t.device_need)} of {gib(budget.gpu_free)} free")
-    else:
-        n, total = t.placement.n_cpu_moe, t.cand.arch.n_layer
-        text = (f"{t.cand.tier}{mtp} on the GPU ({budget.gpu_label}) with the routed experts of {n} of {total} "
-                f"layers in RAM: GPU {gib(t.device_need)} of {gib(budget.gpu_free)} free (margin included), RAM "
-                f"{gib(t.host_need)} of {gib(budget.ram_free)}; all of it: {parts}")
-        if first.placement.mode == "gpu":
-            text += f"; fully on the GPU it would need {gib(first.device_need)}"
-    text = f"{reason}: {text}; {_speed_text(t, policy['speed']['at_context'])}"
-    if better is not None:
-        text += f"; {_why_not(better, policy['objectives']['floor_tok_s'])}"
-    text += f" ({_slots(t.run)})"
-    if budget.what_if:
-        given = ([f"{budget.gpu_label} from --vram"] if budget.gpu is not None and budget.gpu.given else []) + \
-            ([f"workers {', '.join(gib(d.free) for d in budget.remote if d.given)} from --rpc-mem"]
-             if any(d.given for d in budget.remote) else [])
-        text = f"what-if, not detected ({'; '.join(given)}): {text}"
-    if hint:
-        text += f"; {hint}"
-    return text
+    return None if any(trial.fits for trial in trials) else trials[0]

@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any
-
 from backend.core.acceptance import accuracy_for_acceptance
 from backend.core.units import GB
 
 from .catalog import WeightBytes
 from .detect import GPU, HardwareProfile, probe_ram_gbps
 from .estimate import ArchFacts, RunConfig, cache_bytes
+from .policy import SpeedPolicy
 
 # bench/bench_predict.py imports the probe from here; new code takes `gallery.detect.probe_ram_gbps`.
 _probe_gbps = probe_ram_gbps
@@ -106,12 +105,8 @@ def token_bytes(arch: ArchFacts, weights: WeightBytes, run: RunConfig, at_contex
                       routed=weights.routed_experts, expert_share=share)
 
 
-def _device_consts(speed: dict[str, Any], kind: str) -> dict[str, float]:
-    return speed["devices"][kind]
-
-
 def predict(arch: ArchFacts, weights: WeightBytes, run: RunConfig, mode: str, n_cpu_moe: int, bw: Bandwidth,
-            speed: dict[str, Any], acceptance: tuple[float, int] | None = None) -> Speed:
+            speed: SpeedPolicy, acceptance: tuple[float, int] | None = None) -> Speed:
     """Predicted decode tokens/s of one plan (see the module doc for the model).
 
     Args:
@@ -121,16 +116,16 @@ def predict(arch: ArchFacts, weights: WeightBytes, run: RunConfig, mode: str, n_
         speed: hardware.yaml's `policy.speed`.
         acceptance: (rate, k) the MTP head reaches, default `speed.mtp_acceptance`.
     """
-    tb = token_bytes(arch, weights, run, speed["at_context"])
+    tb = token_bytes(arch, weights, run, speed.at_context)
     kind = "cpu" if mode == "cpu" else bw.kind
-    dev, cpu = _device_consts(speed, kind), _device_consts(speed, "cpu")
+    dev, cpu = speed.devices[kind], speed.devices["cpu"]
     # a byte of quantized weights costs `quant_cost` bytes' time (dequantizing in the dot products); state and KV do not
-    weight_cost = {k: c["quant_cost"] if weights.quantized else 1.0 for k, c in (("dev", dev), ("cpu", cpu))}
-    dev_rate = (bw.host if mode == "cpu" else bw.device) * dev["efficiency"]
-    host_rate = bw.host * cpu["efficiency"]
+    weight_cost = {k: c.quant_cost if weights.quantized else 1.0 for k, c in (("dev", dev), ("cpu", cpu))}
+    dev_rate = (bw.host if mode == "cpu" else bw.device) * dev.efficiency
+    host_rate = bw.host * cpu.efficiency
     moved = n_cpu_moe / max(arch.n_layer, 1) if mode == "gpu+ram" else 0.0
-    token_ms = speed["token_overhead_ms"]
-    layers_ms = arch.n_layer * dev["layer_overhead_ms"] + (n_cpu_moe * cpu["layer_overhead_ms"] if moved else 0.0)
+    token_ms = speed.token_overhead_ms
+    layers_ms = arch.n_layer * dev.layer_overhead_ms + (n_cpu_moe * cpu.layer_overhead_ms if moved else 0.0)
 
     def read_ms(n_tokens: int) -> float:
         """Reading the weights and state one target decode of `n_tokens` tokens touches."""
@@ -145,16 +140,16 @@ def predict(arch: ArchFacts, weights: WeightBytes, run: RunConfig, mode: str, n_
     def step_ms(n_tokens: int) -> float:
         """One verify batch of `n_tokens` tokens: the union of what they read, the fixed costs, a sampled row per
         token, and the work each extra token adds (a share of a plain step)."""
-        extra = (n_tokens - 1) * dev["verify_overhead"] * core_ms
+        extra = (n_tokens - 1) * dev.verify_overhead * core_ms
         return read_ms(n_tokens) + layers_ms + n_tokens * token_ms + extra
 
     best_k, best = 0, plain
     if run.mtp and tb.draft:
-        rate, at_k = acceptance or (speed["mtp_acceptance"]["rate"], speed["mtp_acceptance"]["n_draft"])
+        rate, at_k = acceptance or (speed.mtp_acceptance.rate, speed.mtp_acceptance.n_draft)
         q = accuracy_for_acceptance(rate, at_k)
         # a draft reads the MTP layer; the engine also mirrors each verified step into the MTP context (one more
         # MTP-layer pass per step)
-        draft_ms = 1000 * tb.draft * weight_cost["dev"] / dev_rate + dev["layer_overhead_ms"] + token_ms
+        draft_ms = 1000 * tb.draft * weight_cost["dev"] / dev_rate + dev.layer_overhead_ms + token_ms
         for k in range(1, run.spec_n_max + 1):
             expected = sum(q**i for i in range(k + 1))
             tok_s = 1000 * expected / ((k + 1) * draft_ms + step_ms(k + 1))
@@ -163,12 +158,12 @@ def predict(arch: ArchFacts, weights: WeightBytes, run: RunConfig, mode: str, n_
     return Speed(plain_tok_s=plain, tok_s=best, k=best_k, bytes_per_token=tb.plain, bandwidth=bw)
 
 
-def over_rpc(s: Speed, n_workers: int, speed: dict[str, Any]) -> Speed:
+def over_rpc(s: Speed, n_workers: int, speed: SpeedPolicy) -> Speed:
     """`s` on a model split across `n_workers` worker hosts: `speed.rpc_token_overhead_ms` more per emitted token
     and worker (the graph sent each step, activations and logits copied through this host; measured on loopback
     by bench/bench_rpc.py, so across real hosts it is a floor). The workers' devices are taken to read as fast as
     this host's own."""
-    ms = n_workers * speed["rpc_token_overhead_ms"]
+    ms = n_workers * speed.rpc_token_overhead_ms
     if not ms:
         return s
     plain = 1000 / (1000 / s.plain_tok_s + ms)
@@ -178,21 +173,21 @@ def over_rpc(s: Speed, n_workers: int, speed: dict[str, Any]) -> Speed:
 # ----------------------------------------------------------------------------------------- bandwidths
 
 
-def gpu_bandwidth(gpu: GPU, speed: dict[str, Any]) -> tuple[float, str]:
+def gpu_bandwidth(gpu: GPU, speed: SpeedPolicy) -> tuple[float, str]:
     """(bytes/s, source) of a GPU: its own figure (hardware classes), the datasheet table by name, or the
     vendor's default."""
     if gpu.bandwidth:
         return gpu.bandwidth, f"{gpu.bandwidth / GB:.0f} GB/s"
-    for row in speed["gpu_gbps"]:
-        if re.search(row["match"], gpu.name, re.IGNORECASE):
-            return row["gbps"] * GB, f"{row['gbps']:g} GB/s ({row['match']} datasheet)"
-    gbps = speed["vendor_gbps"].get(gpu.vendor, speed["vendor_gbps"]["default"])
+    for row in speed.gpu_gbps:
+        if re.search(row.match, gpu.name, re.IGNORECASE):
+            return row.gbps * GB, f"{row.gbps:g} GB/s ({row.match} datasheet)"
+    gbps = speed.vendor_bandwidth(gpu.vendor)
     return gbps * GB, f"{gbps:g} GB/s (assumed for {gpu.vendor or 'an unknown'} GPU)"
 
 
-def bandwidth_for(profile: HardwareProfile, gpu: GPU | None, speed: dict[str, Any]) -> Bandwidth:
+def bandwidth_for(profile: HardwareProfile, gpu: GPU | None, speed: SpeedPolicy) -> Bandwidth:
     """The bandwidths a plan on `profile` runs with (`gpu` is the one the selector plans on, None for CPU)."""
-    ram = profile.ram_bandwidth or speed["ram_gbps"] * GB
+    ram = profile.ram_bandwidth or speed.ram_gbps * GB
     if gpu is None:
         return Bandwidth("cpu", ram, ram, f"RAM {ram / GB:.0f} GB/s" + ("" if profile.ram_bandwidth else " (assumed)"))
     device, source = gpu_bandwidth(gpu, speed)

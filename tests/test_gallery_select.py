@@ -54,7 +54,7 @@ def test_table_covers_every_family_class_and_objective() -> None:
 @pytest.mark.parametrize("prefer", OBJECTIVES)
 def test_more_vram_never_gives_a_worse_tier_or_a_slower_plan(family: str, prefer: str) -> None:
     """8..80 GiB in 1 GiB steps, the same card otherwise: quality never drops a tier, speed never drops tok/s."""
-    order = POLICY["tier_order"]
+    order = POLICY.tier_order
     previous = None
     for vram in range(8, 81):
         sel = select(_gpu(vram), FAMILIES[family], POLICY, Request(prefer=prefer))
@@ -72,9 +72,9 @@ def test_quality_takes_the_best_tier_above_the_floor_even_with_experts_in_ram() 
     10 tok/s floor, so quality keeps it (the old rule took any fully-on-GPU tier first); speed takes I-Compact."""
     sel = select(_gpu(24), MTP_FAMILY, POLICY)
     assert (sel.tier, sel.mode, sel.objective) == ("I-Balanced", "gpu+ram", "quality") and 0 < sel.n_cpu_moe < 10
-    assert sel.predicted_tok_s >= POLICY["objectives"]["floor_tok_s"]
+    assert sel.predicted_tok_s >= POLICY.objectives.floor_tok_s
     assert sel.device_need <= sel.device_budget == int(22.5 * GiB)
-    assert sel.gpu_layers == POLICY["gpu_layers_all"] and sel.cache_type_k == sel.cache_type_v == "q8_0"
+    assert sel.gpu_layers == POLICY.gpu_layers_all and sel.cache_type_k == sel.cache_type_v == "q8_0"
     assert sel.explanation.startswith("quality first (the best tier predicted at >= 10 tok/s): I-Balanced")
     assert "fully on the GPU it would need" in sel.explanation and "predicted ~" in sel.explanation
     fast = select(_gpu(24), MTP_FAMILY, POLICY, Request(prefer="speed"))
@@ -87,7 +87,7 @@ def test_quality_takes_the_best_tier_above_the_floor_even_with_experts_in_ram() 
 
 def test_a_slow_box_gets_the_fastest_tier_and_is_told_so() -> None:
     sel = select(HardwareProfile("Linux", "cpu", 2, 32 * GiB, None, ram_bandwidth=5e9), PLAIN_FAMILY, POLICY)
-    assert sel.fits and sel.predicted_tok_s < POLICY["objectives"]["floor_tok_s"]
+    assert sel.fits and sel.predicted_tok_s < POLICY.objectives.floor_tok_s
     assert sel.explanation.startswith("quality first, but no tier reaches 10 tok/s here, so the fastest")
     others = [select(HardwareProfile("Linux", "cpu", 2, 32 * GiB, None, ram_bandwidth=5e9), PLAIN_FAMILY, POLICY,
                      Request(tier=c.tier)) for c in PLAIN_FAMILY]

@@ -5,6 +5,7 @@ measurements."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from gallery.select import candidates_for
 from gallery.speed import GB, bandwidth_for, gpu_bandwidth, predict, token_bytes
 
 CAT = load_catalog()
-SPEED = CAT.policy["speed"]
+SPEED = CAT.policy.speed
 MTP_FAMILY = candidates_for(CAT, CAT.get("qwen3.6-35b-a3b-apex-mtp"))
 CALIBRATION = yaml.safe_load((DATA_DIR / "speed_calibration.yaml").read_text())
 # DGX Spark GB10 (unified, 273 GB/s), llama-bench tg128, Qwen3.5-35B-A3B APEX tiers (apex-method.md §3.2)
@@ -85,7 +86,7 @@ def test_gpu_bandwidth_comes_from_the_class_the_datasheet_table_or_the_vendor() 
     assert gpu_bandwidth(GPU(0, "x", "class", 8 * GiB, None, bandwidth=272 * GB), SPEED)[0] == 272 * GB
     unknown, source = gpu_bandwidth(GPU(0, "Mystery 9000", "amd", 8 * GiB, None), SPEED)
     assert unknown == 500 * GB and "assumed" in source
-    assert bandwidth_for(HardwareProfile("Linux", "x", 2, GiB, None), None, SPEED).device == SPEED["ram_gbps"] * GB
+    assert bandwidth_for(HardwareProfile("Linux", "x", 2, GiB, None), None, SPEED).device == SPEED.ram_gbps * GB
 
 
 @pytest.mark.parametrize("row", CALIBRATION["rows"], ids=lambda r: r["model"])
@@ -100,7 +101,7 @@ def test_predictions_stay_within_the_bench_tolerance_of_what_was_measured(row: d
     if row["mtp"]:
         synth = read_synth_info(path)
         acceptance = (synth.expected_acceptance, synth.n_draft)
-    speed = dict(SPEED, at_context=CALIBRATION["at_context"])
+    speed = replace(SPEED, at_context=CALIBRATION["at_context"])
     run = RunConfig(n_ctx=2048, cache_type_k="f16", cache_type_v="f16", mtp=row["mtp"],
                     spec_n_max=6 if row["mtp"] else 0)
     bw = bandwidth_for(_cpu(CALIBRATION["ram_gbps"]), None, speed)
@@ -111,7 +112,7 @@ def test_predictions_stay_within_the_bench_tolerance_of_what_was_measured(row: d
 def test_published_unified_memory_figures_are_predicted_within_the_tolerance() -> None:
     gpu = GPU(0, "NVIDIA GB10", "nvidia", 128 * GiB, None, unified=True)
     bw = bandwidth_for(HardwareProfile("Linux", "Grace", 20, 128 * GiB, None, (gpu,)), gpu, SPEED)
-    speed = dict(SPEED, at_context=512)
+    speed = replace(SPEED, at_context=512)
     for cand in candidates_for(CAT, CAT.get("qwen3.5-35b-a3b-apex")):
         if cand.tier in PUBLISHED_GB10:
             pred = predict(cand.arch, cand.weights, RunConfig(n_ctx=4096, cache_type_k="f16", cache_type_v="f16"),

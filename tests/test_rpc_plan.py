@@ -23,7 +23,7 @@ CAT = load_catalog()
 POLICY = CAT.policy
 MTP_FAMILY = candidates_for(CAT, CAT.get("qwen3.6-35b-a3b-apex-mtp"))
 PLAIN_FAMILY = candidates_for(CAT, CAT.get("qwen3.6-35b-a3b-apex"))
-ORDER = POLICY["tier_order"]
+ORDER = POLICY.tier_order
 
 
 def _cpu(ram_gib: float, *workers_gib: float) -> HardwareProfile:
@@ -109,7 +109,7 @@ def test_more_worker_memory_never_gives_a_worse_tier_or_a_slower_plan(prefer):
     """One 16 GiB host plus a worker of 4..96 GiB, then a second worker: quality never drops a tier, speed never
     drops tok/s."""
     def good(tier: str) -> bool:
-        return ORDER.index(tier) <= ORDER.index(POLICY["objectives"]["quality_floor"])
+        return ORDER.index(tier) <= ORDER.index(POLICY.objectives.quality_floor)
 
     previous = None
     for profile in [_cpu(16, w) for w in range(4, 97, 4)] + [_cpu(16, 96, w) for w in range(8, 97, 8)]:
@@ -132,7 +132,7 @@ def test_a_local_gpu_is_the_last_device_and_ram_keeps_only_the_host_part():
     sel = select(profile, MTP_FAMILY, POLICY)
     names = [s.holder.name for s in sel.shares]
     assert names == ["local RAM", "RPC0[10.0.0.2:50052]", "local Test GPU"]
-    assert sel.shares[0].layers == 0 and sel.gpu_layers == POLICY["gpu_layers_all"]
+    assert sel.shares[0].layers == 0 and sel.gpu_layers == POLICY.gpu_layers_all
     assert sel.shares[0].weights >= sel.breakdown.token_embd
 
 

@@ -206,6 +206,44 @@ def _buft_overrides(cfg: EngineConfig, n_layers: int) -> ctypes.Array | None:
     return arr
 
 
+def _local_gpus(cfg: EngineConfig) -> list[int]:
+    return [] if cfg.rpc_servers else [d for d in ggml.offload_devices() if ggml.backend_name(d) != "RPC"]
+
+
+def _placement(cfg: EngineConfig) -> tuple[int, int]:
+    """(split_mode, main_gpu), checked against the local GPUs: llama.cpp fails a load (or asserts) otherwise."""
+    gpus = _local_gpus(cfg)
+    if cfg.split_mode in ("row", "tensor") and len(gpus) < 2:
+        raise InvalidRequestError(f"split_mode:{cfg.split_mode} splits tensors across several GPUs; "
+                                  f"{len(gpus)} visible here (use layer or none)")
+    if gpus and cfg.main_gpu >= len(gpus):
+        raise InvalidRequestError(f"MainGPU {cfg.main_gpu}: there are {len(gpus)} GPU(s) "
+                                  f"({', '.join(ggml.name(d) for d in gpus)}), numbered from 0")
+    return SPLIT_MODES[cfg.split_mode], cfg.main_gpu
+
+
+def _device_array(names: tuple[str, ...]) -> ctypes.Array:
+    """The NULL-terminated device array for `device:` names (`none`: no device, the CPU alone)."""
+    wanted = [n for n in names if n.lower() != "none"]
+    by_name = {ggml.name(d): d for d in ggml.local_devices() if ggml.device_type(d) != ggml.DEV_CPU}
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown:
+        raise InvalidRequestError(f"device: unknown device(s) {', '.join(unknown)}; this build offloads to "
+                                  f"{', '.join(by_name) or 'no device (CPU only)'}")
+    return (ctypes.c_void_p * (len(wanted) + 1))(*(by_name[n] for n in wanted))
+
+
+def check_placement(cfg: EngineConfig, n_layers: int) -> None:
+    """Refuse, before anything is freed or loaded, a placement this build cannot give: split_mode row/tensor
+    without several GPUs, a MainGPU or device that does not exist, an override_tensor buffer type it lacks."""
+    _placement(cfg)
+    _buft_overrides(cfg, n_layers)
+    if cfg.devices is not None and not cfg.rpc_servers:
+        _device_array(cfg.devices)
+    if cfg.main_gpu and not _local_gpus(cfg):
+        log.warning("MainGPU %d has no effect: no GPU is visible", cfg.main_gpu)
+
+
 def _kv_overrides(overrides: tuple[KVOverride, ...]) -> ctypes.Array | None:
     """The `kv_overrides` array, ended by an entry with an empty key (llama.cpp's terminator)."""
     if not overrides:
@@ -504,7 +542,7 @@ class Engine:
         mp.load_mode = L.LLAMA_LOAD_MODE_DIRECT_IO if cfg.direct_io else mode
         mp.load_mtp = cfg.mtp
         mp.check_tensors = cfg.check_tensors
-        mp.split_mode, mp.main_gpu = self._placement(cfg)
+        mp.split_mode, mp.main_gpu = _placement(cfg)
         keep = [_buft_overrides(cfg, self.info.trunk_layers), _kv_overrides(cfg.kv_overrides)]
         if keep[0] is not None:
             mp.tensor_buft_overrides = ctypes.cast(keep[0], ctypes.c_void_p)
@@ -515,7 +553,7 @@ class Engine:
             mp.devices = self.workers.devices_pointer
             mp.n_gpu_layers = cfg.n_gpu_layers or -1  # the workers are there to hold layers
         elif cfg.devices is not None:
-            keep.append(self._device_array(cfg.devices))
+            keep.append(_device_array(cfg.devices))
             mp.devices = ctypes.cast(keep[-1], ctypes.c_void_p)
         split = (self.workers.tensor_split(cfg.tensor_split) if self.workers else split_array(cfg.tensor_split)
                  ) if cfg.tensor_split else None
@@ -524,30 +562,6 @@ class Engine:
             mp.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
         self._params_keep = keep
         return mp
-
-    def _placement(self, cfg: EngineConfig) -> tuple[int, int]:
-        """(split_mode, main_gpu), checked against the local GPUs: llama.cpp fails a load (or asserts) otherwise."""
-        gpus = [] if cfg.rpc_servers else [d for d in ggml.offload_devices() if ggml.backend_name(d) != "RPC"]
-        if cfg.split_mode in ("row", "tensor") and len(gpus) < 2:
-            raise InvalidRequestError(f"split_mode:{cfg.split_mode} splits tensors across several GPUs; "
-                                      f"{len(gpus)} visible here (use layer or none)")
-        if gpus and cfg.main_gpu >= len(gpus):
-            raise InvalidRequestError(f"MainGPU {cfg.main_gpu}: there are {len(gpus)} GPU(s) "
-                                      f"({', '.join(ggml.name(d) for d in gpus)}), numbered from 0")
-        if not gpus and cfg.main_gpu:
-            log.warning("%s: MainGPU %d has no effect: no GPU is visible", self.path, cfg.main_gpu)
-        return SPLIT_MODES[cfg.split_mode], cfg.main_gpu
-
-    @staticmethod
-    def _device_array(names: tuple[str, ...]) -> ctypes.Array:
-        """The NULL-terminated device array for `device:` names (`none`: no device, the CPU alone)."""
-        wanted = [n for n in names if n.lower() != "none"]
-        by_name = {ggml.name(d): d for d in ggml.local_devices() if ggml.device_type(d) != ggml.DEV_CPU}
-        unknown = [n for n in wanted if n not in by_name]
-        if unknown:
-            raise InvalidRequestError(f"device: unknown device(s) {', '.join(unknown)}; this build has "
-                                      f"{', '.join(by_name)}")
-        return (ctypes.c_void_p * (len(wanted) + 1))(*(by_name[n] for n in wanted))
 
     def _new_context(self, cfg: EngineConfig, *, kind: str) -> int:
         cp = L.llama_context_default_params()
@@ -1107,9 +1121,11 @@ class Engine:
     def rerank(self, query: str, documents: list[str]) -> list[tuple[float, int]]:
         """(relevance score, tokens evaluated) of each document for `query`, from the model's classification head
         in a rank-pooled context, each pair laid out as llama-server lays it out (`format_prompt_rerank`)."""
+        if not self.info.has_rank_head:
+            raise RerankUnavailableError(f"this model has no reranking head ({Path(self.path).name} has no cls / "
+                                         "cls.output tensor): load a reranker GGUF with Reranking=true")
         if not self.config.reranking:
-            raise RerankUnavailableError(f"{Path(self.path).name} was not loaded for reranking (Reranking=true "
-                                         "with a reranker GGUF)")
+            raise RerankUnavailableError(f"{Path(self.path).name} was loaded without Reranking=true")
         template = self.meta("tokenizer.chat_template.rerank")
         out = []
         for doc in documents:

@@ -14,6 +14,7 @@ import difflib
 import functools
 import logging
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -21,7 +22,7 @@ from typing import Any, Callable
 import yaml
 
 from .. import constants
-from ..engine.llama import EngineConfig, KVOverride
+from ..engine.llama import EngineConfig, KVOverride, check_placement
 from ..engine.prompt_cache import CacheConfig
 from ..engine.speculative import NGRAM_TYPES, SpecConfig
 from ..errors import InvalidOptionError, ModelNotFoundError
@@ -185,6 +186,7 @@ class FieldSpec:
 class Vocabulary:
     options: tuple[OptionSpec, ...]
     fields: tuple[FieldSpec, ...]
+    readme: str  # the README section's opening paragraph
 
     @functools.cached_property
     def by_name(self) -> dict[str, OptionSpec]:
@@ -209,7 +211,9 @@ def vocabulary() -> Vocabulary:
     """The parsed `localai_options.yaml` (names are checked to be unique across entries)."""
     data = yaml.safe_load(VOCABULARY_FILE.read_text())
     vocab = Vocabulary(options=tuple(_option(name, raw) for name, raw in data["options"].items()),
-                       fields=tuple(FieldSpec(name, raw["status"], raw["note"]) for name, raw in data["fields"].items()))
+                       fields=tuple(FieldSpec(name, raw["status"], " ".join(raw["note"].split()))
+                                    for name, raw in data["fields"].items()),
+                       readme=" ".join(data["readme"].split()))
     names = [n for spec in vocab.options for n in spec.names]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes or any(f.status not in STATUSES for f in vocab.fields):
@@ -217,10 +221,14 @@ def vocabulary() -> Vocabulary:
     return vocab
 
 
+README_MARKERS = ("<!-- options-table -->", "<!-- /options-table -->")
+
+
 def vocabulary_table() -> str:
-    """The README's "LocalAI option vocabulary" tables, from `localai_options.yaml`."""
+    """The README's "LocalAI option vocabulary" section (between `README_MARKERS`), from `localai_options.yaml`."""
     vocab = vocabulary()
-    lines = ["| Option | Also | Here | Notes |", "|---|---|---|---|"]
+    lines = ["### LocalAI option vocabulary", "", textwrap.fill(vocab.readme, 116), "",
+             "| Option | Also | Here | Notes |", "|---|---|---|---|"]
     for spec in vocab.options:
         also = ", ".join(f"`{a}`" for a in spec.aliases)
         ours = " (apexmtp's own)" if spec.source == "apexmtp" else ""
@@ -401,11 +409,6 @@ def _main_gpu(text: str) -> int:
     return gpu
 
 
-def has_rank_head(info: GGUFInfo) -> bool:
-    """A classification head llama.cpp's rank pooling reads (`cls` / `cls.output`)."""
-    return bool({"cls.weight", "cls.output.weight"} & info.tensor_names)
-
-
 # ------------------------------------------------------------------------------------------- the plan
 
 
@@ -448,7 +451,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
     if ngram:
         reason += f"; {','.join(ngram)} drafting requested"
     rerank = req.Reranking or opts.get("pooling") == "rank"
-    if rerank and not has_rank_head(info):
+    if rerank and not info.has_rank_head:
         raise InvalidOptionError(f"{path.name} has no reranking head (no cls / cls.output tensor): Reranking needs "
                                  "a reranker GGUF")
     n_batch = req.NBatch if req.NBatch > 0 else 512
@@ -496,6 +499,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         image_max_tokens=opts.get("image_max_tokens", -1),
         **rope,
     )
+    check_placement(cfg, info.trunk_layers)
     if cfg.n_gpu_layers != 0 and not cfg.rpc_servers:  # with workers, the offloaded layers go to their devices
         _warn_if_cpu_only(req.NGPULayers)
     spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),

@@ -237,6 +237,46 @@ def write_lora(path: Path, *, arch: str = "llama", n_embd: int = 576, rank: int 
     return path
 
 
+def write_reranker(path: Path, *, n_embd: int = 64, n_head: int = 4, n_ff: int = 128, seed: int = 0) -> Path:
+    """A tiny random qwen3 reranker: one layer, the synthetic byte-level vocabulary, a `cls.output` head with the
+    yes/no labels of Qwen3-Reranker GGUFs and rank pooling (llama.cpp scores with a softmax over the labels)."""
+    import gguf
+
+    from backend.synth.qwen35moe import build_vocab
+
+    rng = np.random.default_rng(seed)
+    vocab, head_dim = build_vocab(512), n_embd // n_head
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    for key, value in (("context_length", 512), ("embedding_length", n_embd), ("block_count", 1),
+                       ("feed_forward_length", n_ff), ("attention.head_count", n_head),
+                       ("attention.head_count_kv", n_head), ("pooling_type", 4)):
+        w.add_uint32(f"qwen3.{key}", value)
+    w.add_float32("qwen3.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32("qwen3.rope.freq_base", 10000.0)
+    w.add_array("qwen3.classifier.output_labels", ["yes", "no"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(list(vocab.tokens))
+    w.add_token_types(list(vocab.token_types))
+    w.add_token_merges(list(vocab.merges))
+    w.add_eos_token_id(len(vocab.tokens) - 1)
+    w.add_add_bos_token(False)
+    shapes = {"token_embd.weight": (512, n_embd), "output_norm.weight": (n_embd,), "cls.output.weight": (2, n_embd),
+              "blk.0.attn_norm.weight": (n_embd,), "blk.0.ffn_norm.weight": (n_embd,),
+              "blk.0.attn_q_norm.weight": (head_dim,), "blk.0.attn_k_norm.weight": (head_dim,),
+              **{f"blk.0.attn_{x}.weight": (n_embd, n_embd) for x in ("q", "k", "v", "output")},
+              "blk.0.ffn_gate.weight": (n_ff, n_embd), "blk.0.ffn_up.weight": (n_ff, n_embd),
+              "blk.0.ffn_down.weight": (n_embd, n_ff)}
+    for name, shape in shapes.items():
+        data = np.ones(shape) if "norm" in name else rng.normal(0, 0.3, shape)
+        w.add_tensor(name, data.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 # ------------------------------------------------------------------------------------------- over gRPC
 
 
@@ -348,3 +388,25 @@ def test_grpc_prefill_assistant(opt_backend, smollm2_path):
         counts[prefill] = r.prompt_tokens
     # continuing the message leaves out its end-of-turn and the new assistant header
     assert counts["true"] < counts["false"]
+
+
+def test_grpc_rerank_with_a_classification_head(opt_backend, tmp_path):
+    """A (random) reranker: Rerank answers LocalAI's RerankResult from llama.cpp's rank pooling, best first, cut to
+    top_n. (No real reranker GGUF is available offline, so the scores are checked for range and order, not
+    relevance.)"""
+    stub = opt_backend.stub
+    model = write_reranker(tmp_path / "rerank.gguf")
+    res = stub.LoadModel(pb.ModelOptions(ModelFile=str(model), ContextSize=256, NBatch=128, Threads=2, Reranking=True))
+    assert res.success, res.message
+    docs = ["the cat sat on the mat", "stock prices fell", "a kitten on a rug", "rain in spain"]
+    r = stub.Rerank(pb.RerankRequest(query="where is the cat", documents=docs))
+    assert sorted(d.index for d in r.results) == [0, 1, 2, 3]
+    scores = [d.relevance_score for d in r.results]
+    assert scores == sorted(scores, reverse=True) and all(0.0 < x < 1.0 for x in scores) and len(set(scores)) > 1
+    assert [d.text for d in r.results] == [docs[d.index] for d in r.results]
+    assert r.usage.total_tokens == r.usage.prompt_tokens > 0
+    top = stub.Rerank(pb.RerankRequest(query="where is the cat", documents=docs, top_n=2))
+    assert [(d.index, d.relevance_score) for d in top.results] == [(d.index, d.relevance_score) for d in r.results[:2]]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Rerank(pb.RerankRequest(query="", documents=docs))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -346,6 +346,10 @@ def test_grpc_typed_fields_reach_llama_cpp(opt_backend, smollm2_path):
     assert res.success, res.message
     assert list(stub.TokenizeString(pb.PredictOptions(Prompt="hello")).tokens) == [1, *plain_tokens]
     assert _predict(stub).message != plain  # positions rotate at half the speed: other logits
+    res = stub.LoadModel(smollm2_options(smollm2_path, Options=["spec_type:ngram-mod", "spec_ngram_mod_n_min:8"]))
+    assert res.success and "ngram-mod drafting requested" in res.message, res.message
+    assert "spec_type ngram-mod: n-gram drafting is not active in this build" in opt_backend.stderr()
+    assert _predict(stub).message == plain
 
 
 def test_grpc_lora_load_scale_free_and_mismatch(opt_backend, smollm2_path, tmp_path):

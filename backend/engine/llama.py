@@ -185,24 +185,24 @@ def expert_pattern(n_cpu_moe: int, n_layers: int) -> str:
 def _buft_overrides(cfg: EngineConfig, n_layers: int) -> ctypes.Array | None:
     """The NULL-terminated `tensor_buft_overrides` array: `override_tensor` entries first (llama.cpp takes the first
     pattern that matches), then the experts `n_cpu_moe` keeps in a CPU buffer (llama.cpp's --n-cpu-moe)."""
-    pairs = list(cfg.tensor_overrides)
-    if cfg.n_cpu_moe:
-        pairs.append((expert_pattern(cfg.n_cpu_moe, n_layers), "CPU"))
-    if not pairs:
+    if not cfg.tensor_overrides and not cfg.n_cpu_moe:
         return None
-    bufts = ggml.buffer_types()
-    unknown = sorted({b for _, b in pairs if b not in bufts})
+    bufts = ggml.buffer_types() if cfg.tensor_overrides else {}
+    unknown = sorted({b for _, b in cfg.tensor_overrides if b not in bufts})
     if unknown:
         raise InvalidRequestError(f"override_tensor: unknown buffer type(s) {', '.join(unknown)}; "
                                   f"this build has {', '.join(bufts)}")
+    pairs = [(pattern, bufts[name]) for pattern, name in cfg.tensor_overrides]
     for pattern, _ in pairs:
         try:
             re.compile(pattern)
         except re.error as exc:
             raise InvalidRequestError(f"override_tensor: {pattern!r} is not a regular expression ({exc})") from None
+    if cfg.n_cpu_moe:
+        pairs.append((expert_pattern(cfg.n_cpu_moe, n_layers), ggml.cpu_buffer_type()))
     arr = (_BuftOverride * (len(pairs) + 1))()
     for slot, (pattern, buft) in zip(arr, pairs):
-        slot.pattern, slot.buft = pattern.encode(), bufts[buft]
+        slot.pattern, slot.buft = pattern.encode(), buft
     return arr
 
 

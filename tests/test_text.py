@@ -59,7 +59,7 @@ def test_chat_template_renders_tools_and_kwargs():
 
 def test_options_parsing_strict_for_ours_lenient_for_others():
     assert parse_options(["spec_type:draft_mtp", "spec_n_max:4", "spec_p_min:0.75", "use_jinja", "gpu"]) == {
-        "spec_type": "draft-mtp", "n_max": 4, "p_min": 0.75, "use_jinja": True}
+        "spec_type": ("draft-mtp",), "n_max": 4, "p_min": 0.75, "use_jinja": True}
     with pytest.raises(InvalidOptionError, match="did you mean"):
         parse_options(["spec_n_mn:1"])
     with pytest.raises(InvalidOptionError):

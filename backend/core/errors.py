@@ -100,6 +100,10 @@ class NoModelLoadedError(ApexError, RuntimeError):
         super().__init__(message)
 
 
+class RerankUnavailableError(ApexError, RuntimeError):
+    """Rerank reached a model loaded without reranking: no classification head, or Reranking was not set."""
+
+
 # ------------------------------------------------------------------------------------------- requests
 
 

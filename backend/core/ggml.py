@@ -39,6 +39,8 @@ _SIGNATURES = {
     "ggml_backend_dev_backend_reg": ([_vp], _vp),
     "ggml_backend_reg_name": ([_vp], _str),
     "ggml_backend_cpu_buffer_type": ([], _vp),
+    "ggml_backend_dev_buffer_type": ([_vp], _vp),
+    "ggml_backend_buft_name": ([_vp], _str),
     "ggml_backend_reg_dev_count": ([_vp], _sz),
     "ggml_backend_reg_dev_get": ([_vp, _sz], _vp),
     "ggml_backend_rpc_add_server": ([_str], _vp),
@@ -128,6 +130,17 @@ def local_devices() -> list[int]:
     """Every device of this process's ggml registry (RPC devices are never registered there)."""
     reg = _registry()
     return [reg.ggml_backend_dev_get(i) for i in range(reg.ggml_backend_dev_count())]
+
+
+def buffer_types() -> dict[str, int]:
+    """Each local device's buffer type by name (CPU, CUDA0, Vulkan0, ...): what `--override-tensor` names."""
+    base = _base()
+    out = {}
+    for dev in local_devices():
+        buft = base.ggml_backend_dev_buffer_type(dev)
+        if buft:
+            out[base.ggml_backend_buft_name(buft).decode()] = int(buft)
+    return out
 
 
 def offload_devices() -> list[int]:

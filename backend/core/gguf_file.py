@@ -95,6 +95,11 @@ class GGUFInfo:
         return f"blk.{self.trunk_layers}.nextn.eh_proj.weight" in self.tensor_names
 
     @property
+    def has_rank_head(self) -> bool:
+        """A classification head, which llama.cpp's rank pooling (reranking) reads: `cls` or `cls.output`."""
+        return bool({"cls.weight", "cls.output.weight"} & self.tensor_names)
+
+    @property
     def chat_template(self) -> str | None:
         value = self.metadata.get("tokenizer.chat_template")
         return str(value) if value else None

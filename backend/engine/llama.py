@@ -17,6 +17,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,9 +30,9 @@ import numpy as np
 import llama_cpp.llama_cpp as L
 import llama_cpp.llama_cpp_ext as X
 
-from ..core.errors import (ContextOverflowError, EngineClosedError, InsufficientMemoryError, InvalidRequestError,
-                      ModelLoadError, UnsupportedArchitectureError)
 from ..core import ggml
+from ..core.errors import (ContextOverflowError, EngineClosedError, InsufficientMemoryError, InvalidRequestError,
+                           ModelLoadError, RerankUnavailableError, UnsupportedArchitectureError)
 from ..core.gguf_file import GGUFInfo, read_gguf
 from ..rpc.client import Workers, split_array
 from .llamalog import LIVE, LLAMA_LOG, parse_device_lines, parse_memory_lines
@@ -44,6 +46,13 @@ KV_TYPES = {"f32": L.GGML_TYPE_F32, "f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_
             "iq4_nl": L.GGML_TYPE_IQ4_NL}
 FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
               "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+SPLIT_MODES = {"none": L.LLAMA_SPLIT_MODE_NONE, "layer": L.LLAMA_SPLIT_MODE_LAYER, "row": L.LLAMA_SPLIT_MODE_ROW,
+               "tensor": L.LLAMA_SPLIT_MODE_TENSOR}
+ROPE_SCALINGS = {"": L.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED, "none": L.LLAMA_ROPE_SCALING_TYPE_NONE,
+                 "linear": L.LLAMA_ROPE_SCALING_TYPE_LINEAR, "yarn": L.LLAMA_ROPE_SCALING_TYPE_YARN}
+POOLINGS = {"mean": L.LLAMA_POOLING_TYPE_MEAN, "cls": L.LLAMA_POOLING_TYPE_CLS, "last": L.LLAMA_POOLING_TYPE_LAST}
+KV_OVERRIDE_TAGS = {"int": L.LLAMA_KV_OVERRIDE_TYPE_INT, "float": L.LLAMA_KV_OVERRIDE_TYPE_FLOAT,
+                    "bool": L.LLAMA_KV_OVERRIDE_TYPE_BOOL, "str": L.LLAMA_KV_OVERRIDE_TYPE_STR}
 # Architectures whose recurrent state supports n_rs_seq rollback (llama-arch.cpp); MTP needs it here.
 MTP_ARCHS = frozenset({"qwen35", "qwen35moe"})
 MAX_SEQ = 64  # slots per model; llama.cpp allows 256 sequences, far beyond what one host serves usefully
@@ -61,6 +70,15 @@ def _init_backend() -> None:
 
 
 # ------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class KVOverride:
+    """One GGUF metadata override (ModelOptions.Overrides `key=type:value`), applied by llama.cpp's loader."""
+
+    key: str
+    kind: str  # int | float | bool | str
+    value: int | float | bool | str
 
 
 @dataclass(frozen=True)
@@ -89,6 +107,32 @@ class EngineConfig:
     rpc_servers: tuple[str, ...] = ()  # RPC workers (host:port) to split the layers across, with local GPUs
     tensor_split: tuple[float, ...] = ()  # proportion of layers per device (workers first); () splits by free memory
     mmproj: str = ""  # vision projector GGUF (LocalAI's MMProj), loaded through mtmd
+    mmproj_offload: bool = True  # the projector on the GPU when layers are offloaded
+    image_min_tokens: int = -1  # tokens per image for dynamic-resolution projectors (-1: the projector's own)
+    image_max_tokens: int = -1
+    n_threads_batch: int = 0  # prompt-batch threads (0: n_threads)
+    direct_io: bool = False  # read the weights with direct I/O (beats mmap/mlock)
+    check_tensors: bool = False  # validate tensor data while loading
+    warmup: bool = False  # one decode after loading that touches every weight (llama.cpp's warm-up)
+    split_mode: str = "layer"  # none | layer | row | tensor (row/tensor need several local GPUs)
+    main_gpu: int = 0  # the GPU holding everything with split_mode none
+    devices: tuple[str, ...] | None = None  # ggml device names to offload to (() or ("none",): CPU only)
+    tensor_overrides: tuple[tuple[str, str], ...] = ()  # (tensor regex, buffer type name), llama.cpp's -ot
+    offload_kqv: bool = True  # False: the KV cache and attention stay on the CPU (LocalAI's NoKVOffload)
+    op_offload: bool = True  # offload host tensor operations to the device
+    swa_full: bool = False  # full-size sliding-window KV cache
+    rope_scaling: str = ""  # none | linear | yarn; "": the model's own
+    rope_freq_base: float = 0.0  # 0: the model's
+    rope_freq_scale: float = 0.0  # 0: the model's
+    yarn_ext_factor: float | None = None  # None: llama.cpp's default for the scaling type
+    yarn_attn_factor: float | None = None
+    yarn_beta_fast: float | None = None
+    yarn_beta_slow: float | None = None
+    kv_overrides: tuple[KVOverride, ...] = ()
+    lora: tuple[tuple[str, float], ...] = ()  # (adapter GGUF, scale), applied to the target and embeddings contexts
+    pooling: str = "mean"  # the embeddings context's pooling: mean | cls | last
+    embd_normalize: int = 2  # llama.cpp's embd_normalize: -1 none, 0 max-abs, 1 taxicab, 2 euclidean, >2 p-norm
+    reranking: bool = False  # a rank-pooled context serves `rerank` (the model needs a classification head)
 
     def __post_init__(self) -> None:
         if self.n_ctx < 8:
@@ -104,6 +148,14 @@ class EngineConfig:
             raise InvalidRequestError(f"flash_attention must be one of {sorted(FLASH_ATTN)}, not {self.flash_attn!r}")
         if self.mtp and not 1 <= self.n_draft_max <= 16:
             raise InvalidRequestError(f"spec_n_max must be in 1..16 with MTP, not {self.n_draft_max}")
+        for name, table in (("split_mode", SPLIT_MODES), ("rope_scaling", ROPE_SCALINGS), ("pooling", POOLINGS)):
+            if getattr(self, name) not in table:
+                raise InvalidRequestError(f"{name} must be one of {sorted(k for k in table if k)}, "
+                                          f"not {getattr(self, name)!r}")
+        if self.embd_normalize < -1:
+            raise InvalidRequestError(f"embd_normalize must be -1 (none) or more, not {self.embd_normalize}")
+        if self.devices is not None and self.rpc_servers:
+            raise InvalidRequestError("device and rpc_servers both choose the devices: give one of them")
 
     @property
     def batch_sizes(self) -> tuple[int, int]:
@@ -130,11 +182,79 @@ def expert_pattern(n_cpu_moe: int, n_layers: int) -> str:
     return r"^blk\.(" + "|".join(map(str, layers)) + r")\.ffn_(up|down|gate|gate_up)_exps\.weight$"
 
 
-def _expert_overrides(n_cpu_moe: int, n_layers: int) -> ctypes.Array:
-    """A NULL-terminated override array keeping those experts in a CPU buffer (llama.cpp's --n-cpu-moe)."""
-    arr = (_BuftOverride * 2)()
-    arr[0].pattern = expert_pattern(n_cpu_moe, n_layers).encode()
-    arr[0].buft = ggml.cpu_buffer_type()
+def _buft_overrides(cfg: EngineConfig, n_layers: int) -> ctypes.Array | None:
+    """The NULL-terminated `tensor_buft_overrides` array: `override_tensor` entries first (llama.cpp takes the first
+    pattern that matches), then the experts `n_cpu_moe` keeps in a CPU buffer (llama.cpp's --n-cpu-moe)."""
+    if not cfg.tensor_overrides and not cfg.n_cpu_moe:
+        return None
+    bufts = ggml.buffer_types() if cfg.tensor_overrides else {}
+    unknown = sorted({b for _, b in cfg.tensor_overrides if b not in bufts})
+    if unknown:
+        raise InvalidRequestError(f"override_tensor: unknown buffer type(s) {', '.join(unknown)}; "
+                                  f"this build has {', '.join(bufts)}")
+    pairs = [(pattern, bufts[name]) for pattern, name in cfg.tensor_overrides]
+    for pattern, _ in pairs:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise InvalidRequestError(f"override_tensor: {pattern!r} is not a regular expression ({exc})") from None
+    if cfg.n_cpu_moe:
+        pairs.append((expert_pattern(cfg.n_cpu_moe, n_layers), ggml.cpu_buffer_type()))
+    arr = (_BuftOverride * (len(pairs) + 1))()
+    for slot, (pattern, buft) in zip(arr, pairs):
+        slot.pattern, slot.buft = pattern.encode(), buft
+    return arr
+
+
+def _local_gpus(cfg: EngineConfig) -> list[int]:
+    return [] if cfg.rpc_servers else [d for d in ggml.offload_devices() if ggml.backend_name(d) != "RPC"]
+
+
+def _placement(cfg: EngineConfig) -> tuple[int, int]:
+    """(split_mode, main_gpu), checked against the local GPUs: llama.cpp fails a load (or asserts) otherwise."""
+    gpus = _local_gpus(cfg)
+    if cfg.split_mode in ("row", "tensor") and len(gpus) < 2:
+        raise InvalidRequestError(f"split_mode:{cfg.split_mode} splits tensors across several GPUs; "
+                                  f"{len(gpus)} visible here (use layer or none)")
+    if gpus and cfg.main_gpu >= len(gpus):
+        raise InvalidRequestError(f"MainGPU {cfg.main_gpu}: there are {len(gpus)} GPU(s) "
+                                  f"({', '.join(ggml.name(d) for d in gpus)}), numbered from 0")
+    return SPLIT_MODES[cfg.split_mode], cfg.main_gpu
+
+
+def _device_array(names: tuple[str, ...]) -> ctypes.Array:
+    """The NULL-terminated device array for `device:` names (`none`: no device, the CPU alone)."""
+    wanted = [n for n in names if n.lower() != "none"]
+    by_name = {ggml.name(d): d for d in ggml.local_devices() if ggml.device_type(d) != ggml.DEV_CPU}
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown:
+        raise InvalidRequestError(f"device: unknown device(s) {', '.join(unknown)}; this build offloads to "
+                                  f"{', '.join(by_name) or 'no device (CPU only)'}")
+    return (ctypes.c_void_p * (len(wanted) + 1))(*(by_name[n] for n in wanted))
+
+
+def check_placement(cfg: EngineConfig, n_layers: int) -> None:
+    """Refuse, before anything is freed or loaded, a placement this build cannot give: split_mode row/tensor
+    without several GPUs, a MainGPU or device that does not exist, an override_tensor buffer type it lacks."""
+    _placement(cfg)
+    _buft_overrides(cfg, n_layers)
+    if cfg.devices is not None and not cfg.rpc_servers:
+        _device_array(cfg.devices)
+    if cfg.main_gpu and not _local_gpus(cfg):
+        log.warning("MainGPU %d has no effect: no GPU is visible", cfg.main_gpu)
+
+
+def _kv_overrides(overrides: tuple[KVOverride, ...]) -> ctypes.Array | None:
+    """The `kv_overrides` array, ended by an entry with an empty key (llama.cpp's terminator)."""
+    if not overrides:
+        return None
+    arr = (L.llama_model_kv_override * (len(overrides) + 1))()
+    for slot, o in zip(arr, overrides):
+        slot.key, slot.tag = o.key.encode(), KV_OVERRIDE_TAGS[o.kind]
+        if o.kind == "str":
+            slot.value.val_str = str(o.value).encode()
+        else:
+            setattr(slot.value, {"int": "val_i64", "float": "val_f64", "bool": "val_bool"}[o.kind], o.value)
     return arr
 
 
@@ -291,10 +411,13 @@ class Engine:
         self.config = config
         self.memory: dict[str, int] = {}
         self._model = None
-        self._ctx = self._dctx = self._ectx = None
+        self._ctx = self._dctx = self._ectx = self._rctx = None
         self._batch: Batch | None = None
         self._dbatch: Batch | None = None
         self._ebatch: Batch | None = None
+        self._rbatch: Batch | None = None
+        self._loras: list[tuple[object, float]] = []  # (llama_adapter_lora *, scale), freed before the model
+        self._params_keep: list[object] = []
         self._eval_callback = eval_callback
         self.projector: Projector | None = None
         self.workers: Workers | None = None
@@ -320,24 +443,7 @@ class Engine:
                 raise ModelLoadError(f"{self.path}: MTP requested but the GGUF has no nextn (MTP) head")
             if arch not in MTP_ARCHS:
                 raise ModelLoadError(f"{self.path}: MTP self-speculation supports {sorted(MTP_ARCHS)}, not {arch!r}")
-        mp = L.llama_model_default_params()
-        mp.n_gpu_layers = cfg.n_gpu_layers
-        mode = L.LLAMA_LOAD_MODE_MMAP if cfg.use_mmap else L.LLAMA_LOAD_MODE_NONE
-        if cfg.use_mlock:
-            mode = L.LLAMA_LOAD_MODE_MMAP_MLOCK if cfg.use_mmap else L.LLAMA_LOAD_MODE_MLOCK
-        mp.load_mode = mode
-        mp.load_mtp = cfg.mtp
-        overrides = _expert_overrides(cfg.n_cpu_moe, self.info.trunk_layers) if cfg.n_cpu_moe else None
-        if overrides is not None:
-            mp.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
-        if cfg.rpc_servers:  # probed before llama.cpp connects; it aborts on a worker it cannot reach
-            self.workers = Workers(cfg.rpc_servers)
-            mp.devices = self.workers.devices_pointer
-            mp.n_gpu_layers = cfg.n_gpu_layers or -1  # the workers are there to hold layers
-        split = (self.workers.tensor_split(cfg.tensor_split) if self.workers else split_array(cfg.tensor_split)
-                 ) if cfg.tensor_split else None
-        if split is not None:
-            mp.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
+        mp = self._model_params(cfg)
         with LLAMA_LOG.capture() as lines:
             self._model = L.llama_model_load_from_file(self.path.encode(), mp)
         self._check_workers()
@@ -357,11 +463,15 @@ class Engine:
         self.recurrent = bool(L.llama_model_is_recurrent(self._model) or L.llama_model_is_hybrid(self._model))
         if cfg.mtp and L.llama_model_n_layer_nextn(self._model) < 1:
             raise ModelLoadError(f"{self.path}: llama.cpp loaded no MTP layer from this GGUF")
+        for path, scale in cfg.lora:
+            self._load_lora(path, scale)
         self._ctx = self._new_context(cfg, kind="target")
         self.n_ctx = cfg.n_ctx
         self.n_seq = cfg.n_seq
         self.n_batch = int(L.llama_n_batch(self._ctx))
         self._batch = Batch(self._ctx)
+        if cfg.warmup:
+            self._warmup()
         if cfg.mtp:
             got = int(L.llama_n_rs_seq(self._ctx))
             if got != cfg.n_draft_max:
@@ -379,22 +489,92 @@ class Engine:
                                      f"({self.n_embd_inp} != {self.n_embd}); load with spec_type:none")
             self.projector = Projector(cfg.mmproj, self._model, n_embd=self.n_embd_inp,
                                        n_threads=cfg.n_threads or ggml.default_threads(),
-                                       use_gpu=cfg.n_gpu_layers != 0)
+                                       use_gpu=cfg.mmproj_offload and cfg.n_gpu_layers != 0,
+                                       image_tokens=(cfg.image_min_tokens, cfg.image_max_tokens))
             self.memory["mmproj"] = self.projector.size
+
+    def _load_lora(self, path: str, scale: float) -> None:
+        """Load one LoRA adapter for this model; llama.cpp answers an adapter for another architecture or shape
+        (or a file that is not one) with NULL and says why in its log."""
+        with LLAMA_LOG.capture() as lines:
+            adapter = L.llama_adapter_lora_init(self._model, path.encode())
+        if not adapter:
+            detail = next((ln.strip() for ln in reversed(lines) if "error" in ln.lower() or "failed" in ln.lower()), "")
+            raise ModelLoadError(f"{path}: llama.cpp could not load this LoRA adapter for {self.path}"
+                                 + (f": {detail}" if detail else "") + " (an adapter made for another base model?)")
+        LIVE["lora"] += 1
+        self._loras.append((adapter, scale))
+
+    def _warmup(self) -> None:
+        """llama.cpp's warm-up: decode BOS and EOS once with every MoE expert active, so the first request does not
+        pay for paging the weights in, then forget it."""
+        tokens = [t for t in (int(L.llama_vocab_bos(self.vocab)), int(L.llama_vocab_eos(self.vocab)))
+                  if 0 <= t < self.n_vocab] or [0]
+        L.llama_set_warmup(self._ctx, True)
+        try:
+            b = self._batch
+            b.clear()
+            for i, tok in enumerate(tokens):
+                b.add(tok, i, 0, output=i == len(tokens) - 1)
+            rc = L.llama_process(self._ctx, L.LLAMA_PROCESS_TYPE_DECODE, b.ptr)
+        finally:
+            L.llama_set_warmup(self._ctx, False)
+        L.llama_memory_clear(L.llama_get_memory(self._ctx), True)
+        if rc != 0:
+            raise ModelLoadError(f"{self.path}: the warm-up decode failed ({rc})")
+
+    def _model_params(self, cfg: EngineConfig) -> L.llama_model_params:
+        """`llama_model_params` for `cfg`; the arrays it points to are kept in `self._params_keep` until close."""
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = cfg.n_gpu_layers
+        mode = L.LLAMA_LOAD_MODE_MMAP if cfg.use_mmap else L.LLAMA_LOAD_MODE_NONE
+        if cfg.use_mlock:
+            mode = L.LLAMA_LOAD_MODE_MMAP_MLOCK if cfg.use_mmap else L.LLAMA_LOAD_MODE_MLOCK
+        mp.load_mode = L.LLAMA_LOAD_MODE_DIRECT_IO if cfg.direct_io else mode
+        mp.load_mtp = cfg.mtp
+        mp.check_tensors = cfg.check_tensors
+        mp.split_mode, mp.main_gpu = _placement(cfg)
+        keep = [_buft_overrides(cfg, self.info.trunk_layers), _kv_overrides(cfg.kv_overrides)]
+        if keep[0] is not None:
+            mp.tensor_buft_overrides = ctypes.cast(keep[0], ctypes.c_void_p)
+        if keep[1] is not None:
+            mp.kv_overrides = ctypes.cast(keep[1], ctypes.POINTER(L.llama_model_kv_override))
+        if cfg.rpc_servers:  # probed before llama.cpp connects; it aborts on a worker it cannot reach
+            self.workers = Workers(cfg.rpc_servers)
+            mp.devices = self.workers.devices_pointer
+            mp.n_gpu_layers = cfg.n_gpu_layers or -1  # the workers are there to hold layers
+        elif cfg.devices is not None:
+            keep.append(_device_array(cfg.devices))
+            mp.devices = ctypes.cast(keep[-1], ctypes.c_void_p)
+        split = (self.workers.tensor_split(cfg.tensor_split) if self.workers else split_array(cfg.tensor_split)
+                 ) if cfg.tensor_split else None
+        if split is not None:
+            keep.append(split)
+            mp.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
+        self._params_keep = keep
+        return mp
 
     def _new_context(self, cfg: EngineConfig, *, kind: str) -> int:
         cp = L.llama_context_default_params()
         threads = cfg.n_threads or ggml.default_threads()
         n_batch, n_ubatch = cfg.batch_sizes
-        n_seq = 1 if kind == "embeddings" else cfg.n_seq
+        single = kind in ("embeddings", "rank")  # one sequence, one whole input per decode
+        n_seq = 1 if single else cfg.n_seq
         cp.n_ctx = cfg.n_ctx * n_seq
-        cp.n_batch, cp.n_ubatch = (n_batch, n_ubatch) if kind != "embeddings" else (cfg.n_batch, cfg.n_batch)
+        cp.n_batch, cp.n_ubatch = (cfg.n_batch, cfg.n_batch) if single else (n_batch, n_ubatch)
         cp.n_seq_max = n_seq
         cp.kv_unified = True  # any set of sequences can share a ubatch (a split KV forces consecutive seq ids)
-        cp.n_threads = cp.n_threads_batch = threads
+        cp.n_threads, cp.n_threads_batch = threads, cfg.n_threads_batch or threads
         cp.flash_attn_type = FLASH_ATTN[cfg.flash_attn]
         cp.type_k, cp.type_v = KV_TYPES[cfg.type_k], KV_TYPES[cfg.type_v]
-        cp.embeddings = kind == "embeddings"  # never on the target: it would break the rollback tail constraint
+        cp.embeddings = kind in ("embeddings", "rank")  # never on the target: it would break the rollback tail constraint
+        cp.offload_kqv, cp.op_offload, cp.swa_full = cfg.offload_kqv, cfg.op_offload, cfg.swa_full
+        # Every context of the model gets the same positions' rotations: the MTP head attends over the target's.
+        cp.rope_scaling_type = ROPE_SCALINGS[cfg.rope_scaling]
+        cp.rope_freq_base, cp.rope_freq_scale = cfg.rope_freq_base, cfg.rope_freq_scale
+        for name in ("yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow"):
+            if getattr(cfg, name) is not None:
+                setattr(cp, name, getattr(cfg, name))
         if self._eval_callback is not None:
             cp.cb_eval = self._eval_callback
         if kind == "mtp":
@@ -406,7 +586,9 @@ class Engine:
         elif kind == "target" and cfg.mtp:
             cp.n_rs_seq = cfg.n_draft_max
         if kind == "embeddings":
-            cp.pooling_type = L.LLAMA_POOLING_TYPE_MEAN
+            cp.pooling_type = POOLINGS[cfg.pooling]
+        elif kind == "rank":
+            cp.pooling_type = L.LLAMA_POOLING_TYPE_RANK
         with LLAMA_LOG.capture() as lines:
             ctx = L.llama_init_from_model(self._model, cp)
         if ctx:
@@ -422,6 +604,15 @@ class Engine:
             self.memory[f"{kind}_{what}"] = n
         self._check_workers()
         self._record_devices(lines, f"{kind}_")
+        if self._loras and kind != "mtp":  # the head drafts from its own weights; verification keeps output exact
+            n = len(self._loras)
+            rc = L.llama_set_adapters_lora(ctx, (L.llama_adapter_lora_p_ctypes * n)(*(a for a, _ in self._loras)), n,
+                                           (ctypes.c_float * n)(*(scale for _, scale in self._loras)))
+            if rc != 0:
+                L.llama_free(ctx)
+                LIVE["context"] -= 1
+                raise ModelLoadError(f"{self.path}: llama.cpp could not apply the LoRA adapter(s) to the {kind} "
+                                     f"context ({rc})")
         return ctx
 
     def _record_devices(self, lines: list[str], prefix: str) -> None:
@@ -458,8 +649,16 @@ class Engine:
     def state_settings(self) -> dict[str, object]:
         """The settings that shape a serialised sequence state besides the model file (prompt-cache identity)."""
         c = self.config
+        # What changes the computed states: adapters, metadata overrides, RoPE and the SWA cache size.
+        computed = {
+            "lora": [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns, scale] for p, scale in c.lora],
+            "kv_overrides": [[o.key, o.kind, o.value] for o in c.kv_overrides],
+            "rope": [c.rope_scaling, c.rope_freq_base, c.rope_freq_scale, c.yarn_ext_factor, c.yarn_attn_factor,
+                     c.yarn_beta_fast, c.yarn_beta_slow],
+            "swa_full": c.swa_full,
+        }
         return {"type_k": c.type_k, "type_v": c.type_v, "flash_attn": c.flash_attn, "mtp": self.mtp_enabled,
-                "n_embd": self.n_embd, "n_vocab": self.n_vocab, "format": 1}
+                "n_embd": self.n_embd, "n_vocab": self.n_vocab, "format": 1, **computed}
 
     @property
     def mtp_enabled(self) -> bool:
@@ -470,17 +669,21 @@ class Engine:
         if self.projector is not None:
             self.projector.close()
             self.projector = None
-        for attr in ("_batch", "_dbatch", "_ebatch"):
+        for attr in ("_batch", "_dbatch", "_ebatch", "_rbatch"):
             batch = getattr(self, attr)
             if batch is not None:
                 batch.free()
                 setattr(self, attr, None)
-        for attr in ("_ectx", "_dctx", "_ctx"):  # the MTP context refers to the target: it goes first
+        for attr in ("_rctx", "_ectx", "_dctx", "_ctx"):  # the MTP context refers to the target: it goes first
             ctx = getattr(self, attr)
             if ctx:
                 L.llama_free(ctx)
                 setattr(self, attr, None)
                 LIVE["context"] -= 1
+        for adapter, _ in self._loras:  # after the contexts using them, before their model
+            L.llama_adapter_lora_free(adapter)
+            LIVE["lora"] -= 1
+        self._loras = []
         with self._vocab_lock:  # no tokenize/piece from another thread is inside the model now
             if self._model:
                 L.llama_model_free(self._model)
@@ -911,27 +1114,78 @@ class Engine:
 
     @_open
     def embed(self, tokens: list[int]) -> list[float]:
-        """Mean-pooled embedding of `tokens` from a dedicated embeddings context (created on first use)."""
+        """The pooled embedding of `tokens` (`pooling`, normalised by `embd_normalize` as llama-server does) from a
+        dedicated embeddings context (created on first use)."""
         if not self.config.embeddings:
             raise InvalidRequestError("embeddings are disabled for this model: load it with Embeddings=true")
+        vec = self._pooled("embeddings", tokens, int(L.llama_model_n_embd(self._model)))
+        return normalize(vec, self.config.embd_normalize).astype(float).tolist()
+
+    @_open
+    def rerank(self, query: str, documents: list[str]) -> list[tuple[float, int]]:
+        """(relevance score, tokens evaluated) of each document for `query`, from the model's classification head
+        in a rank-pooled context, each pair laid out as llama-server lays it out (`format_prompt_rerank`)."""
+        if not self.info.has_rank_head:
+            raise RerankUnavailableError(f"this model has no reranking head ({Path(self.path).name} has no cls / "
+                                         "cls.output tensor): load a reranker GGUF with Reranking=true")
+        if not self.config.reranking:
+            raise RerankUnavailableError(f"{Path(self.path).name} was loaded without Reranking=true")
+        template = self.meta("tokenizer.chat_template.rerank")
+        out = []
+        for doc in documents:
+            if template is not None:
+                tokens = self.tokenize(template.replace("{query}", query).replace("{document}", doc),
+                                       add_special=False, parse_special=True)
+            else:
+                tokens = self._rerank_pair(query, doc)
+            out.append((float(self._pooled("rank", tokens, 1)[0]), len(tokens)))
+        return out
+
+    def _rerank_pair(self, query: str, doc: str) -> list[int]:
+        """[BOS] query [EOS] [SEP] doc [EOS], each special token where the vocabulary asks for it (EOS falls back
+        to SEP)."""
+        v = self.vocab
+        eos = int(L.llama_vocab_eos(v))
+        eos = int(L.llama_vocab_sep(v)) if eos < 0 else eos
+        add_eos = [eos] if L.llama_vocab_get_add_eos(v) else []
+        return ([int(L.llama_vocab_bos(v))] if L.llama_vocab_get_add_bos(v) else []) \
+            + self.tokenize(query, add_special=False, parse_special=False) + add_eos \
+            + ([int(L.llama_vocab_sep(v))] if L.llama_vocab_get_add_sep(v) else []) \
+            + self.tokenize(doc, add_special=False, parse_special=False) + add_eos
+
+    def _pooled(self, kind: str, tokens: list[int], width: int) -> np.ndarray:
+        """Decode `tokens` alone in the `kind` context (embeddings or rank; created on first use) and return its
+        pooled row of `width` floats."""
         if not tokens:
             raise InvalidRequestError("nothing to embed: empty input")
         self.check_tokens(tokens)
         limit = min(self.n_ctx, self.config.n_batch)
         if len(tokens) > limit:
             raise InvalidRequestError(f"input is {len(tokens)} tokens; embeddings take at most {limit}")
-        if self._ectx is None:
-            self._ectx = self._new_context(self.config, kind="embeddings")
-            self._ebatch = Batch(self._ectx)
-        L.llama_memory_clear(L.llama_get_memory(self._ectx), True)
-        b = self._ebatch
+        ctx_attr, batch_attr = ("_ectx", "_ebatch") if kind == "embeddings" else ("_rctx", "_rbatch")
+        if getattr(self, ctx_attr) is None:
+            setattr(self, ctx_attr, self._new_context(self.config, kind=kind))
+            setattr(self, batch_attr, Batch(getattr(self, ctx_attr)))
+        ctx, b = getattr(self, ctx_attr), getattr(self, batch_attr)
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
         b.clear()
         for i, tok in enumerate(tokens):
             b.add(tok, i, 0, output=True)
-        rc = L.llama_process(self._ectx, L.LLAMA_PROCESS_TYPE_DECODE, b.ptr)
+        rc = L.llama_process(ctx, L.LLAMA_PROCESS_TYPE_DECODE, b.ptr)
         self._check_workers()
         if rc != 0:
-            raise RuntimeError("llama.cpp failed to compute embeddings")
-        n_embd = int(L.llama_model_n_embd(self._model))
-        ptr = L.llama_get_embeddings_seq(self._ectx, 0)
-        return np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(float).tolist()
+            raise RuntimeError(f"llama.cpp failed to compute the {kind} output ({rc})")
+        return np.ctypeslib.as_array(L.llama_get_embeddings_seq(ctx, 0), shape=(width,)).copy()
+
+
+def normalize(vec: np.ndarray, mode: int) -> np.ndarray:
+    """llama.cpp's `common_embd_normalize`: -1 none, 0 max-abs scaled to the int16 range, 1 taxicab,
+    2 euclidean, p > 2 the p-norm."""
+    v = vec.astype(np.float64)
+    if mode == -1:
+        norm = 1.0
+    elif mode == 0:
+        norm = float(np.abs(v).max(initial=0.0)) / 32760.0
+    else:
+        norm = float(np.sum(np.abs(v) ** mode) ** (1.0 / mode))
+    return (v / norm if norm > 0 else v * 0.0).astype(np.float32)

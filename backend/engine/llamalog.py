@@ -83,8 +83,8 @@ class LlamaLog:
         try:
             yield entry[1]
         finally:
-            with self._lock:
-                self._captures.remove(entry)
+            with self._lock:  # by identity: a nested capture's entry can compare equal to this one
+                self._captures = [c for c in self._captures if c is not entry]
 
 
 LLAMA_LOG = LlamaLog()

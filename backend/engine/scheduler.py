@@ -132,6 +132,9 @@ class Scheduler:
         self.controller = (
             DraftController(spec.n_max, adaptive=spec.adaptive) if engine.mtp_enabled and spec.n_max > 0 else None
         )
+        if spec.ngram:  # carried by the load plan; this scheduler drafts with the MTP head only
+            log.warning("spec_type %s: n-gram drafting is not active in this build (decoding %s)",
+                        ",".join(spec.ngram), "with MTP drafts" if self.controller else "plainly")
         self.slots = [Slot(i) for i in range(engine.n_seq)]
         self.metrics = Metrics()
         self._pending: deque[Ticket] = deque()

@@ -15,14 +15,30 @@ from dataclasses import dataclass
 import numpy as np
 
 
+# llama.cpp's n-gram drafting types (spec_type) that a load plan carries to the scheduler.
+NGRAM_TYPES = ("ngram-simple", "ngram-mod")
+
+
 @dataclass(frozen=True)
 class SpecConfig:
-    """Speculation settings (LocalAI options `spec_n_max`, `spec_n_min`, `spec_p_min`, `spec_adaptive`)."""
+    """Speculation settings (LocalAI options `spec_n_max`, `spec_n_min`, `spec_p_min`, `spec_adaptive`).
+
+    `ngram` holds the n-gram drafting types asked for (`spec_type:ngram-mod,draft-mtp`) with their knobs
+    (`spec_ngram_size_n`, `spec_ngram_mod_n_min`, ...; llama.cpp's defaults), for a scheduler that drafts from
+    n-grams; the MTP settings above are independent of them.
+    """
 
     n_max: int = 0  # 0: plain decoding
     n_min: int = 0  # drafts shorter than this are dropped
     p_min: float = 0.0  # stop drafting when the head's top-1 probability falls below this
     adaptive: bool = True
+    ngram: tuple[str, ...] = ()  # of NGRAM_TYPES
+    ngram_size_n: int = 12  # ngram-simple: lookup n-gram length
+    ngram_size_m: int = 48  # ngram-simple: drafted m-gram length
+    ngram_min_hits: int = 1  # ngram-simple: hits before an m-gram is proposed
+    ngram_mod_n_min: int = 48  # ngram-mod: shortest draft
+    ngram_mod_n_max: int = 64  # ngram-mod: longest draft
+    ngram_mod_n_match: int = 24  # ngram-mod: match length
 
 
 @dataclass

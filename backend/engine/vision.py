@@ -108,7 +108,9 @@ def check_projector_file(path: Path) -> None:
 class Projector:
     """An mtmd context for one text model; freed with `close` before the model (the engine does it)."""
 
-    def __init__(self, path: str | Path, model: int, *, n_embd: int, n_threads: int, use_gpu: bool) -> None:
+    def __init__(self, path: str | Path, model: int, *, n_embd: int, n_threads: int, use_gpu: bool,
+                 image_tokens: tuple[int, int] = (-1, -1)) -> None:
+        """`image_tokens`: (fewest, most) tokens per image for dynamic-resolution projectors (-1: its own)."""
         global _log_routed
         self._ctx = None
         self.path = Path(path)
@@ -122,6 +124,7 @@ class Projector:
         params.n_threads = n_threads
         params.print_timings = False
         params.warmup = False
+        params.image_min_tokens, params.image_max_tokens = image_tokens
         with LLAMA_LOG.capture() as lines:
             ctx = M.mtmd_init_from_file(str(self.path).encode(), model, params)
         if not ctx:

@@ -5,7 +5,7 @@ import warnings
 
 from backend.proto import backend_pb2 as backend_dot_proto_dot_backend__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -78,6 +78,11 @@ class BackendStub:
                 '/backend.Backend/Status',
                 request_serializer=backend_dot_proto_dot_backend__pb2.HealthMessage.SerializeToString,
                 response_deserializer=backend_dot_proto_dot_backend__pb2.StatusResponse.FromString,
+                _registered_method=True)
+        self.Rerank = channel.unary_unary(
+                '/backend.Backend/Rerank',
+                request_serializer=backend_dot_proto_dot_backend__pb2.RerankRequest.SerializeToString,
+                response_deserializer=backend_dot_proto_dot_backend__pb2.RerankResult.FromString,
                 _registered_method=True)
         self.GetMetrics = channel.unary_unary(
                 '/backend.Backend/GetMetrics',
@@ -163,6 +168,12 @@ class BackendServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerank(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetMetrics(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -240,6 +251,11 @@ def add_BackendServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=backend_dot_proto_dot_backend__pb2.HealthMessage.FromString,
                     response_serializer=backend_dot_proto_dot_backend__pb2.StatusResponse.SerializeToString,
+            ),
+            'Rerank': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerank,
+                    request_deserializer=backend_dot_proto_dot_backend__pb2.RerankRequest.FromString,
+                    response_serializer=backend_dot_proto_dot_backend__pb2.RerankResult.SerializeToString,
             ),
             'GetMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMetrics,
@@ -510,6 +526,33 @@ class Backend:
             '/backend.Backend/Status',
             backend_dot_proto_dot_backend__pb2.HealthMessage.SerializeToString,
             backend_dot_proto_dot_backend__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/backend.Backend/Rerank',
+            backend_dot_proto_dot_backend__pb2.RerankRequest.SerializeToString,
+            backend_dot_proto_dot_backend__pb2.RerankResult.FromString,
             options,
             channel_credentials,
             insecure,

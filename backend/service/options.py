@@ -1,49 +1,70 @@
 """LocalAI `ModelOptions` -> what the engine needs, with one documented precedence.
 
-Typed proto fields come first; `Options` strings (`key:value`, a bare key means true) override them. Keys
-this backend owns are validated strictly (a typo gets a "did you mean"); unknown keys are logged and skipped,
-because LocalAI passes one option bag to every backend.
+Typed proto fields come first; `Options` strings (`key:value`, a bare key means true) override them. The option
+vocabulary is data (`localai_options.yaml`): every name LocalAI's llama-cpp backend reads is honoured with its
+meaning there, refused with a message naming it, or — where it cannot change what this engine computes —
+accepted with a WARNING naming it. A name outside that vocabulary close to one of its names is a typo ("did you
+mean"); any other is skipped with a warning, because LocalAI passes one option bag to every backend. The README's
+vocabulary table is written from the same file (`vocabulary_table`).
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
+import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+import yaml
 
 from ..core import constants
 from ..core.endpoints import parse_endpoints
 from ..core.errors import InvalidOptionError, ModelNotFoundError
 from ..core.gguf_file import GGUFInfo
-from ..engine.llama import EngineConfig
+from ..engine.llama import EngineConfig, KVOverride, check_placement
 from ..engine.prompt_cache import CacheConfig
-from ..engine.speculative import SpecConfig
+from ..engine.speculative import NGRAM_TYPES, SpecConfig
 from ..rpc.client import parse_tensor_split
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 4096  # LocalAI's DefaultContextSize
 DEFAULT_N_MAX = 6  # LocalAI's gallery default for draft-mtp (spec_n_max:6)
-SPEC_TYPES = ("draft-mtp", "none")
+VOCABULARY_FILE = Path(__file__).with_name("localai_options.yaml")
+STATUSES = ("honoured", "warned", "refused")
+# llama.cpp's speculative types (common/speculative.cpp): those this backend runs (MTP), passes on (n-grams), refuses.
+SPEC_TYPES = ("none", "draft-mtp", *NGRAM_TYPES)
+UNSUPPORTED_SPEC_TYPES = ("draft-simple", "draft-eagle3", "draft-dflash", "draft-dspark", "ngram-map-k",
+                          "ngram-map-k4v", "ngram-cache")
+_SPEC_ALIASES = {"draft": "draft-simple", "eagle3": "draft-eagle3"}  # LocalAI's normalisation
+CACHE_FIELDS = ("n_checkpoints", "min_step", "ram_mib", "idle_slots", "similarity", "disk_dir", "disk_mib",
+                "disk_min_tokens")
+NGRAM_FIELDS = ("ngram_size_n", "ngram_size_m", "ngram_min_hits", "ngram_mod_n_min", "ngram_mod_n_max",
+                "ngram_mod_n_match")
+KV_OVERRIDE_TYPES = ("int", "float", "bool", "str")
+
+
+# ------------------------------------------------------------------------------------------- value parsers
 
 
 def _bool(v: str) -> bool:
     s = v.strip().lower()
-    if s in ("1", "true", "yes", "on", ""):
+    if s in ("1", "true", "yes", "on", "enabled", ""):
         return True
-    if s in ("0", "false", "no", "off"):
+    if s in ("0", "false", "no", "off", "disabled"):
         return False
     raise ValueError(f"expected true/false, got {v!r}")
 
 
-def _spec_type(v: str) -> str:
-    names = [n.strip().replace("_", "-") for n in v.split(",") if n.strip()]
-    for name in names:
-        if name in SPEC_TYPES:
-            return name
-    raise ValueError(f"supported spec types are {', '.join(SPEC_TYPES)}, got {v!r}")
+def _int(v: str) -> int:
+    try:
+        return int(v)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {v!r}") from None
 
 
 def _prob(v: str) -> float:
@@ -54,86 +75,253 @@ def _prob(v: str) -> float:
 
 
 def _nonneg_int(v: str) -> int:
-    x = int(v)
+    x = _int(v)
     if x < 0:
         raise ValueError(f"must be >= 0, got {x}")
     return x
 
 
+def _positive_int(v: str) -> int:
+    x = _int(v)
+    if x < 1:
+        raise ValueError(f"must be >= 1, got {x}")
+    return x
+
+
 def _cache_mib(v: str) -> int:
-    x = int(v)
+    x = _int(v)
     if x < -1:
         raise ValueError(f"must be -1 (no limit), 0 (off) or a size in MiB, got {x}")
     return x
 
 
 def _directory(v: str) -> str:
-    if not v.strip():
-        raise ValueError("needs a directory")
     return str(Path(v.strip()).expanduser())
 
 
-def _positive_int(v: str) -> int:
-    x = int(v)
-    if x < 1:
-        raise ValueError(f"must be >= 1, got {x}")
-    return x
+def _names(v: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in v.split(",") if n.strip())
 
 
-# option key -> (canonical name, parser). Aliases follow LocalAI's llama-cpp backend.
-OWNED: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "spec_type": ("spec_type", _spec_type),
-    "speculative_type": ("spec_type", _spec_type),
-    "spec_n_max": ("n_max", _nonneg_int),
-    "draft_max": ("n_max", _nonneg_int),
-    "spec_n_min": ("n_min", _nonneg_int),
-    "draft_min": ("n_min", _nonneg_int),
-    "spec_p_min": ("p_min", _prob),
-    "draft_p_min": ("p_min", _prob),
-    "spec_adaptive": ("adaptive", _bool),
-    "use_jinja": ("use_jinja", _bool),
-    "n_ubatch": ("n_ubatch", _nonneg_int),
-    "n_cpu_moe": ("n_cpu_moe", _nonneg_int),
-    "cpu_moe": ("cpu_moe", _bool),
-    "ubatch": ("n_ubatch", _nonneg_int),
-    "parallel": ("parallel", _positive_int),
-    "n_parallel": ("parallel", _positive_int),
-    "rpc_servers": ("rpc_servers", parse_endpoints),
-    "tensor_split": ("tensor_split", parse_tensor_split),
-    # Prompt reuse (llama-server's names as LocalAI passes them, plus the disk cache, which is ours).
-    "ctx_checkpoints": ("n_checkpoints", _nonneg_int),
-    "n_ctx_checkpoints": ("n_checkpoints", _nonneg_int),
-    "swa_checkpoints": ("n_checkpoints", _nonneg_int),
-    "checkpoint_min_step": ("min_step", _positive_int),
-    "cache_ram": ("ram_mib", _cache_mib),
-    "cache_idle_slots": ("idle_slots", _bool),
-    "slot_prompt_similarity": ("similarity", _prob),
-    "prompt_cache_dir": ("disk_dir", _directory),
-    "prompt_cache_mib": ("disk_mib", _positive_int),
-    "prompt_cache_min_tokens": ("disk_min_tokens", _positive_int),
+def _spec_types(v: str) -> tuple[str, ...]:
+    """LocalAI's normalisation of a `spec_type` list: `_` -> `-`, `draft` -> draft-simple, `eagle3` -> draft-eagle3."""
+    names = [n.replace("_", "-") for n in _names(v)]
+    names = [_SPEC_ALIASES.get(n, n) for n in names]
+    unknown = [n for n in names if n not in SPEC_TYPES + UNSUPPORTED_SPEC_TYPES]
+    if unknown or not names:
+        raise ValueError(f"unknown speculative type(s) {', '.join(unknown) or v!r}; "
+                         f"llama.cpp's are {', '.join(SPEC_TYPES + UNSUPPORTED_SPEC_TYPES)}")
+    unsupported = [n for n in names if n in UNSUPPORTED_SPEC_TYPES]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)} is not supported yet (this backend runs draft-mtp, and passes "
+                         f"{' and '.join(NGRAM_TYPES)} to its scheduler)")
+    return tuple(dict.fromkeys(names))
+
+
+def _tensor_overrides(v: str) -> tuple[tuple[str, str], ...]:
+    """`<tensor regex>=<buffer type>,...` (llama-server's --override-tensor) -> ((regex, buffer type), ...)."""
+    out = []
+    for item in _names(v):
+        pattern, sep, buft = item.partition("=")
+        if not sep or not pattern or not buft:
+            raise ValueError(f"{item!r} is not <tensor regex>=<buffer type>")
+        out.append((pattern, buft))
+    return tuple(out)
+
+
+PARSERS: dict[str, Callable[[str], Any]] = {
+    "bool": _bool, "int": _int, "nonneg_int": _nonneg_int, "positive_int": _positive_int, "prob": _prob,
+    "cache_mib": _cache_mib, "directory": _directory, "names": _names, "text": str, "spec_types": _spec_types,
+    "endpoints": parse_endpoints, "tensor_split": parse_tensor_split, "tensor_overrides": _tensor_overrides,
 }
-CACHE_FIELDS = ("n_checkpoints", "min_step", "ram_mib", "idle_slots", "similarity", "disk_dir", "disk_mib",
-                "disk_min_tokens")
+
+
+def _choice(v: str, choices: tuple[str, ...]) -> str:
+    s = v.strip().lower()
+    if s not in choices:
+        raise ValueError(f"one of {', '.join(choices)}, not {v!r}")
+    return s.replace("_", "-")
+
+
+# ------------------------------------------------------------------------------------------- the vocabulary
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option of `localai_options.yaml` (see the file's header for the keys)."""
+
+    name: str
+    aliases: tuple[str, ...]
+    field: str | None
+    parse: Callable[[str], Any]
+    status: str
+    only: tuple[Any, ...] | None
+    otherwise: str
+    note: str
+    source: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+    @property
+    def status_text(self) -> str:
+        """How the README states it: the status, and what happens to the other values."""
+        if self.only is None:
+            return self.status
+        values = ", ".join(f"`{str(v).lower()}`" for v in self.only)
+        return f"{self.status} ({values}); other values {self.otherwise}"
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """A typed ModelOptions field of `localai_options.yaml`."""
+
+    name: str
+    status: str
+    note: str
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    options: tuple[OptionSpec, ...]
+    fields: tuple[FieldSpec, ...]
+    readme: str  # the README section's opening paragraph
+
+    @functools.cached_property
+    def by_name(self) -> dict[str, OptionSpec]:
+        return {name: spec for spec in self.options for name in spec.names}
+
+
+def _option(name: str, raw: dict[str, Any]) -> OptionSpec:
+    kind = raw["parse"]
+    parse = functools.partial(_choice, choices=tuple(raw["choices"])) if kind == "choice" else PARSERS[kind]
+    only = raw.get("only")
+    spec = OptionSpec(name=name, aliases=tuple(raw.get("aliases", ())), field=raw.get("field"), parse=parse,
+                      status=raw["status"], only=None if only is None else tuple(only if isinstance(only, list) else [only]),
+                      otherwise=raw.get("otherwise", ""), note=" ".join(str(raw.get("note", "")).split()),
+                      source=raw.get("source", "localai"))
+    if spec.status not in STATUSES or (spec.only is not None and spec.otherwise not in STATUSES[1:]):
+        raise ValueError(f"{VOCABULARY_FILE}: option {name}: bad status {spec.status!r} / {spec.otherwise!r}")
+    return spec
+
+
+@functools.cache
+def vocabulary() -> Vocabulary:
+    """The parsed `localai_options.yaml` (names are checked to be unique across entries)."""
+    data = yaml.safe_load(VOCABULARY_FILE.read_text())
+    vocab = Vocabulary(options=tuple(_option(name, raw) for name, raw in data["options"].items()),
+                       fields=tuple(FieldSpec(name, raw["status"], " ".join(raw["note"].split()))
+                                    for name, raw in data["fields"].items()),
+                       readme=" ".join(data["readme"].split()))
+    names = [n for spec in vocab.options for n in spec.names]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes or any(f.status not in STATUSES for f in vocab.fields):
+        raise ValueError(f"{VOCABULARY_FILE}: names listed twice {dupes}, or a field with a bad status")
+    return vocab
+
+
+README_MARKERS = ("<!-- options-table -->", "<!-- /options-table -->")
+
+
+def vocabulary_table() -> str:
+    """The README's "LocalAI option vocabulary" section (between `README_MARKERS`), from `localai_options.yaml`."""
+    vocab = vocabulary()
+    lines = ["### LocalAI option vocabulary", "", textwrap.fill(vocab.readme, 116), "",
+             "| Option | Also | Here | Notes |", "|---|---|---|---|"]
+    for spec in vocab.options:
+        also = ", ".join(f"`{a}`" for a in spec.aliases)
+        ours = " (apexmtp's own)" if spec.source == "apexmtp" else ""
+        lines.append(f"| `{spec.name}`{ours} | {also} | {spec.status_text} | {spec.note} |")
+    lines += ["", "| ModelOptions field | Here | Notes |", "|---|---|---|"]
+    lines += [f"| `{f.name}` | {f.status} | {f.note} |" for f in vocab.fields]
+    return "\n".join(lines) + "\n"
 
 
 def parse_options(options: list[str]) -> dict[str, Any]:
-    """`["spec_type:draft-mtp", "spec_n_max:6", "use_jinja"]` -> `{"spec_type": "draft-mtp", "n_max": 6, ...}`."""
+    """`["spec_type:draft-mtp", "spec_n_max:6", "use_jinja"]` -> `{"spec_type": ("draft-mtp",), "n_max": 6, ...}`.
+
+    Keys are the vocabulary's `field`s; a later entry wins over an earlier one. A refused option or a bad value
+    raises `InvalidOptionError` naming it; a warned one, or a value this engine does not honour but that cannot
+    change its output, is logged at WARNING.
+    """
+    by_name = vocabulary().by_name
     out: dict[str, Any] = {}
     for raw in options:
-        key, _, value = raw.partition(":")
-        key = key.strip().lstrip("-").replace("-", "_")
-        if key not in OWNED:
-            close = difflib.get_close_matches(key, OWNED, n=1, cutoff=0.8)
+        name, _, value = raw.partition(":")
+        passthrough = name.strip().startswith("-")  # a llama-server flag LocalAI would hand to its parser
+        key, value = name.strip().lstrip("-").replace("-", "_"), value.strip()
+        spec = by_name.get(key)
+        if spec is None:
+            close = None if passthrough else difflib.get_close_matches(key, by_name, n=1, cutoff=0.8)
             if close:
                 raise InvalidOptionError(f"unknown option {key!r} (did you mean {close[0]!r}?)")
-            log.info("ignoring option %r (not used by this backend)", raw)
+            log.warning("option %r is not read by this backend: ignored", raw)
             continue
-        name, parse = OWNED[key]
+        if spec.status == "refused":
+            raise InvalidOptionError(f"option {key} is not supported: {spec.note}")
+        if not value and spec.parse is not _bool:  # LocalAI reads these only when they have a value
+            log.info("option %r has no value: left at its default", raw)
+            continue
         try:
-            out[name] = parse(value if value else "true") if parse is _bool else parse(value)
+            parsed = spec.parse(value)
         except ValueError as exc:
             raise InvalidOptionError(f"option {key}: {exc}") from None
+        if spec.status == "warned":
+            log.warning("option %r accepted but has no effect here: %s", raw, spec.note)
+        elif spec.only is not None and parsed not in spec.only:
+            if spec.otherwise == "refused":
+                raise InvalidOptionError(f"option {key}:{value} is not supported: {spec.note}")
+            log.warning("option %r is not honoured here: %s", raw, spec.note)
+        elif spec.field:
+            out[spec.field] = parsed
     return out
+
+
+def check_fields(req: Any) -> None:
+    """Refuse or warn about the typed ModelOptions fields the vocabulary marks so, when they are set."""
+    for f in vocabulary().fields:
+        if f.status == "honoured" or not getattr(req, f.name, None):
+            continue
+        if f.status == "refused":
+            raise InvalidOptionError(f"ModelOptions.{f.name} is not supported: {f.note}")
+        log.warning("ModelOptions.%s is set but has no effect here: %s", f.name, f.note)
+
+
+# ------------------------------------------------------------------------------------------- typed fields
+
+
+def parse_kv_override(entry: str, info: GGUFInfo | None = None) -> KVOverride:
+    """`key=type:value` (llama.cpp's --override-kv; type int, float, bool or str) -> KVOverride.
+
+    Raises:
+        InvalidOptionError: malformed, naming the entry (llama.cpp would skip it with a log line).
+    """
+    key, sep, typed = entry.partition("=")
+    kind, colon, text = typed.partition(":")
+    bad = f"Overrides entry {entry!r}"
+    if not sep or not key or not colon or kind not in KV_OVERRIDE_TYPES:
+        raise InvalidOptionError(f"{bad} is not key=type:value with type one of {', '.join(KV_OVERRIDE_TYPES)}")
+    if len(key.encode()) >= 128 or len(text.encode()) >= 128:
+        raise InvalidOptionError(f"{bad}: keys and string values are at most 127 bytes")
+    try:
+        value: Any = {"int": int, "float": float, "str": str, "bool": _strict_bool}[kind](text)
+    except ValueError:
+        raise InvalidOptionError(f"{bad}: {text!r} is not a {kind}") from None
+    stored = info.metadata.get(key) if info is not None else None
+    if stored is not None and _override_type(stored) != kind:
+        raise InvalidOptionError(f"{bad}: the GGUF stores {key} as {_override_type(stored)}, not {kind}")
+    return KVOverride(key, kind, value)
+
+
+def _strict_bool(text: str) -> bool:
+    if text not in ("true", "false"):  # llama.cpp's own rule
+        raise ValueError(text)
+    return text == "true"
+
+
+def _override_type(value: Any) -> str:
+    return {bool: "bool", int: "int", float: "float", str: "str"}.get(type(value), "an array")
 
 
 def resolve_model_path(model: str, model_file: str, model_path: str) -> Path:
@@ -150,14 +338,78 @@ def resolve_model_path(model: str, model_file: str, model_path: str) -> Path:
     raise ModelNotFoundError(candidates[0], hint=f"also looked for {candidates[-1]}" if len(candidates) > 1 else "")
 
 
-def resolve_mmproj(mmproj: str, model_path: str) -> Path:
-    """ModelOptions.MMProj: absolute, or relative to ModelPath like Model; it must exist."""
-    p = Path(mmproj)
+def resolve_companion(name: str, model_path: str, what: str) -> Path:
+    """A file beside the model (MMProj, a LoRA adapter): absolute, or relative to ModelPath like Model; it must
+    exist."""
+    p = Path(name)
     if not p.is_absolute() and model_path:
         p = Path(model_path) / p
     if not p.is_file():
-        raise ModelNotFoundError(p, hint="MMProj names the vision projector file")
+        raise ModelNotFoundError(p, hint=f"{what}")
     return p
+
+
+def _loras(req: Any) -> tuple[tuple[str, float], ...]:
+    """LoraAdapter (with LoraScale, default 1) and LoraAdapters (with LoraScales), as (path, scale)."""
+    pairs = [(req.LoraAdapter, req.LoraScale or 1.0)] if req.LoraAdapter else []
+    scales = list(req.LoraScales)
+    if len(scales) > len(req.LoraAdapters):
+        raise InvalidOptionError(f"LoraScales has {len(scales)} entries for {len(req.LoraAdapters)} LoraAdapters")
+    pairs += [(a, scales[i] if i < len(scales) else 1.0) for i, a in enumerate(req.LoraAdapters)]
+    for _, scale in pairs:
+        if not math.isfinite(scale):
+            raise InvalidOptionError(f"LoRA scale {scale} is not a finite number")
+    return tuple((str(resolve_companion(a, req.ModelPath, "a LoRA adapter GGUF (LoraAdapter)")), float(s))
+                 for a, s in pairs)
+
+
+ROPE_SCALINGS = ("none", "linear", "yarn")
+_YARN_FIELDS = {"yarn_ext_factor": "YarnExtFactor", "yarn_attn_factor": "YarnAttnFactor",
+                "yarn_beta_fast": "YarnBetaFast", "yarn_beta_slow": "YarnBetaSlow"}
+
+
+def _rope(req: Any) -> dict[str, Any]:
+    """The RoPE/YaRN typed fields as EngineConfig fields (0 or empty: the model's own, as in LocalAI)."""
+    scaling = req.RopeScaling.strip().lower()
+    if scaling and scaling not in ROPE_SCALINGS:
+        raise InvalidOptionError(f"RopeScaling must be one of {', '.join(ROPE_SCALINGS)}, not {req.RopeScaling!r}")
+    out: dict[str, Any] = {"rope_scaling": scaling}
+    for name, value in (("RopeFreqBase", req.RopeFreqBase), ("RopeFreqScale", req.RopeFreqScale),
+                        *((f, getattr(req, f)) for f in _YARN_FIELDS.values())):
+        if value and (not math.isfinite(value) or value < 0):
+            raise InvalidOptionError(f"{name} must be a positive number, not {value}")
+    if req.YarnExtFactor > 1:
+        raise InvalidOptionError(f"YarnExtFactor is a mix factor in [0, 1], not {req.YarnExtFactor}")
+    if req.YarnBetaFast and req.YarnBetaSlow and req.YarnBetaFast <= req.YarnBetaSlow:
+        raise InvalidOptionError(f"YarnBetaFast ({req.YarnBetaFast}) must exceed YarnBetaSlow ({req.YarnBetaSlow})")
+    out["rope_freq_base"], out["rope_freq_scale"] = float(req.RopeFreqBase), float(req.RopeFreqScale)
+    out.update({f: float(getattr(req, name)) if getattr(req, name) else None for f, name in _YARN_FIELDS.items()})
+    return out
+
+
+def _warn_beyond_training(n_ctx: int, rope: dict[str, Any], info: GGUFInfo) -> None:
+    """A slot longer than the model's training context with no RoPE scaling, from the request or the GGUF, is
+    likely to degrade past the trained length: say so."""
+    trained = int(info.arch_key("context_length", 0) or 0)
+    scaled = rope["rope_scaling"] in ("linear", "yarn") or 0 < rope["rope_freq_scale"] < 1 or (
+        rope["rope_scaling"] != "none" and str(info.arch_key("rope.scaling.type", "none")) not in ("none", ""))
+    if trained and n_ctx > trained and not scaled:
+        log.warning("ContextSize %d is beyond the model's training context (%s.context_length = %d) and no RoPE "
+                    "scaling is set: quality may degrade past %d tokens (set RopeScaling yarn or linear with "
+                    "RopeFreqScale %.3g)", n_ctx, info.architecture, trained, trained, trained / n_ctx)
+
+
+def _main_gpu(text: str) -> int:
+    try:
+        gpu = int(text) if text.strip() else 0
+    except ValueError:
+        raise InvalidOptionError(f"MainGPU must be a GPU index, not {text!r}") from None
+    if gpu < 0:
+        raise InvalidOptionError(f"MainGPU must be a GPU index >= 0, not {gpu}")
+    return gpu
+
+
+# ------------------------------------------------------------------------------------------- the plan
 
 
 @dataclass(frozen=True)
@@ -173,52 +425,91 @@ class LoadPlan:
     grammar_triggers: tuple[str, ...] = ()  # ModelOptions.GrammarTriggers words: a request's Grammar waits for one
     image_limit: int = 0  # ModelOptions.LimitImagePerPrompt: most images one request may carry (0: no limit)
     cache: CacheConfig = CacheConfig()  # checkpoints and prompt caches
+    reasoning: int = -1  # reasoning_budget: -1 the template's default, 0 enable_thinking off, 1 on
+    prefill_assistant: bool = True  # continue a trailing assistant message (llama-server's default)
+
+
+def _speculation(opts: dict[str, Any], info: GGUFInfo) -> tuple[bool, int, str]:
+    """(MTP on, n_max, why), with LocalAI's auto-MTP: a GGUF with a head drafts with it unless spec_type says."""
+    types = opts.get("spec_type", ("draft-mtp",) if info.has_mtp_head else ("none",))
+    n_max = opts.get("n_max", DEFAULT_N_MAX)
+    if "draft-mtp" not in types:
+        return False, 0, f"spec_type {','.join(types)}: no MTP, decoding plainly"
+    if not info.has_mtp_head:
+        return False, 0, "MTP requested but the GGUF has no MTP head: decoding plainly"
+    if n_max == 0:
+        return False, 0, "spec_n_max is 0: decoding plainly"
+    return True, min(n_max, 16), f"MTP self-speculation on (n_max={n_max}, adaptive={opts.get('adaptive', True)})"
 
 
 def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
     """Turn a `ModelOptions` message and the file's header into a `LoadPlan`."""
     opts = parse_options(list(req.Options))
-    has_head = info.has_mtp_head
-    spec_type = opts.get("spec_type", "draft-mtp" if has_head else "none")
-    n_max = opts.get("n_max", DEFAULT_N_MAX)
-    if spec_type == "draft-mtp" and not has_head:
-        mtp, reason = False, "MTP requested but the GGUF has no MTP head: decoding plainly"
-    elif spec_type == "draft-mtp" and n_max == 0:
-        mtp, reason = False, "spec_n_max is 0: decoding plainly"
-    elif spec_type == "draft-mtp":
-        mtp, reason = True, f"MTP self-speculation on (n_max={n_max}, adaptive={opts.get('adaptive', True)})"
-    else:
-        mtp, reason = False, "spec_type none: decoding plainly"
-    n_max = min(n_max, 16) if mtp else 0
+    check_fields(req)
+    mtp, n_max, reason = _speculation(opts, info)
+    ngram = tuple(t for t in opts.get("spec_type", ()) if t in NGRAM_TYPES)
+    if ngram:
+        reason += f"; {','.join(ngram)} drafting requested"
+    rerank = req.Reranking or opts.get("pooling") == "rank"
+    if rerank and not info.has_rank_head:
+        raise InvalidOptionError(f"{path.name} has no reranking head (no cls / cls.output tensor): Reranking needs "
+                                 "a reranker GGUF")
     n_batch = req.NBatch if req.NBatch > 0 else 512
+    n_ctx = req.ContextSize if req.ContextSize > 0 else DEFAULT_CONTEXT
+    rope = _rope(req)
+    _warn_beyond_training(n_ctx, rope, info)
     cfg = EngineConfig(
-        n_ctx=req.ContextSize if req.ContextSize > 0 else DEFAULT_CONTEXT,
+        n_ctx=n_ctx,
         n_seq=opts.get("parallel", constants.LLAMACPP_PARALLEL),
         n_batch=n_batch,
         n_ubatch=opts.get("n_ubatch") or n_batch,
         n_threads=req.Threads if req.Threads > 0 else 0,
+        n_threads_batch=max(opts.get("threads_batch", 0), 0),
         n_gpu_layers=-1 if req.NGPULayers >= 9_999_999 else req.NGPULayers,
         use_mmap=req.MMap,
         use_mlock=req.MLock,
+        direct_io=opts.get("direct_io", False),
         flash_attn=_flash(req.FlashAttention),
         type_k=(req.CacheTypeKey or "f16").lower(),
         type_v=(req.CacheTypeValue or "f16").lower(),
         mtp=mtp,
         n_draft_max=n_max,
         embeddings=req.Embeddings,
+        pooling="mean" if rerank else opts.get("pooling", "mean"),
+        embd_normalize=opts.get("embd_normalize", 2),
+        reranking=rerank,
         n_cpu_moe=-1 if opts.get("cpu_moe") else opts.get("n_cpu_moe", 0),
         rpc_servers=opts.get("rpc_servers", constants.RPC_SERVERS),
         tensor_split=opts.get("tensor_split") or (parse_tensor_split(req.TensorSplit) if req.TensorSplit else ()),
-        mmproj=str(resolve_mmproj(req.MMProj, req.ModelPath)) if req.MMProj else "",
+        split_mode=opts.get("split_mode", "layer"),
+        main_gpu=_main_gpu(req.MainGPU),
+        devices=opts.get("devices"),
+        tensor_overrides=opts.get("tensor_overrides", ()),
+        offload_kqv=not req.NoKVOffload,
+        op_offload=not opts.get("no_op_offload", False),
+        swa_full=opts.get("swa_full", False),
+        check_tensors=opts.get("check_tensors", False),
+        warmup=opts.get("warmup", False),
+        kv_overrides=tuple(parse_kv_override(o, info) for o in req.Overrides if o.strip()),
+        lora=_loras(req),
+        mmproj=str(resolve_companion(req.MMProj, req.ModelPath, "MMProj names the vision projector file"))
+        if req.MMProj else "",
+        mmproj_offload=opts.get("mmproj_offload", True),
+        image_min_tokens=opts.get("image_min_tokens", -1),
+        image_max_tokens=opts.get("image_max_tokens", -1),
+        **rope,
     )
+    check_placement(cfg, info.trunk_layers)
     if cfg.n_gpu_layers != 0 and not cfg.rpc_servers:  # with workers, the offloaded layers go to their devices
         _warn_if_cpu_only(req.NGPULayers)
     spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
-                      adaptive=opts.get("adaptive", True))
+                      adaptive=opts.get("adaptive", True), ngram=ngram,
+                      **{k: opts[k] for k in NGRAM_FIELDS if k in opts})
     return LoadPlan(path=path, engine=cfg, spec=spec, use_jinja=opts.get("use_jinja", True), mtp_reason=reason,
                     identity=req.Model, grammar_triggers=tuple(t.word for t in req.GrammarTriggers if t.word),
                     image_limit=max(req.LimitImagePerPrompt, 0),
-                    cache=CacheConfig(**{k: opts[k] for k in CACHE_FIELDS if k in opts}))
+                    cache=CacheConfig(**{k: opts[k] for k in CACHE_FIELDS if k in opts}),
+                    reasoning=opts.get("reasoning", -1), prefill_assistant=opts.get("prefill_assistant", True))
 
 
 def _warn_if_cpu_only(n_gpu_layers: int) -> None:
@@ -241,3 +532,6 @@ def _flash(value: str) -> str:
     v = (value or "auto").strip().lower()
     return {"true": "on", "enabled": "on", "1": "on", "false": "off", "disabled": "off", "0": "off"}.get(v, v)
 
+
+if __name__ == "__main__":  # `python -m backend.service.options`: the README table
+    print(vocabulary_table(), end="")

@@ -29,7 +29,7 @@ from ..engine.scheduler import Scheduler, llama_thread
 from ..engine.vision import Image, check_image
 from ..core.errors import (ApexError, EngineClosedError, EntryNotFoundError, InsufficientDiskSpaceError,
                       InsufficientMemoryError, InvalidRequestError, ModelMismatchError, ModelNotFoundError,
-                      NoModelLoadedError)
+                      NoModelLoadedError, RerankUnavailableError)
 from ..core.gguf_file import read_gguf
 from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc
@@ -46,6 +46,7 @@ IDENTITY_MISMATCH = "model identity mismatch"  # LocalAI's grpcerrors.ModelMisma
 # Our error types -> gRPC status codes; the first matching class wins. Anything else is a bug: INTERNAL, logged.
 _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NoModelLoadedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (RerankUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
     (EngineClosedError, grpc.StatusCode.UNAVAILABLE),
     (InsufficientMemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InsufficientDiskSpaceError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -228,7 +229,15 @@ class BackendServicer(pb_grpc.BackendServicer):
         if not r.Messages:
             raise InvalidRequestError("UseTokenizerTemplate is set but Messages is empty")
         kwargs = _template_kwargs(r.Metadata)
-        text = model.template.render(message_dicts(r.Messages), tools=tools.tools, **kwargs)
+        if model.plan.reasoning >= 0:  # reasoning_budget: the default of requests that do not say
+            kwargs.setdefault("enable_thinking", model.plan.reasoning > 0)
+        messages = message_dicts(r.Messages)
+        prefill = ""
+        if model.plan.prefill_assistant and len(messages) > 1 and messages[-1]["role"] == "assistant" \
+                and "tool_calls" not in messages[-1]:
+            # llama-server's prefill: the reply continues the trailing assistant message instead of answering it
+            prefill = messages.pop()["content"] or ""
+        text = model.template.render(messages, tools=tools.tools, **kwargs) + prefill
         thinking = text.rstrip().endswith("<think>")
         return text, thinking
 
@@ -261,6 +270,27 @@ class BackendServicer(pb_grpc.BackendServicer):
             vec = await asyncio.wrap_future(model.scheduler.call(lambda engine: engine.embed(tokens)))
             return pb.EmbeddingResult(embeddings=vec, tokens=len(tokens), dim=len(vec), prompt_tokens=len(tokens),
                                       layout=pb.EMBEDDING_LAYOUT_FINAL)
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResult:
+        """Documents scored against the query by the model's classification head, best first (LocalAI's order),
+        cut to `top_n` when set."""
+        try:
+            model = self._loaded(request)
+            if not request.query:
+                raise InvalidRequestError("Rerank needs a query", param="query")
+            if not request.documents:
+                raise InvalidRequestError("Rerank needs at least one document", param="documents")
+            docs = list(request.documents)
+            scored = await asyncio.wrap_future(model.scheduler.call(lambda engine: engine.rerank(request.query, docs)))
+            order = sorted(range(len(docs)), key=lambda i: -scored[i][0])
+            if 0 < request.top_n < len(order):
+                order = order[:request.top_n]
+            tokens = sum(scored[i][1] for i in order)
+            return pb.RerankResult(usage=pb.Usage(total_tokens=tokens, prompt_tokens=tokens),
+                                   results=[pb.DocumentResult(index=i, text=docs[i], relevance_score=scored[i][0])
+                                            for i in order])
         except Exception as exc:
             await _abort(context, exc)
 

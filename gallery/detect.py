@@ -342,10 +342,11 @@ def ram_bandwidth(cpu: str, *, refresh: bool = False) -> float:
                 return best * GB
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    gbps = max(probe_ram_gbps(), best)
+    # Rounded as the cache keeps it, so the first caller plans with the figure every later one reads.
+    gbps = round(max(probe_ram_gbps(), best), 2)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "gbps": round(gbps, 2), "time": time.time()}))
+    tmp.write_text(json.dumps({"key": key, "gbps": gbps, "time": time.time()}))
     os.replace(tmp, path)
     return gbps * GB
 

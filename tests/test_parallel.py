@@ -108,6 +108,24 @@ def test_smollm2_every_token_is_its_rows_choice(smollm2_path):
         s.close()
 
 
+@pytest.mark.parametrize("sampling", [SamplingParams(), SEEDED], ids=["greedy", "seeded"])
+def test_smollm2_answers_are_the_same_alone_or_batched(smollm2_path, sampling):
+    """A real model, not a clear-margin synthetic one: with a KV stream per slot (the default) nothing a neighbour
+    does changes a request's arithmetic, so its tokens are the same alone, batched, or after prefix reuse."""
+    s = scheduler(smollm2_path)
+    try:
+        reqs = [GenerationRequest(prompt=s.engine.tokenize(f"<|im_start|>user\nName a colour number {i} and say "
+                                                           "why.<|im_end|>\n<|im_start|>assistant\n"),
+                                  max_tokens=40, ignore_eos=True, sampling=sampling) for i in range(8)]
+        want = alone(s, reqs)
+        reused = [collect(s, r) for r in reqs]  # one after the other: each reuses the previous one's prefix
+        got = together(s, reqs)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want] == [r.token_ids for r in reused]
+        assert any(r.n_cached for r in reused)
+    finally:
+        s.close()
+
+
 def test_stop_string_and_length_end_only_their_slot(p70):
     s = scheduler(p70, n_max=4)
     try:

@@ -121,6 +121,10 @@ class EngineConfig:
     offload_kqv: bool = True  # False: the KV cache and attention stay on the CPU (LocalAI's NoKVOffload)
     op_offload: bool = True  # offload host tensor operations to the device
     swa_full: bool = False  # full-size sliding-window KV cache
+    # One KV buffer for all slots (llama.cpp's unified KV) or one stream per slot. Split is the default: attention
+    # over a shared buffer reduces over other slots' cells in a layout that depends on the neighbours, so a greedy
+    # answer could change with the load (measured: 6-7 of 8 SmolLM2 answers differed alone vs batched; 0 split).
+    kv_unified: bool = False
     rope_scaling: str = ""  # none | linear | yarn; "": the model's own
     rope_freq_base: float = 0.0  # 0: the model's
     rope_freq_scale: float = 0.0  # 0: the model's
@@ -563,7 +567,8 @@ class Engine:
         cp.n_ctx = cfg.n_ctx * n_seq
         cp.n_batch, cp.n_ubatch = (cfg.n_batch, cfg.n_batch) if single else (n_batch, n_ubatch)
         cp.n_seq_max = n_seq
-        cp.kv_unified = True  # any set of sequences can share a ubatch (a split KV forces consecutive seq ids)
+        # A split KV puts one ubatch's sequences in consecutive ids only: `decode` orders rows so busy slots share it.
+        cp.kv_unified = cfg.kv_unified if kind != "embeddings" else True
         cp.n_threads, cp.n_threads_batch = threads, cfg.n_threads_batch or threads
         cp.flash_attn_type = FLASH_ATTN[cfg.flash_attn]
         cp.type_k, cp.type_v = KV_TYPES[cfg.type_k], KV_TYPES[cfg.type_v]
@@ -656,6 +661,7 @@ class Engine:
             "rope": [c.rope_scaling, c.rope_freq_base, c.rope_freq_scale, c.yarn_ext_factor, c.yarn_attn_factor,
                      c.yarn_beta_fast, c.yarn_beta_slow],
             "swa_full": c.swa_full,
+            "kv_unified": c.kv_unified,
         }
         return {"type_k": c.type_k, "type_v": c.type_v, "flash_attn": c.flash_attn, "mtp": self.mtp_enabled,
                 "n_embd": self.n_embd, "n_vocab": self.n_vocab, "format": 1, **computed}
@@ -869,17 +875,22 @@ class Engine:
 
     # -- decoding ------------------------------------------------------------------------------------
 
+    def _row_order(self, row: Row) -> tuple[int, int]:
+        """Where a row goes in a batch. With a split KV llama.cpp puts only sequences of consecutive ids in one
+        ubatch, taking equal token counts from each: by sequence id, so busy neighbours share a ubatch. With the
+        unified KV a recurrent model still splits by equal counts: shortest first keeps rows of one length
+        together."""
+        return (row.seq, len(row.tokens)) if not self.config.kv_unified else (len(row.tokens), row.seq)
+
     @_open
     def decode(self, rows: list[Row]) -> None:
         """Decode every row at its sequence's next positions in ONE target decode, and queue their mirrors.
 
-        Rows are placed shortest first: a recurrent model splits a batch into ubatches with equal tokens per
-        sequence, and this order keeps rows of one length in one ubatch. On failure every sequence involved is
-        reset and `DecodeError` names them.
+        Rows are placed in `_row_order`. On failure every sequence involved is reset and `DecodeError` names them.
         """
         b = self._batch
         b.clear()
-        for row in sorted(rows, key=lambda r: len(r.tokens)):
+        for row in sorted(rows, key=self._row_order):
             s = self.seqs[row.seq]
             p0 = len(s.tokens)
             if p0 + len(row.tokens) > self.n_ctx:

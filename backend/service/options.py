@@ -488,6 +488,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         offload_kqv=not req.NoKVOffload,
         op_offload=not opts.get("no_op_offload", False),
         swa_full=opts.get("swa_full", False),
+        kv_unified=opts.get("kv_unified", False),
         check_tensors=opts.get("check_tensors", False),
         warmup=opts.get("warmup", False),
         kv_overrides=tuple(parse_kv_override(o, info) for o in req.Overrides if o.strip()),

@@ -20,13 +20,14 @@ from ..errors import InvalidOptionError, ModelNotFoundError
 from ..gguf_file import GGUFInfo
 from ..rpc.client import parse_tensor_split
 from ..rpc.protocol import parse_endpoints
+from ..engine.ngram import NGRAM_TYPES
 from ..engine.speculative import SpecConfig
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXT = 4096  # LocalAI's DefaultContextSize
 DEFAULT_N_MAX = 6  # LocalAI's gallery default for draft-mtp (spec_n_max:6)
-SPEC_TYPES = ("draft-mtp", "none")
+SPEC_TYPES = ("draft-mtp", *NGRAM_TYPES, "none")
 
 
 def _bool(v: str) -> bool:
@@ -38,12 +39,12 @@ def _bool(v: str) -> bool:
     raise ValueError(f"expected true/false, got {v!r}")
 
 
-def _spec_type(v: str) -> str:
-    names = [n.strip().replace("_", "-") for n in v.split(",") if n.strip()]
-    for name in names:
-        if name in SPEC_TYPES:
-            return name
-    raise ValueError(f"supported spec types are {', '.join(SPEC_TYPES)}, got {v!r}")
+def _spec_type(v: str) -> tuple[str, ...]:
+    """The supported types of a comma list, in order (llama.cpp chains them; others are skipped)."""
+    names = tuple(n for n in (n.strip().replace("_", "-") for n in v.split(",")) if n in SPEC_TYPES)
+    if not names:
+        raise ValueError(f"supported spec types are {', '.join(SPEC_TYPES)}, got {v!r}")
+    return names
 
 
 def _prob(v: str) -> float:
@@ -91,6 +92,13 @@ OWNED: dict[str, tuple[str, Callable[[str], Any]]] = {
     "spec_p_min": ("p_min", _prob),
     "draft_p_min": ("p_min", _prob),
     "spec_adaptive": ("adaptive", _bool),
+    "spec_ngram_size_n": ("ngram_size_n", _positive_int),
+    "ngram_size_n": ("ngram_size_n", _positive_int),
+    "spec_ngram_size_m": ("ngram_size_m", _positive_int),
+    "ngram_size_m": ("ngram_size_m", _positive_int),
+    "spec_ngram_mod_n_match": ("ngram_mod_n_match", _positive_int),
+    "spec_ngram_mod_n_min": ("ngram_mod_n_min", _nonneg_int),
+    "spec_ngram_mod_n_max": ("ngram_mod_n_max", _positive_int),
     "use_jinja": ("use_jinja", _bool),
     "n_ubatch": ("n_ubatch", _nonneg_int),
     "n_cpu_moe": ("n_cpu_moe", _nonneg_int),
@@ -112,6 +120,7 @@ OWNED: dict[str, tuple[str, Callable[[str], Any]]] = {
     "prompt_cache_mib": ("disk_mib", _positive_int),
     "prompt_cache_min_tokens": ("disk_min_tokens", _positive_int),
 }
+NGRAM_FIELDS = ("ngram_size_n", "ngram_size_m", "ngram_mod_n_match", "ngram_mod_n_min", "ngram_mod_n_max")
 CACHE_FIELDS = ("n_checkpoints", "min_step", "ram_mib", "idle_slots", "similarity", "disk_dir", "disk_mib",
                 "disk_min_tokens")
 
@@ -179,17 +188,24 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
     """Turn a `ModelOptions` message and the file's header into a `LoadPlan`."""
     opts = parse_options(list(req.Options))
     has_head = info.has_mtp_head
-    spec_type = opts.get("spec_type", "draft-mtp" if has_head else "none")
+    spec_types = opts.get("spec_type", ("draft-mtp",) if has_head else ("none",))
+    ngram = next((t for t in spec_types if t in NGRAM_TYPES), "")
     n_max = opts.get("n_max", DEFAULT_N_MAX)
-    if spec_type == "draft-mtp" and not has_head:
+    if "draft-mtp" in spec_types and not has_head:
         mtp, reason = False, "MTP requested but the GGUF has no MTP head: decoding plainly"
-    elif spec_type == "draft-mtp" and n_max == 0:
+    elif "draft-mtp" in spec_types and n_max == 0:
         mtp, reason = False, "spec_n_max is 0: decoding plainly"
-    elif spec_type == "draft-mtp":
+    elif "draft-mtp" in spec_types:
         mtp, reason = True, f"MTP self-speculation on (n_max={n_max}, adaptive={opts.get('adaptive', True)})"
     else:
         mtp, reason = False, "spec_type none: decoding plainly"
     n_max = min(n_max, 16) if mtp else 0
+    spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
+                      adaptive=opts.get("adaptive", True), ngram=ngram,
+                      **{k: opts[k] for k in NGRAM_FIELDS if k in opts})
+    if ngram:
+        reason = f"{ngram} drafting on (up to {spec.ngram_max} tokens), then " + (
+            reason if mtp else "plain decoding where it finds no match")
     n_batch = req.NBatch if req.NBatch > 0 else 512
     cfg = EngineConfig(
         n_ctx=req.ContextSize if req.ContextSize > 0 else DEFAULT_CONTEXT,
@@ -204,7 +220,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         type_k=(req.CacheTypeKey or "f16").lower(),
         type_v=(req.CacheTypeValue or "f16").lower(),
         mtp=mtp,
-        n_draft_max=n_max,
+        n_draft_max=spec.n_draft_max(mtp),
         embeddings=req.Embeddings,
         n_cpu_moe=-1 if opts.get("cpu_moe") else opts.get("n_cpu_moe", 0),
         rpc_servers=opts.get("rpc_servers", constants.RPC_SERVERS),
@@ -213,8 +229,6 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
     )
     if cfg.n_gpu_layers != 0 and not cfg.rpc_servers:  # with workers, the offloaded layers go to their devices
         _warn_if_cpu_only(req.NGPULayers)
-    spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
-                      adaptive=opts.get("adaptive", True))
     return LoadPlan(path=path, engine=cfg, spec=spec, use_jinja=opts.get("use_jinja", True), mtp_reason=reason,
                     identity=req.Model, grammar_triggers=tuple(t.word for t in req.GrammarTriggers if t.word),
                     image_limit=max(req.LimitImagePerPrompt, 0),

@@ -7,6 +7,9 @@ drafts are accepted. A recurrent model without an MTP head rolls n-gram drafts b
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import llama_cpp.llama_cpp as L
 import numpy as np
 import pytest
@@ -23,7 +26,7 @@ from backend.gguf_file import read_gguf
 from backend.proto import backend_pb2 as pb
 from backend.service.options import parse_options, plan_load
 from backend.synth.qwen35moe import read_synth_info
-from conftest import BackendProcess, smollm2_options
+from conftest import smollm2_options, synth_options
 
 SEEDED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=1234)
 # Short n-grams and drafts, so the short texts of tests match (llama.cpp's defaults want 12- and 24-token n-grams).
@@ -152,12 +155,19 @@ def _cycle_prompt(path, start: str = "Hello") -> list[int]:
     return c[60:120] + c[0:5]
 
 
-def _tokens(path, text: str) -> list[int]:
+@contextmanager
+def _vocab(path) -> Iterator[Engine]:
+    """A small engine for the model's vocabulary."""
     engine = Engine(path, EngineConfig(n_ctx=64, n_threads=1))
     try:
-        return engine.tokenize(text)
+        yield engine
     finally:
         engine.close()
+
+
+def _tokens(path, text: str) -> list[int]:
+    with _vocab(path) as engine:
+        return engine.tokenize(text)
 
 
 def run(s: Scheduler, prompt: list[int], sampling: SamplingParams = SamplingParams(), n: int = 120) -> Result:
@@ -266,32 +276,18 @@ def test_recurrent_model_without_a_head_rolls_back_through_n_rs_seq(synth_model)
 # ------------------------------------------------------------------------------------------ over gRPC
 
 
-@pytest.fixture(scope="module")
-def backend():
-    b = BackendProcess()
-    yield b
-    b.stop()
-
-
-def _opts(path, options):
-    return pb.ModelOptions(ModelFile=str(path), ContextSize=1024, Threads=2, NBatch=64, MMap=True, Options=options)
-
-
 def _text(path, tokens: list[int]) -> str:
-    engine = Engine(path, EngineConfig(n_ctx=64, n_threads=1))
-    try:
+    with _vocab(path) as engine:
         return engine.detokenize(tokens).decode("utf-8", "replace")
-    finally:
-        engine.close()
 
 
 def test_grpc_ngram_mod_then_mtp_is_exact_and_counted(backend, p70):
     stub = backend.stub
     req = dict(Prompt=_text(p70, _cycle_prompt(p70)), Tokens=96, Temperature=0.0)
-    assert stub.LoadModel(_opts(p70, ["spec_type:none"])).success
+    assert stub.LoadModel(synth_options(p70, ["spec_type:none"])).success
     plain = stub.Predict(pb.PredictOptions(**req))
     assert not plain.HasField("draft_ngram_n")
-    res = stub.LoadModel(_opts(p70, ["spec_type:ngram-mod,draft-mtp", "spec_n_max:4", "spec_adaptive:false",
+    res = stub.LoadModel(synth_options(p70, ["spec_type:ngram-mod,draft-mtp", "spec_n_max:4", "spec_adaptive:false",
                                      "spec_ngram_mod_n_match:4", "spec_ngram_mod_n_min:2", "spec_ngram_mod_n_max:16"]))
     assert res.success and "ngram-mod drafting on (up to 16 tokens), then MTP" in res.message, res.message
     r = stub.Predict(pb.PredictOptions(**req))
@@ -304,7 +300,7 @@ def test_grpc_ngram_mod_then_mtp_is_exact_and_counted(backend, p70):
 
 def test_grpc_ngram_simple_on_a_headless_recurrent_model(backend, tiny_nomtp_gguf):
     stub = backend.stub
-    res = stub.LoadModel(_opts(tiny_nomtp_gguf, ["spec_type:ngram-simple", "spec_ngram_size_n:2",
+    res = stub.LoadModel(synth_options(tiny_nomtp_gguf, ["spec_type:ngram-simple", "spec_ngram_size_n:2",
                                                  "spec_ngram_size_m:8"]))
     assert res.success and "ngram-simple drafting on (up to 8 tokens)" in res.message, res.message
     bd = stub.Status(pb.HealthMessage()).memory.breakdown

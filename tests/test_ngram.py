@@ -125,6 +125,7 @@ def test_plan_load_chains_ngram_before_mtp(p70, tiny_nomtp_gguf):
     assert p.mtp_reason.startswith("ngram-mod drafting on (up to 64 tokens), then MTP")
     p = plan(tiny_nomtp_gguf, "spec_type:ngram-simple,draft-mtp", "spec_ngram_size_m:20")
     assert (p.spec.ngram, p.spec.n_max, p.engine.mtp, p.engine.n_draft_max) == ("ngram-simple", 0, False, 20)
+    assert "then MTP requested but the GGUF has no MTP head" in p.mtp_reason
     p = plan(p70, "spec_type:ngram-simple")  # n-gram only: the head stays unloaded
     assert (p.engine.mtp, p.spec.n_max, p.engine.n_draft_max) == (False, 0, 48)
 

@@ -205,7 +205,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
                       **{k: opts[k] for k in NGRAM_FIELDS if k in opts})
     if ngram:
         reason = f"{ngram} drafting on (up to {spec.ngram_max} tokens), then " + (
-            reason if mtp else "plain decoding where it finds no match")
+            reason if "draft-mtp" in spec_types else "plain decoding where it finds no match")
     n_batch = req.NBatch if req.NBatch > 0 else 512
     cfg = EngineConfig(
         n_ctx=req.ContextSize if req.ContextSize > 0 else DEFAULT_CONTEXT,

@@ -291,6 +291,7 @@ def test_grpc_ngram_mod_then_mtp_is_exact_and_counted(backend, p70):
     res = stub.LoadModel(synth_options(p70, ["spec_type:ngram-mod,draft-mtp", "spec_n_max:4", "spec_adaptive:false",
                                      "spec_ngram_mod_n_match:4", "spec_ngram_mod_n_min:2", "spec_ngram_mod_n_max:16"]))
     assert res.success and "ngram-mod drafting on (up to 16 tokens), then MTP" in res.message, res.message
+    assert stub.Status(pb.HealthMessage()).memory.breakdown["ngram_table"] == 16 * 2**20  # llama.cpp's 4M entries
     r = stub.Predict(pb.PredictOptions(**req))
     assert r.message == plain.message
     assert r.HasField("draft_ngram_n") and 0 < r.draft_ngram_n_accepted <= r.draft_ngram_n < r.draft_n

@@ -537,6 +537,8 @@ def memory_breakdown(model: LoadedModel) -> dict[str, int]:
         mem["prompt_cache_ram_entries"] = len(sched.ram.entries)
     if sched.disk is not None:
         mem["prompt_cache_disk"] = sched.disk.nbytes
+    if sched.ngram is not None and sched.ngram.table is not None:
+        mem["ngram_table"] = sched.ngram.table.entries.nbytes
     mem.update(_live())
     if engine.workers is not None:
         mem.update(rpc_workers=len(engine.workers.guards), rpc_workers_lost=len(engine.workers.lost))

@@ -123,6 +123,11 @@ def smollm2_options(path: Path, **extra) -> pb.ModelOptions:
     return pb.ModelOptions(**fields)
 
 
+def synth_options(path: Path, options: list[str]) -> pb.ModelOptions:
+    """The LoadModel the synthetic-model gRPC tests send (ctx 1024, 2 threads, batch 64, mmap) with `options`."""
+    return pb.ModelOptions(ModelFile=str(path), ContextSize=1024, Threads=2, NBatch=64, MMap=True, Options=options)
+
+
 @pytest.fixture(scope="module")
 def backend():
     """A running backend (no model loaded by the fixture)."""

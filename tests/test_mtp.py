@@ -16,7 +16,7 @@ from backend.engine.scheduler import Scheduler, Stream, collect
 from backend.engine.speculative import Acceptance, DraftController, SpecConfig
 from backend.proto import backend_pb2 as pb
 from backend.synth.qwen35moe import read_synth_info
-from conftest import BackendProcess
+from conftest import BackendProcess, synth_options
 
 CTX = dict(n_ctx=1024, n_batch=64, n_ubatch=64, n_threads=2)
 SEEDED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=1234)
@@ -166,17 +166,13 @@ def mtp_backend():
     b.stop()
 
 
-def _opts(path, options):
-    return pb.ModelOptions(ModelFile=str(path), ContextSize=1024, Threads=2, NBatch=64, MMap=True, Options=options)
-
-
 def test_grpc_mtp_exact_stats_and_memory(mtp_backend, p50):
     stub = mtp_backend.stub
     req = dict(Prompt="over the wire", Tokens=64, Temperature=0.0)
-    res = stub.LoadModel(_opts(p50, ["spec_type:none"]))
+    res = stub.LoadModel(synth_options(p50, ["spec_type:none"]))
     assert res.success and "plainly" in res.message
     plain = stub.Predict(pb.PredictOptions(**req)).message
-    res = stub.LoadModel(_opts(p50, ["spec_type:draft-mtp", "spec_n_max:4", "spec_adaptive:false"]))
+    res = stub.LoadModel(synth_options(p50, ["spec_type:draft-mtp", "spec_n_max:4", "spec_adaptive:false"]))
     assert res.success and "MTP self-speculation on" in res.message, res.message
     r = stub.Predict(pb.PredictOptions(**req))
     assert r.message == plain
@@ -198,9 +194,9 @@ def test_grpc_mtp_exact_stats_and_memory(mtp_backend, p50):
 
 def test_grpc_default_enables_mtp_when_head_present(mtp_backend, p95, tiny_nomtp_gguf):
     stub = mtp_backend.stub
-    res = stub.LoadModel(_opts(p95, []))
+    res = stub.LoadModel(synth_options(p95, []))
     assert res.success and "MTP self-speculation on" in res.message
-    res = stub.LoadModel(_opts(tiny_nomtp_gguf, ["spec_type:draft-mtp"]))
+    res = stub.LoadModel(synth_options(tiny_nomtp_gguf, ["spec_type:draft-mtp"]))
     assert res.success and "no MTP head" in res.message  # falls back, never reaches llama.cpp's assert
     assert stub.Predict(pb.PredictOptions(Prompt="still works", Tokens=8)).tokens == 8
 
@@ -210,9 +206,9 @@ def test_expert_offload_option_loads_and_matches(mtp_backend, p50):
     assert expert_pattern(2, 40) == r"^blk\.(0|1)\.ffn_(up|down|gate|gate_up)_exps\.weight$"
     stub = mtp_backend.stub
     req = dict(Prompt="experts in RAM", Tokens=32)
-    assert stub.LoadModel(_opts(p50, ["spec_type:none"])).success
+    assert stub.LoadModel(synth_options(p50, ["spec_type:none"])).success
     plain = stub.Predict(pb.PredictOptions(**req)).message
     for opt in ("n_cpu_moe:2", "cpu_moe"):
-        res = stub.LoadModel(_opts(p50, ["spec_n_max:3", opt]))
+        res = stub.LoadModel(synth_options(p50, ["spec_n_max:3", opt]))
         assert res.success, res.message
         assert stub.Predict(pb.PredictOptions(**req)).message == plain

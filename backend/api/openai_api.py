@@ -358,6 +358,8 @@ def timings(reply: pb.Reply) -> dict[str, float | int]:
         "predicted_per_token_ms": gms / steps if steps else 0.0,
         "predicted_per_second": 1000.0 * steps / gms if gms > 0 else 0.0,
         "draft_n": reply.draft_n, "draft_n_accepted": reply.draft_n_accepted,
+        **({"draft_ngram_n": reply.draft_ngram_n, "draft_ngram_n_accepted": reply.draft_ngram_n_accepted}
+           if reply.HasField("draft_ngram_n") else {}),
     }
 
 

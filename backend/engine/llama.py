@@ -56,6 +56,7 @@ KV_OVERRIDE_TAGS = {"int": L.LLAMA_KV_OVERRIDE_TYPE_INT, "float": L.LLAMA_KV_OVE
 # Architectures whose recurrent state supports n_rs_seq rollback (llama-arch.cpp); MTP needs it here.
 MTP_ARCHS = frozenset({"qwen35", "qwen35moe"})
 MAX_SEQ = 64  # slots per model; llama.cpp allows 256 sequences, far beyond what one host serves usefully
+MAX_DRAFT = 1024  # llama.cpp's bound on a draft (--spec-ngram-mod-n-max)
 _DRAFT_TOP_K = 10  # llama.cpp's draft sampler: top-10, greedy top-1, p over the 10 (speculative.cpp)
 
 _backend_initialised = False
@@ -83,7 +84,9 @@ class KVOverride:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything fixed at load time. `n_draft_max > 0` with `mtp=True` enables MTP self-speculation.
+    """Everything fixed at load time. `mtp=True` loads the MTP head for self-speculation; `n_draft_max` is the
+    longest verify draft of any origin (MTP or n-gram): it sizes the batches and, on a recurrent model, how many
+    tokens a verify can roll back (llama.cpp's n_rs_seq). 0: no speculation.
 
     `n_ctx` is the context of one sequence (slot): the longest prompt + output a request can have. The KV
     buffer holds `n_seq * n_ctx` tokens, shared by all sequences (llama.cpp's unified KV).
@@ -150,8 +153,9 @@ class EngineConfig:
                 raise InvalidRequestError(f"unknown KV cache type {getattr(self, name)!r}; one of {sorted(KV_TYPES)}")
         if self.flash_attn not in FLASH_ATTN:
             raise InvalidRequestError(f"flash_attention must be one of {sorted(FLASH_ATTN)}, not {self.flash_attn!r}")
-        if self.mtp and not 1 <= self.n_draft_max <= 16:
-            raise InvalidRequestError(f"spec_n_max must be in 1..16 with MTP, not {self.n_draft_max}")
+        if not 0 <= self.n_draft_max <= MAX_DRAFT or (self.mtp and self.n_draft_max < 1):
+            raise InvalidRequestError(f"the longest draft must be in {int(self.mtp)}..{MAX_DRAFT}"
+                                      f"{' with MTP' if self.mtp else ''}, not {self.n_draft_max}")
         for name, table in (("split_mode", SPLIT_MODES), ("rope_scaling", ROPE_SCALINGS), ("pooling", POOLINGS)):
             if getattr(self, name) not in table:
                 raise InvalidRequestError(f"{name} must be one of {sorted(k for k in table if k)}, "
@@ -168,9 +172,9 @@ class EngineConfig:
         Every slot's verify row `[y, d1..dk]` must fit one decode, and llama.cpp keeps the last n_rs_seq+1 tokens
         of each sequence in one ubatch for the rollback snapshots (it asserts n_ubatch > n_rs_seq + 1).
         """
-        need = self.n_seq * (self.n_draft_max + 1) + 1 if self.mtp else self.n_seq
+        need = self.n_seq * (self.n_draft_max + 1) + 1 if self.n_draft_max else self.n_seq
         n_batch = max(self.n_batch, need)
-        floor = max(need, self.n_draft_max + 2) if self.mtp else 1
+        floor = max(need, self.n_draft_max + 2) if self.n_draft_max else 1
         return n_batch, min(n_batch, max(self.n_ubatch, floor))
 
 
@@ -474,12 +478,15 @@ class Engine:
         self.n_seq = cfg.n_seq
         self.n_batch = int(L.llama_n_batch(self._ctx))
         self._batch = Batch(self._ctx)
+        # Attention KV rolls back anywhere; a recurrent state only as far as its n_rs_seq snapshots reach (and
+        # llama.cpp sets none on architectures that cannot roll back).
+        self.n_rs_seq = int(L.llama_n_rs_seq(self._ctx))
+        if cfg.n_draft_max and (cfg.mtp or self.recurrent) and self.n_rs_seq != cfg.n_draft_max:
+            raise ModelLoadError(f"{self.path}: llama.cpp gave n_rs_seq={self.n_rs_seq}, {cfg.n_draft_max} needed to "
+                                 f"roll back drafts on this {arch} model; load it with spec_type:none")
         if cfg.warmup:
             self._warmup()
         if cfg.mtp:
-            got = int(L.llama_n_rs_seq(self._ctx))
-            if got != cfg.n_draft_max:
-                raise ModelLoadError(f"{self.path}: llama.cpp gave n_rs_seq={got}, {cfg.n_draft_max} needed for MTP rollback")
             X.llama_set_embeddings_nextn(self._ctx, True, False)  # an h row for every batch token
             self._dctx = self._new_context(cfg, kind="mtp")
             X.llama_set_embeddings_nextn(self._dctx, True, True)  # h rows only for output tokens
@@ -588,8 +595,8 @@ class Engine:
             cp.ctx_other = self._ctx
             cp.type_k = cp.type_v = L.GGML_TYPE_F16
             cp.n_outputs_max, cp.n_outputs_max_per_seq = n_seq, 1  # one draft row per sequence per step
-        elif kind == "target" and cfg.mtp:
-            cp.n_rs_seq = cfg.n_draft_max
+        elif kind == "target":
+            cp.n_rs_seq = cfg.n_draft_max  # llama.cpp ignores it on a model without a recurrent state
         if kind == "embeddings":
             cp.pooling_type = POOLINGS[cfg.pooling]
         elif kind == "rank":

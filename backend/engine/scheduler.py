@@ -3,7 +3,8 @@
 A `Scheduler` owns an `Engine` with N sequences (slots). Requests are admitted FIFO into free slots (the one
 holding the longest prefix of the prompt first, so a chat's next turn reuses its KV). Each step:
 
-1. the MTP head drafts k tokens for every decoding slot, one batched MTP decode per draft position;
+1. every decoding slot gets drafts: from its own tokens by n-gram lookup where that finds a match (ngram.py: no
+   model call), else from the MTP head, k tokens for all such slots, one batched MTP decode per draft position;
 2. ONE target decode holds every decoding slot's verify row `[y, d1..dk]` and a chunk of each prompt being
    prefilled, so a long prompt never stalls the slots that are generating;
 3. each slot's own sampler picks a token from each of its rows; drafts are kept while they equal that pick, and
@@ -32,6 +33,7 @@ from typing import Any
 from ..core.errors import ContextOverflowError, EngineClosedError, InvalidRequestError
 from .generation import Chunk, GenerationRequest, Inspect, Output, Result, make_logprobs
 from .llama import DecodeError, Engine, Row
+from .ngram import NgramDrafter, NgramDrafting
 from .prompt_cache import (CacheConfig, DiskCache, RamCache, SavedState, checkpoint_positions, common_prefix,
                            model_identity)
 from .sampling import Sampler
@@ -90,6 +92,7 @@ class Slot:
     todo: list[int] = field(default_factory=list)  # prompt tokens still to decode
     y: int | None = None  # the last emitted token, sampled but not yet decoded
     acc: Acceptance | None = None
+    ngram: NgramDrafter | None = None  # the request's n-gram drafter, when the model drafts by n-gram
     out: Output | None = None
     max_tokens: int = 0
     t_admit: float = 0.0
@@ -98,6 +101,16 @@ class Slot:
     n_prompt: int = 0  # the request's prompt length
     checkpoint_at: list[int] = field(default_factory=list)  # prefill positions to checkpoint the recurrent state at
     saved: bool = False  # what the sequence holds is in the RAM cache already
+
+
+@dataclass
+class Draft:
+    """A slot's drafts in one step: the tokens its verify row carries after y, where the first `n_real` came from
+    ("ngram", "mtp"; "" for none), the rest filler that pads the row to the step's common length."""
+
+    tokens: list[int] = field(default_factory=list)
+    origin: str = ""
+    n_real: int = 0
 
 
 @dataclass
@@ -132,9 +145,11 @@ class Scheduler:
         self.controller = (
             DraftController(spec.n_max, adaptive=spec.adaptive) if engine.mtp_enabled and spec.n_max > 0 else None
         )
-        if spec.ngram:  # carried by the load plan; this scheduler drafts with the MTP head only
-            log.warning("spec_type %s: n-gram drafting is not active in this build (decoding %s)",
-                        ",".join(spec.ngram), "with MTP drafts" if self.controller else "plainly")
+        self.ngram = NgramDrafting(spec) if spec.ngram else None
+        if self.ngram and spec.ngram_max > engine.config.n_draft_max:
+            raise InvalidRequestError(f"the engine verifies at most {engine.config.n_draft_max} drafts; "
+                                      f"{spec.ngram} drafts up to {spec.ngram_max}")
+        self.origins = (("ngram",) if self.ngram else ()) + (("mtp",) if self.controller else ())
         self.slots = [Slot(i) for i in range(engine.n_seq)]
         self.metrics = Metrics()
         self._pending: deque[Ticket] = deque()
@@ -333,7 +348,7 @@ class Scheduler:
         engine = self.engine
         t0, m0 = time.perf_counter(), engine.mirror_seconds
         drafts = self._drafts(decoding)
-        rows: list[tuple[Slot, Row]] = [(s, Row(s.seq, [s.y, *drafts[s.seq]])) for s in decoding]
+        rows: list[tuple[Slot, Row]] = [(s, Row(s.seq, [s.y, *drafts[s.seq].tokens])) for s in decoding]
         budget = engine.n_batch - sum(len(r.tokens) for _, r in rows)
         for s in prefilling:
             if budget <= 0:
@@ -359,8 +374,10 @@ class Scheduler:
                     self._verify(s, row, drafts[s.seq])
             except InvalidRequestError as exc:  # this request cannot go on (its grammar allows nothing): only it
                 self._end(s, error=exc)
-        if self.controller is not None and decoding and not prefilled:
-            k = max(len(d) for d in drafts.values()) if drafts else 0
+        # The controller times MTP steps only: an n-gram draft's length is not its choice.
+        if self.controller is not None and decoding and not prefilled and \
+                all(d.origin != "ngram" for d in drafts.values()):
+            k = max(len(d.tokens) for d in drafts.values())
             self.controller.observe(len(decoding), k, time.perf_counter() - t0 - (engine.mirror_seconds - m0))
         return True
 
@@ -411,6 +428,8 @@ class Scheduler:
                 if self.engine.recurrent and self.cache.n_checkpoints > 0 else []
             slot.out = Output(self.engine, ticket.req, ticket.result)
             slot.acc = self.controller.new_slot() if self.controller else None
+            slot.ngram = self.ngram.start(prompt) if self.ngram else None
+            ticket.result.stats.by_origin = dict.fromkeys(self.origins, (0, 0))
             slot.max_tokens = min(ticket.req.max_tokens, self.engine.n_ctx - len(prompt))
             slot.t_admit = t_admit
             ticket.result.n_cached, ticket.result.slot = n_keep, slot.seq
@@ -486,24 +505,43 @@ class Scheduler:
         if self.engine.n_past(s.seq) in s.checkpoint_at:
             self.engine.checkpoint(s.seq, self.cache.n_checkpoints)
 
-    def _drafts(self, decoding: list[Slot]) -> dict[int, list[int]]:
-        """Draft tokens per decoding slot (seq -> drafts): one k for all, each slot capped by its request."""
-        out = {s.seq: [] for s in decoding}
-        if self.controller is None or not decoding:
-            return out
-        caps = [self._draft_cap(s) for s in decoding]
-        k = self.controller.choose([s.acc for s in decoding], max(caps))
-        if k <= 0:
-            return out
-        got = self.engine.draft([(s.seq, s.y, min(k, cap)) for s, cap in zip(decoding, caps)], self.spec.p_min)
-        for s, d in zip(decoding, got):
-            out[s.seq] = d if len(d) >= self.spec.n_min else []
+    def _drafts(self, decoding: list[Slot]) -> dict[int, Draft]:
+        """Drafts per decoding slot (seq -> Draft), each capped by its request: an n-gram match where the slot's
+        tokens have one (as long as it goes), else MTP drafts, one k for all the slots drafting with MTP."""
+        out = {s.seq: Draft() for s in decoding}
+        if self.ngram is not None:
+            for s in decoding:
+                s.ngram.sync(s.ticket.result.token_ids)
+                d = s.ngram.draft(self._draft_cap(s, self.ngram.n_max))
+                if d:
+                    out[s.seq] = Draft(d, "ngram", len(d))
+        mtp = [s for s in decoding if not out[s.seq].tokens]
+        if self.controller is not None and mtp:
+            caps = [self._draft_cap(s, self.spec.n_max) for s in mtp]
+            k = self.controller.choose([s.acc for s in mtp], max(caps))
+            if k > 0:
+                got = self.engine.draft([(s.seq, s.y, min(k, cap)) for s, cap in zip(mtp, caps)], self.spec.p_min)
+                for s, d in zip(mtp, got):
+                    if d and len(d) >= self.spec.n_min:
+                        out[s.seq] = Draft(d, "mtp", len(d))
+        if self.engine.recurrent and len(decoding) > 1:
+            self._pad(decoding, out)
         return out
 
-    def _draft_cap(self, s: Slot) -> int:
-        """Drafts this slot may verify: its request's NDraft, and never more than it can still emit."""
+    def _pad(self, decoding: list[Slot], out: dict[int, Draft]) -> None:
+        """Pad every verify row to the step's longest, within each slot's cap. A recurrent model takes a batch in
+        ubatches with equal tokens per sequence, so rows of unequal length cost extra passes over the weights;
+        a filler is verified like any draft (one the target happens to pick is kept), so output stays exact."""
+        longest = max(len(d.tokens) for d in out.values())
+        for s in decoding:
+            d = out[s.seq]
+            want = min(longest, self._draft_cap(s, self.engine.config.n_draft_max))
+            d.tokens += [d.tokens[-1] if d.tokens else s.y] * (want - len(d.tokens))
+
+    def _draft_cap(self, s: Slot, limit: int) -> int:
+        """Drafts this slot may verify: `limit`, its request's NDraft, and never more than it can still emit."""
         n_draft = s.ticket.req.n_draft
-        cap = self.spec.n_max if n_draft is None else min(n_draft, self.spec.n_max)
+        cap = limit if n_draft is None else min(n_draft, limit)
         return max(0, min(cap, s.max_tokens - s.ticket.result.n_tokens - 1))
 
     def _first_token(self, s: Slot, idx: int) -> None:
@@ -524,9 +562,9 @@ class Scheduler:
         if self._emit(s, [(tok, extra)]):
             s.y = tok
 
-    def _verify(self, s: Slot, row: Row, drafts: list[int]) -> None:
+    def _verify(self, s: Slot, row: Row, draft: Draft) -> None:
         """Sample each row of a verify batch with the slot's sampler, keep drafts while they match, roll back."""
-        engine, ticket = self.engine, s.ticket
+        engine, ticket, drafts = self.engine, s.ticket, draft.tokens
         accepted: list[tuple[int, dict | None]] = []
         complete = False  # the grammar matched completely and its end token is banned: the output is done
         for i in range(len(row.tokens)):
@@ -540,10 +578,13 @@ class Scheduler:
         # Row tokens to keep: y and the drafts confirmed; the last sample (if any) is the next y, not yet decoded.
         n_keep = len(accepted) + 1 if complete else len(accepted)
         engine.rollback_verify(s.seq, len(row.tokens), n_keep)
-        ticket.result.stats.observe(len(drafts), n_keep - 1)
-        if drafts:
-            s.acc.observe(len(drafts), n_keep - 1)
-            self.controller.observe_acceptance(len(drafts), n_keep - 1)
+        n, kept = draft.n_real, min(n_keep - 1, draft.n_real)  # fillers count as neither
+        ticket.result.stats.observe(n, kept, draft.origin)
+        if draft.origin == "mtp":
+            s.acc.observe(n, kept)
+            self.controller.observe_acceptance(n, kept)
+        elif draft.origin == "ngram":
+            s.ngram.observe(n, kept)
         if not self._emit(s, accepted):
             return
         if complete:
@@ -574,7 +615,7 @@ class Scheduler:
     def _end(self, s: Slot, *, reason: str | None = None, error: BaseException | None = None) -> None:
         """Finish the slot's request (normally, cancelled, or with an error) and free the slot."""
         ticket, s.ticket = s.ticket, None
-        s.y, s.todo, s.last_used, s.saved = None, [], time.perf_counter(), False
+        s.y, s.todo, s.last_used, s.saved, s.ngram = None, [], time.perf_counter(), False, None
         ticket.sampler.close()
         result = ticket.result
         if error is not None:

@@ -10,35 +10,45 @@ llama.cpp's draft-mtp uses a fixed n_max.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-
-# llama.cpp's n-gram drafting types (spec_type) that a load plan carries to the scheduler.
-NGRAM_TYPES = ("ngram-simple", "ngram-mod")
+from ..core.errors import InvalidRequestError
 
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """Speculation settings (LocalAI options `spec_n_max`, `spec_n_min`, `spec_p_min`, `spec_adaptive`).
+    """Speculation settings: MTP (LocalAI options `spec_n_max`, `spec_n_min`, `spec_p_min`, `spec_adaptive`) and
+    n-gram drafting from the request's own tokens (`spec_type` ngram-simple / ngram-mod and their `spec_ngram_*`
+    options, llama.cpp's defaults). A slot drafts by n-gram where the n-gram finds a match, else with MTP."""
 
-    `ngram` holds the n-gram drafting types asked for (`spec_type:ngram-mod,draft-mtp`) with their knobs
-    (`spec_ngram_size_n`, `spec_ngram_mod_n_min`, ...; llama.cpp's defaults), for a scheduler that drafts from
-    n-grams; the MTP settings above are independent of them.
-    """
-
-    n_max: int = 0  # 0: plain decoding
-    n_min: int = 0  # drafts shorter than this are dropped
+    n_max: int = 0  # MTP drafts per step; 0: no MTP
+    n_min: int = 0  # MTP drafts shorter than this are dropped
     p_min: float = 0.0  # stop drafting when the head's top-1 probability falls below this
     adaptive: bool = True
-    ngram: tuple[str, ...] = ()  # of NGRAM_TYPES
-    ngram_size_n: int = 12  # ngram-simple: lookup n-gram length
-    ngram_size_m: int = 48  # ngram-simple: drafted m-gram length
-    ngram_min_hits: int = 1  # ngram-simple: hits before an m-gram is proposed
-    ngram_mod_n_min: int = 48  # ngram-mod: shortest draft
-    ngram_mod_n_max: int = 64  # ngram-mod: longest draft
-    ngram_mod_n_match: int = 24  # ngram-mod: match length
+    ngram: str = ""  # "ngram-simple", "ngram-mod" or "" (none)
+    ngram_size_n: int = 12  # ngram-simple: n-gram looked up (spec_ngram_size_n)
+    ngram_size_m: int = 48  # ngram-simple: longest draft (spec_ngram_size_m)
+    ngram_mod_n_match: int = 24  # ngram-mod: n-gram looked up (spec_ngram_mod_n_match)
+    ngram_mod_n_min: int = 48  # ngram-mod: shorter drafts are dropped (spec_ngram_mod_n_min)
+    ngram_mod_n_max: int = 64  # ngram-mod: longest draft (spec_ngram_mod_n_max)
+
+    def __post_init__(self) -> None:
+        for name in ("ngram_size_n", "ngram_size_m", "ngram_mod_n_match", "ngram_mod_n_max"):
+            if not 1 <= getattr(self, name) <= 1024:  # llama.cpp's bounds (common/arg.cpp)
+                raise InvalidRequestError(f"{name} must be in 1..1024, not {getattr(self, name)}")
+        if not 0 <= self.ngram_mod_n_min <= 1024:
+            raise InvalidRequestError(f"ngram_mod_n_min must be in 0..1024, not {self.ngram_mod_n_min}")
+
+    @property
+    def ngram_max(self) -> int:
+        """The longest n-gram draft (0 without n-gram drafting)."""
+        return {"ngram-simple": self.ngram_size_m, "ngram-mod": self.ngram_mod_n_max}.get(self.ngram, 0)
+
+    def n_draft_max(self, mtp: bool) -> int:
+        """The longest verify draft of any origin (the engine's `n_draft_max`): rows and rollback depth."""
+        return max(self.n_max if mtp else 0, self.ngram_max)
 
 
 @dataclass
@@ -48,12 +58,16 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     verify_steps: int = 0
+    # (drafted, accepted) per draft origin ("mtp", "ngram"); the origins a model drafts from are there from the start
+    by_origin: dict[str, tuple[int, int]] = field(default_factory=dict)
 
-    def observe(self, k: int, a: int) -> None:
+    def observe(self, k: int, a: int, origin: str = "mtp") -> None:
         if k > 0:
             self.drafted += k
             self.accepted += a
             self.verify_steps += 1
+            d, acc = self.by_origin.get(origin, (0, 0))
+            self.by_origin[origin] = (d + k, acc + a)
 
     @property
     def acceptance_rate(self) -> float:
@@ -65,9 +79,12 @@ class SpecStats:
         return 1.0 + self.accepted / self.verify_steps if self.verify_steps else 0.0
 
     def as_dict(self) -> dict[str, float]:
-        return {"drafted": self.drafted, "accepted": self.accepted, "verify_steps": self.verify_steps,
-                "acceptance_rate": round(self.acceptance_rate, 4),
-                "mean_accepted_length": round(self.mean_accepted_length, 3)}
+        out = {"drafted": self.drafted, "accepted": self.accepted, "verify_steps": self.verify_steps,
+               "acceptance_rate": round(self.acceptance_rate, 4),
+               "mean_accepted_length": round(self.mean_accepted_length, 3)}
+        for origin, (drafted, accepted) in self.by_origin.items():
+            out[f"{origin}_drafted"], out[f"{origin}_accepted"] = drafted, accepted
+        return out
 
 
 class Acceptance:

@@ -27,7 +27,8 @@ from ..core.errors import InvalidOptionError, ModelNotFoundError
 from ..core.gguf_file import GGUFInfo
 from ..engine.llama import EngineConfig, KVOverride, check_placement
 from ..engine.prompt_cache import CacheConfig
-from ..engine.speculative import NGRAM_TYPES, SpecConfig
+from ..engine.ngram import NGRAM_TYPES
+from ..engine.speculative import SpecConfig
 from ..rpc.client import parse_tensor_split
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,7 @@ UNSUPPORTED_SPEC_TYPES = ("draft-simple", "draft-eagle3", "draft-dflash", "draft
 _SPEC_ALIASES = {"draft": "draft-simple", "eagle3": "draft-eagle3"}  # LocalAI's normalisation
 CACHE_FIELDS = ("n_checkpoints", "min_step", "ram_mib", "idle_slots", "similarity", "disk_dir", "disk_mib",
                 "disk_min_tokens")
-NGRAM_FIELDS = ("ngram_size_n", "ngram_size_m", "ngram_min_hits", "ngram_mod_n_min", "ngram_mod_n_max",
-                "ngram_mod_n_match")
+NGRAM_FIELDS = ("ngram_size_n", "ngram_size_m", "ngram_mod_n_min", "ngram_mod_n_max", "ngram_mod_n_match")
 KV_OVERRIDE_TYPES = ("int", "float", "bool", "str")
 
 
@@ -447,9 +447,14 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
     opts = parse_options(list(req.Options))
     check_fields(req)
     mtp, n_max, reason = _speculation(opts, info)
-    ngram = tuple(t for t in opts.get("spec_type", ()) if t in NGRAM_TYPES)
+    spec_types = opts.get("spec_type", ())
+    ngram = next((t for t in spec_types if t in NGRAM_TYPES), "")  # one n-gram type per chain (llama.cpp's first)
+    spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
+                      adaptive=opts.get("adaptive", True), ngram=ngram,
+                      **{k: opts[k] for k in NGRAM_FIELDS if k in opts})
     if ngram:
-        reason += f"; {','.join(ngram)} drafting requested"
+        reason = f"{ngram} drafting on (up to {spec.ngram_max} tokens), then " + (
+            reason if "draft-mtp" in spec_types else "plain decoding where it finds no match")
     rerank = req.Reranking or opts.get("pooling") == "rank"
     if rerank and not info.has_rank_head:
         raise InvalidOptionError(f"{path.name} has no reranking head (no cls / cls.output tensor): Reranking needs "
@@ -473,7 +478,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         type_k=(req.CacheTypeKey or "f16").lower(),
         type_v=(req.CacheTypeValue or "f16").lower(),
         mtp=mtp,
-        n_draft_max=n_max,
+        n_draft_max=spec.n_draft_max(mtp),
         embeddings=req.Embeddings,
         pooling="mean" if rerank else opts.get("pooling", "mean"),
         embd_normalize=opts.get("embd_normalize", 2),
@@ -503,9 +508,6 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
     check_placement(cfg, info.trunk_layers)
     if cfg.n_gpu_layers != 0 and not cfg.rpc_servers:  # with workers, the offloaded layers go to their devices
         _warn_if_cpu_only(req.NGPULayers)
-    spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
-                      adaptive=opts.get("adaptive", True), ngram=ngram,
-                      **{k: opts[k] for k in NGRAM_FIELDS if k in opts})
     return LoadPlan(path=path, engine=cfg, spec=spec, use_jinja=opts.get("use_jinja", True), mtp_reason=reason,
                     identity=req.Model, grammar_triggers=tuple(t.word for t in req.GrammarTriggers if t.word),
                     image_limit=max(req.LimitImagePerPrompt, 0),

@@ -503,9 +503,17 @@ def _chunk_reply(chunk: Chunk, result: Result, parser: ToolCallParser | None = N
         chat_deltas=[pb.ChatDelta(content=out.content, reasoning_content=chunk.reasoning,
                                   tool_calls=_call_deltas(out.calls))],
         logprobs=json.dumps({"content": chunk.logprobs}).encode() if chunk.logprobs else b"",
-        draft_n=result.stats.drafted, draft_n_accepted=result.stats.accepted,
-        draft_verify_steps=result.stats.verify_steps,
+        **_draft_fields(result),
     )
+
+
+def _draft_fields(result: Result) -> dict[str, int]:
+    """A Reply's speculation counters: the totals, and the n-gram share where the model drafts by n-gram."""
+    s = result.stats
+    out = dict(draft_n=s.drafted, draft_n_accepted=s.accepted, draft_verify_steps=s.verify_steps)
+    if "ngram" in s.by_origin:
+        out["draft_ngram_n"], out["draft_ngram_n_accepted"] = s.by_origin["ngram"]
+    return out
 
 
 def _final_reply(result: Result, logprobs: list[dict], parser: ToolCallParser | None, *, with_text: bool) -> pb.Reply:
@@ -528,8 +536,7 @@ def _final_reply(result: Result, logprobs: list[dict], parser: ToolCallParser | 
         timing_prompt_processing=result.t_prompt_ms, timing_token_generation=result.t_gen_ms,
         logprobs=json.dumps({"content": logprobs}).encode() if logprobs else b"",
         chat_deltas=[delta] if (with_text or out.content or out.calls) else [],
-        draft_n=result.stats.drafted, draft_n_accepted=result.stats.accepted,
-        draft_verify_steps=result.stats.verify_steps, finish_reason=finish,
+        **_draft_fields(result), finish_reason=finish,
         slot=result.slot, cached_prompt_tokens=result.n_cached,
     )
 
@@ -538,10 +545,11 @@ def memory_breakdown(model: LoadedModel) -> dict[str, int]:
     """Bytes per component as llama.cpp allocated them (the MTP parts named separately), and the slots."""
     engine = model.engine
     mem = dict(engine.memory)
-    n_rs = engine.config.n_draft_max if engine.mtp_enabled else 0
+    n_rs = engine.n_rs_seq
     rec = mem.pop("target_recurrent", 0)
     if rec:
-        # llama.cpp allocates the recurrent state (1 + n_rs_seq) times: the extra copies are rollback snapshots.
+        # llama.cpp allocates the recurrent state (1 + n_rs_seq) times: the extra copies are rollback snapshots (for
+        # MTP or n-gram drafts; the key keeps its first name).
         mem["recurrent_state"] = rec // (1 + n_rs)
         if n_rs:
             mem["mtp_rollback_snapshots"] = rec - rec // (1 + n_rs)
@@ -559,6 +567,8 @@ def memory_breakdown(model: LoadedModel) -> dict[str, int]:
         mem["prompt_cache_ram_entries"] = len(sched.ram.entries)
     if sched.disk is not None:
         mem["prompt_cache_disk"] = sched.disk.nbytes
+    if sched.ngram is not None and sched.ngram.table is not None:
+        mem["ngram_table"] = sched.ngram.table.entries.nbytes
     mem.update(_live())
     if engine.workers is not None:
         mem.update(rpc_workers=len(engine.workers.guards), rpc_workers_lost=len(engine.workers.lost))

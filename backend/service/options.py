@@ -113,8 +113,8 @@ def _spec_types(v: str) -> tuple[str, ...]:
                          f"llama.cpp's are {', '.join(SPEC_TYPES + UNSUPPORTED_SPEC_TYPES)}")
     unsupported = [n for n in names if n in UNSUPPORTED_SPEC_TYPES]
     if unsupported:
-        raise ValueError(f"{', '.join(unsupported)} is not supported yet (this backend runs draft-mtp, and passes "
-                         f"{' and '.join(NGRAM_TYPES)} to its scheduler)")
+        raise ValueError(f"{', '.join(unsupported)} is not supported yet (this backend drafts with draft-mtp, "
+                         f"{' and '.join(NGRAM_TYPES)}, alone or chained)")
     return tuple(dict.fromkeys(names))
 
 

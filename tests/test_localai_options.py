@@ -131,12 +131,11 @@ def test_aliases_empty_values_and_unknown_names(caplog):
     opts = parse_options(["grpc_servers:", "jinja:false", "spec_draft_p_min:0.5", "--spec-draft-n-max:3", "sps:0.2",
                           "unified_kv", "n_threads_batch:3", "pooling_type:cls", "enable_reasoning:0"])
     assert opts == {"use_jinja": False, "p_min": 0.5, "n_max": 3, "similarity": 0.2, "threads_batch": 3,
-                    "pooling": "cls", "reasoning": 0}
+                    "pooling": "cls", "reasoning": 0, "kv_unified": True}
     assert parse_options(["grpc_servers:127.0.0.1:50052"]) == {"rpc_servers": ("127.0.0.1:50052",)}
     with caplog.at_level(logging.WARNING):
-        assert parse_options(["gpu", "--no-kv-offload", "kv_unified:off"]) == {}
+        assert parse_options(["gpu", "--no-kv-offload", "kv_unified:off"]) == {"kv_unified": False}
     assert "'gpu' is not read" in caplog.text and "'--no-kv-offload' is not read" in caplog.text
-    assert "'kv_unified:off' is not honoured here" in caplog.text
     with pytest.raises(InvalidOptionError, match="did you mean 'spec_n_min'"):
         parse_options(["spec_n_mn:1"])
     for refused in ("context_shift:true", "reasoning_format:none", "pooling:none"):

@@ -121,3 +121,20 @@ def test_lookup_errors_suggest_names() -> None:
         catalog.get("qwen3.6-35b-a3b-apex-mtp-i-balance")
     assert catalog.find_tier("MUDLER/qwen3.6-35b-a3b-apex-gguf", "i-mini").name == "qwen3.6-35b-a3b-apex-i-mini"
     assert {e.name for e in catalog.search("mtp-i-nano")} == {"qwen3.6-35b-a3b-apex-mtp-i-nano"}
+
+
+def test_every_35b_a3b_entry_can_see() -> None:
+    """The Qwen3.5/3.6-35B-A3B entries, the MTP ones included, carry the base model's vision projector (the MTP repo
+    ships none; the head does not change the vision tower or the embedding width), pinned as the sibling repo pins it."""
+    from conftest import APEX_FACTS
+
+    facts = yaml.safe_load((APEX_FACTS / "apex-files.yaml").read_text())
+    pins = {f"huggingface://{r['repo']}/{r['mmproj']['file']}": r["mmproj"]["sha256"]
+            for r in facts["repos"] if r.get("mmproj")}
+    entries = [e for e in load_catalog().entries.values()
+               if e.name.startswith(("qwen3.5-35b-a3b-apex", "qwen3.6-35b-a3b-apex"))]
+    assert sum("mtp" in e.name for e in entries) == 9
+    for e in entries:
+        proj = e.mmproj_file
+        assert proj is not None and "vision" in e.overrides["known_usecases"], e.name
+        assert pins[proj.uri] == proj.sha256, e.name

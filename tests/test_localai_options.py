@@ -163,7 +163,7 @@ def test_plan_for_ngram_rope_and_placement_refusals(smollm2_path, caplog):
         return plan_load(smollm2_options(smollm2_path, **fields), info, smollm2_path)
 
     p = plan(Options=["spec_type:ngram-mod", "spec_ngram_mod_n_min:8", "spec_ngram_size_n:4"])
-    assert p.spec.ngram == ("ngram-mod",) and (p.spec.ngram_mod_n_min, p.spec.ngram_size_n) == (8, 4)
+    assert p.spec.ngram == "ngram-mod" and (p.spec.ngram_mod_n_min, p.spec.ngram_size_n) == (8, 4)
     assert not p.engine.mtp and p.spec.n_max == 0
     with caplog.at_level(logging.WARNING):
         plan(ContextSize=16384)
@@ -346,7 +346,7 @@ def test_grpc_typed_fields_reach_llama_cpp(opt_backend, smollm2_path):
     assert list(stub.TokenizeString(pb.PredictOptions(Prompt="hello")).tokens) == [1, *plain_tokens]
     assert _predict(stub).message != plain  # positions rotate at half the speed: other logits
     res = stub.LoadModel(smollm2_options(smollm2_path, Options=["spec_type:ngram-mod", "spec_ngram_mod_n_min:8"]))
-    assert res.success and "ngram-mod drafting requested" in res.message, res.message
+    assert res.success and "ngram-mod drafting on" in res.message, res.message
     assert "spec_type ngram-mod: n-gram drafting is not active in this build" in opt_backend.stderr()
     assert _predict(stub).message == plain
 

@@ -2,9 +2,10 @@
 
 Handlers never block the event loop: generation runs on the scheduler's thread and comes back through a queue,
 model loading and freeing run on the llama thread, so Health/Status/GetMetrics answer at once however many
-requests are generating or waiting. Errors are mapped to gRPC status codes in exactly one place
-(`status_for`); LoadModel alone reports failure in-band as `Result(success=False)`, which is what LocalAI
-expects of it.
+requests are generating or waiting. Requests are validated here, for LocalAI and `apexmtp run` alike; an error's
+gRPC status code is its class's (`backend.core.errors.STATUSES`), and the trailing metadata names the class and
+the PredictOptions field to blame. LoadModel alone reports failure in-band as `Result(success=False)`, which is
+what LocalAI expects of it.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ from ..engine.llamalog import LIVE
 from ..engine.sampling import SamplingParams, parse_logit_bias
 from ..engine.scheduler import Scheduler, llama_thread
 from ..engine.vision import Image, check_image
-from ..core.errors import (ApexError, EngineClosedError, EntryNotFoundError, InsufficientDiskSpaceError,
-                      InsufficientMemoryError, InvalidRequestError, ModelMismatchError, ModelNotFoundError,
-                      NoModelLoadedError, RerankUnavailableError)
+from ..core.errors import (ApexError, EngineClosedError, InvalidRequestError, ModelMismatchError, NoModelLoadedError,
+                           status_of)
 from ..core.gguf_file import read_gguf
 from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc
@@ -43,27 +43,14 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 512  # one default for Predict and PredictStream alike
 IDENTITY_MISMATCH = "model identity mismatch"  # LocalAI's grpcerrors.ModelMismatchSentinel
 
-# Our error types -> gRPC status codes; the first matching class wins. Anything else is a bug: INTERNAL, logged.
-_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (NoModelLoadedError, grpc.StatusCode.FAILED_PRECONDITION),
-    (RerankUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
-    (EngineClosedError, grpc.StatusCode.UNAVAILABLE),
-    (InsufficientMemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (InsufficientDiskSpaceError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (EntryNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (ModelMismatchError, grpc.StatusCode.NOT_FOUND),
-)
-
-
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The one mapping from our errors to gRPC status codes."""
-    return next((code for cls, code in _STATUS if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
+    """The gRPC status code of an error: its class's in `backend.core.errors.STATUSES` (INTERNAL for a bug)."""
+    return grpc.StatusCode[status_of(exc).grpc]
 
 
 # Trailing metadata naming our error class and the PredictOptions field to blame: clients need not parse messages.
 ERROR_TYPE_KEY, ERROR_PARAM_KEY = "apexmtp-error", "apexmtp-param"
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and llama-server's n_probs cap
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -205,12 +192,12 @@ class BackendServicer(pb_grpc.BackendServicer):
             grammar=grammar, grammar_triggers=triggers, logit_bias=parse_logit_bias(r.LogitBias, engine.n_vocab),
         )
         if r.Tokens < 0:
-            raise InvalidRequestError(f"Tokens (max tokens) must be >= 0, got {r.Tokens}")
-        logprobs = None
-        if r.Logprobs or r.TopLogprobs:
-            logprobs = max(r.TopLogprobs, 0) if r.TopLogprobs else 0
-            if logprobs > 20:
-                raise InvalidRequestError(f"TopLogprobs must be at most 20, got {r.TopLogprobs}")
+            raise InvalidRequestError(f"max tokens must not be negative (0: the default), got {r.Tokens}",
+                                      param="Tokens")
+        if not 0 <= r.TopLogprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {r.TopLogprobs}",
+                                      param="TopLogprobs")
+        logprobs = r.TopLogprobs if r.Logprobs or r.TopLogprobs else None
         req = GenerationRequest(
             prompt=prompt, sampling=sampling, max_tokens=r.Tokens or DEFAULT_MAX_TOKENS,
             stop=tuple(s for s in r.StopPrompts if s), ignore_eos=r.IgnoreEOS,
@@ -223,11 +210,13 @@ class BackendServicer(pb_grpc.BackendServicer):
         if r.Prompt:
             return r.Prompt, False
         if not r.UseTokenizerTemplate:
-            raise InvalidRequestError("empty request: set Prompt, or Messages with UseTokenizerTemplate")
+            raise InvalidRequestError("empty prompt: set Prompt, or Messages with UseTokenizerTemplate",
+                                      param="Prompt")
         if model.template is None:
             raise InvalidRequestError("this model has no chat template (or use_jinja is off): send a Prompt")
         if not r.Messages:
-            raise InvalidRequestError("UseTokenizerTemplate is set but Messages is empty")
+            raise InvalidRequestError("no messages: send at least one (UseTokenizerTemplate is set)",
+                                      param="Messages")
         kwargs = _template_kwargs(r.Metadata)
         if model.plan.reasoning >= 0:  # reasoning_budget: the default of requests that do not say
             kwargs.setdefault("enable_thinking", model.plan.reasoning > 0)
@@ -429,15 +418,18 @@ def _template(engine: Engine, info) -> ChatTemplate | None:
                         eos_token=tok_text("tokenizer.ggml.eos_token_id"))
 
 
+_KWARGS = "Metadata.chat_template_kwargs"  # the param of its errors: a Metadata key, not a field
+
+
 def _template_kwargs(metadata: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if metadata.get("chat_template_kwargs"):
         try:
             extra = json.loads(metadata["chat_template_kwargs"])
         except json.JSONDecodeError as exc:
-            raise InvalidRequestError(f"Metadata chat_template_kwargs is not valid JSON: {exc}") from None
+            raise InvalidRequestError(f"chat_template_kwargs is not valid JSON: {exc}", param=_KWARGS) from None
         if not isinstance(extra, dict):
-            raise InvalidRequestError("Metadata chat_template_kwargs must be a JSON object")
+            raise InvalidRequestError("chat_template_kwargs must be a JSON object", param=_KWARGS)
         kwargs.update(extra)
     if "enable_thinking" in metadata:
         kwargs["enable_thinking"] = metadata["enable_thinking"].strip().lower() in ("1", "true", "yes", "on")
@@ -496,13 +488,19 @@ def _call_deltas(calls: list) -> list[pb.ToolCallDelta]:
     return [pb.ToolCallDelta(index=c.index, id=c.id, name=c.name, arguments=c.arguments) for c in calls]
 
 
+def logprobs_json(items: list[dict]) -> bytes:
+    """Reply.logprobs as LocalAI reads it: OpenAI's chat `logprobs` object, `{"content": [...]}`, as JSON bytes
+    (empty when there are none). The items are the engine's (`generation.make_logprobs`), in OpenAI's format."""
+    return json.dumps({"content": items}).encode() if items else b""
+
+
 def _chunk_reply(chunk: Chunk, result: Result, parser: ToolCallParser | None = None) -> pb.Reply:
     out = parser.feed(chunk.content) if parser is not None else Parsed(chunk.content)  # no markup in content
     return pb.Reply(
         message=out.content.encode(), tokens=result.n_tokens, prompt_tokens=result.n_prompt,
         chat_deltas=[pb.ChatDelta(content=out.content, reasoning_content=chunk.reasoning,
                                   tool_calls=_call_deltas(out.calls))],
-        logprobs=json.dumps({"content": chunk.logprobs}).encode() if chunk.logprobs else b"",
+        logprobs=logprobs_json(chunk.logprobs),
         draft_n=result.stats.drafted, draft_n_accepted=result.stats.accepted,
         draft_verify_steps=result.stats.verify_steps,
     )
@@ -526,7 +524,7 @@ def _final_reply(result: Result, logprobs: list[dict], parser: ToolCallParser | 
     return pb.Reply(
         message=out.content.encode(), tokens=result.n_tokens, prompt_tokens=result.n_prompt,
         timing_prompt_processing=result.t_prompt_ms, timing_token_generation=result.t_gen_ms,
-        logprobs=json.dumps({"content": logprobs}).encode() if logprobs else b"",
+        logprobs=logprobs_json(logprobs),
         chat_deltas=[delta] if (with_text or out.content or out.calls) else [],
         draft_n=result.stats.drafted, draft_n_accepted=result.stats.accepted,
         draft_verify_steps=result.stats.verify_steps, finish_reason=finish,

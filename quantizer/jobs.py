@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from backend.core.errors import ApexError, InvalidRequestError
+from backend.core.parse import parse_bool
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ OPTIONS: dict[str, tuple[str, bool]] = {
     "allow_requantize": ("--allow-requantize", False),
     "overwrite": ("--overwrite", False),
 }
-_TRUE = {"1", "true", "yes", "on"}
 _STOP_GRACE_S = 5.0
 
 
@@ -164,7 +164,7 @@ class QuantizationJobs:
             flag, takes_value = OPTIONS[key]
             if takes_value:
                 argv += [flag, value]
-            elif value.strip().lower() in _TRUE:
+            elif _flag_on(key, value):
                 argv.append(flag)
         collects = any(t.imatrix for t in tiers) and "imatrix" not in options
         partials = [out / (output_name(source, t, info.has_mtp_head) + PARTIAL_SUFFIX) for t in tiers]
@@ -252,6 +252,14 @@ class QuantizationJobs:
         else:
             reason = job.error or next((ln.strip() for ln in reversed(stderr) if ln.strip()), f"exit code {rc}")
             self._finish(job, JobStatus.FAILED, reason)
+
+
+def _flag_on(key: str, value: str) -> bool:
+    """Whether a flag option (`overwrite: "true"`) is set; a blank value leaves it off."""
+    try:
+        return parse_bool(value, empty=False)
+    except ValueError as exc:
+        raise InvalidRequestError(f"extra_options {key}: {exc}") from None
 
 
 def _kill_group(proc: subprocess.Popen[str]) -> None:

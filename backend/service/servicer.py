@@ -31,6 +31,7 @@ from ..engine.vision import Image, check_image
 from ..core.errors import (ApexError, EngineClosedError, InvalidRequestError, ModelMismatchError, NoModelLoadedError,
                            status_of)
 from ..core.gguf_file import read_gguf
+from ..core.parse import parse_bool
 from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc
 from .chat import ChatTemplate, ToolPlan, message_dicts
@@ -432,7 +433,7 @@ def _template_kwargs(metadata: Any) -> dict[str, Any]:
             raise InvalidRequestError("chat_template_kwargs must be a JSON object", param=_KWARGS)
         kwargs.update(extra)
     if "enable_thinking" in metadata:
-        kwargs["enable_thinking"] = metadata["enable_thinking"].strip().lower() in ("1", "true", "yes", "on")
+        kwargs["enable_thinking"] = _metadata_bool(metadata, "enable_thinking", default=False)
     if metadata.get("reasoning_effort"):
         kwargs["reasoning_effort"] = metadata["reasoning_effort"]
     return kwargs
@@ -479,8 +480,16 @@ async def _image_prompt(model: LoadedModel, text: str, images: list[str]) -> tup
         lambda engine: engine.projector.prompt(text, data, add_special=add_special)))
 
 
+def _metadata_bool(metadata: Any, key: str, *, default: bool) -> bool:
+    """A yes/no Metadata entry; `default` when it is missing or blank."""
+    try:
+        return parse_bool(metadata.get(key, ""), empty=default)
+    except ValueError as exc:
+        raise InvalidRequestError(f"Metadata {key}: {exc}", param=f"Metadata.{key}") from None
+
+
 def _tool_plan(model: LoadedModel, r: pb.PredictOptions) -> ToolPlan:
-    parallel = r.Metadata.get("parallel_tool_calls", "true").strip().lower() not in ("0", "false", "no", "off")
+    parallel = _metadata_bool(r.Metadata, "parallel_tool_calls", default=True)
     return ToolPlan.from_request(model.template, r.Tools, r.ToolChoice, parallel=parallel, user_grammar=r.Grammar)
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mtp import model_file  # noqa: E402
 from common import machine, median  # noqa: E402
 
+from backend.core.process import stop_process
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.generation import GenerationRequest
 from backend.engine.scheduler import Scheduler, collect
@@ -61,8 +62,7 @@ class LlamaServer:
         return t["predicted_per_second"], acc
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
+        stop_process(self.proc, 30)
 
 
 def ours(model: Scheduler, tokens: int) -> tuple[float, float]:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +21,7 @@ from pathlib import Path
 
 from backend.core.errors import ApexError, InvalidRequestError
 from backend.core.parse import parse_bool
+from backend.core.process import stop_process
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +131,7 @@ class QuantizationJobs:
             job.stop_requested = True
             proc = job.proc
         if proc is not None:
-            _kill_group(proc)
+            stop_process(proc, _STOP_GRACE_S, group=True)  # the child and whatever it started
         else:
             self._finish(job, JobStatus.STOPPED, "stopped before it started")
         return True, f"stopping job {job_id!r}"
@@ -262,12 +261,3 @@ def _flag_on(key: str, value: str) -> bool:
         raise InvalidRequestError(f"extra_options {key}: {exc}") from None
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM the child's process group, SIGKILL it if it does not exit within the grace period."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=_STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -23,6 +23,7 @@ import openai
 import pytest
 from conftest import ROOT, free_port, wait_until
 
+from backend.core.process import stop_process
 from backend.proto import backend_pb2 as pb
 from backend.proto import backend_pb2_grpc as pb_grpc
 
@@ -74,15 +75,9 @@ class RunProcess:
         return self.log.read().decode("utf-8", "replace")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, 30)
         self.log.close()
-        return self.proc.returncode
+        return code
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mtp import model_file  # noqa: E402
-from common import machine, median, sse_completion  # noqa: E402
+from bench_mtp import model_file
+from common import machine, median, sse_completion
 
-from backend.api.supervisor import free_port  # noqa: E402
+from backend.api.supervisor import free_port
 from backend.core.process import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mtp import model_file  # noqa: E402
-from common import machine, median  # noqa: E402
+from bench_mtp import model_file
+from common import machine, median
 
 import backend.rpc.client as rpc_client
 from backend.core.errors import WorkerUnreachableError

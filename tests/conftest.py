@@ -24,7 +24,7 @@ from backend.proto import backend_pb2_grpc as pb_grpc
 from backend.rpc import protocol
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synth_models import synth_model, tiny_nomtp_gguf, tiny_predictable_gguf, tiny_random_gguf  # noqa: E402,F401
+from synth_models import synth_model, tiny_nomtp_gguf, tiny_predictable_gguf, tiny_random_gguf  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SH = ROOT / "backend" / "run.sh"
@@ -75,7 +75,7 @@ class BackendProcess:
         self.addr = f"127.0.0.1:{free_port()}"
         full_env = {**os.environ, **(env or {})}
         # A file, not a pipe: an unread pipe fills up and blocks the server's logging.
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen([str(RUN_SH), "--addr", self.addr], cwd=cwd, env=full_env,
                                      stdout=subprocess.DEVNULL, stderr=self.log)
         self.channel = grpc.insecure_channel(

@@ -139,7 +139,7 @@ class Handler(DeadlineHandler):
             action()
         except ClientGone:
             self.close_connection = True
-        except Exception as exc:  # noqa: BLE001 - every error gets its HTTP answer; a bug also its logged traceback
+        except Exception as exc:  # every error gets its HTTP answer; a bug also its logged traceback
             status, body = http_error(exc, self._params)
             if is_bug(exc):  # ours and the backend's errors explain themselves; anything else is a bug
                 log.exception("%s %s failed", self.command, self.path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import os
@@ -52,6 +53,16 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 # Trailing metadata naming our error class and the PredictOptions field to blame: clients need not parse messages.
 ERROR_TYPE_KEY, ERROR_PARAM_KEY = "apexmtp-error", "apexmtp-param"
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and llama-server's n_probs cap
+
+
+@contextlib.asynccontextmanager
+async def _aborting(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """`async with _aborting(context):` around an RPC's work: whatever error it raises ends the RPC with that
+    error's status (`_abort`); cancellation passes through."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - the RPC's last resort: every error becomes a status, a bug is logged
+        await _abort(context, exc)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -143,7 +154,7 @@ class BackendServicer(pb_grpc.BackendServicer):
     # -- generation -------------------------------------------------------------------------------
 
     async def Predict(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.Reply:
-        try:
+        async with _aborting(context):
             model = self._loaded(request)
             req, parser = await self._request(model, request)
             logprobs: list[dict] = []
@@ -151,25 +162,22 @@ class BackendServicer(pb_grpc.BackendServicer):
                 if isinstance(event, Result):
                     return _final_reply(event, logprobs, parser, with_text=True)
                 logprobs += event.logprobs
-        except Exception as exc:
-            await _abort(context, exc)
 
     async def PredictStream(self, request: pb.PredictOptions,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Reply]:
-        try:
-            model = self._loaded(request)
-            req, parser = await self._request(model, request)
-            result = Result(n_prompt=req.n_prompt)
-            async for event in _events(model.scheduler, req, progress=result):
-                if isinstance(event, Result):
-                    yield _final_reply(event, [], parser, with_text=False)
-                else:
-                    yield _chunk_reply(event, result, parser)
-        except asyncio.CancelledError:
-            log.info("client cancelled the stream")
-            raise
-        except Exception as exc:
-            await _abort(context, exc)
+        async with _aborting(context):
+            try:
+                model = self._loaded(request)
+                req, parser = await self._request(model, request)
+                result = Result(n_prompt=req.n_prompt)
+                async for event in _events(model.scheduler, req, progress=result):
+                    if isinstance(event, Result):
+                        yield _final_reply(event, [], parser, with_text=False)
+                    else:
+                        yield _chunk_reply(event, result, parser)
+            except asyncio.CancelledError:
+                log.info("client cancelled the stream")
+                raise
 
     async def _request(self, model: LoadedModel,
                        r: pb.PredictOptions) -> tuple[GenerationRequest, ToolCallParser | None]:
@@ -235,38 +243,32 @@ class BackendServicer(pb_grpc.BackendServicer):
 
     async def TokenizeString(self, request: pb.PredictOptions,
                              context: grpc.aio.ServicerContext) -> pb.TokenizationResponse:
-        try:
+        async with _aborting(context):
             model = self._loaded(request)
             text, _ = (self._prompt_text(model, request, _tool_plan(model, request)) if request.UseTokenizerTemplate
                        else (request.Prompt, False))
             tokens = _tokenize_prompt(model, text) if text else []
             return pb.TokenizationResponse(length=len(tokens), tokens=tokens)
-        except Exception as exc:
-            await _abort(context, exc)
 
     async def Detokenize(self, request: pb.DetokenizeRequest,
                          context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
-        try:
+        async with _aborting(context):
             engine = self._loaded().engine
             engine.check_tokens(request.tokens)
             return pb.DetokenizeResponse(content=engine.detokenize(request.tokens).decode("utf-8", "replace"))
-        except Exception as exc:
-            await _abort(context, exc)
 
     async def Embedding(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.EmbeddingResult:
-        try:
+        async with _aborting(context):
             model = self._loaded(request)
             tokens = list(request.EmbeddingTokens) or model.engine.tokenize(request.Embeddings or request.Prompt)
             vec = await asyncio.wrap_future(model.scheduler.call(lambda engine: engine.embed(tokens)))
             return pb.EmbeddingResult(embeddings=vec, tokens=len(tokens), dim=len(vec), prompt_tokens=len(tokens),
                                       layout=pb.EMBEDDING_LAYOUT_FINAL)
-        except Exception as exc:
-            await _abort(context, exc)
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResult:
         """Documents scored against the query by the model's classification head, best first (LocalAI's order),
         cut to `top_n` when set."""
-        try:
+        async with _aborting(context):
             model = self._loaded(request)
             if not request.query:
                 raise InvalidRequestError("Rerank needs a query", param="query")
@@ -281,8 +283,6 @@ class BackendServicer(pb_grpc.BackendServicer):
             return pb.RerankResult(usage=pb.Usage(total_tokens=tokens, prompt_tokens=tokens),
                                    results=[pb.DocumentResult(index=i, text=docs[i], relevance_score=scored[i][0])
                                             for i in order])
-        except Exception as exc:
-            await _abort(context, exc)
 
     # -- introspection ----------------------------------------------------------------------------
 
@@ -340,15 +340,13 @@ class BackendServicer(pb_grpc.BackendServicer):
 
     async def QuantizationProgress(self, request: pb.QuantizationProgressRequest,
                                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.QuantizationProgressUpdate]:
-        try:
+        async with _aborting(context):
             updates = self._quant_jobs().progress(request.job_id)
             while (u := await asyncio.to_thread(next, updates, None)) is not None:
                 yield pb.QuantizationProgressUpdate(
                     job_id=u.job_id, progress_percent=u.progress_percent, status=str(getattr(u.status, "value", u.status)),
                     message=u.message, output_file=u.output_file or "", extra_metrics=u.extra_metrics or {},
                 )
-        except Exception as exc:
-            await _abort(context, exc)
 
     async def StopQuantization(self, request: pb.QuantizationStopRequest,
                                context: grpc.aio.ServicerContext) -> pb.Result:
@@ -583,9 +581,9 @@ def _live() -> dict[str, int]:
 
 
 def _rss() -> int:
-    try:
-        import psutil
+    import psutil  # a dependency, imported on first use only
 
+    try:
         return int(psutil.Process(os.getpid()).memory_info().rss)
-    except Exception:
+    except psutil.Error:  # no /proc to read it from (a sandbox): unknown
         return 0

@@ -20,10 +20,10 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import struct
 import time
 import uuid
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 
 from ..core import errors
-from ..core.errors import BUG, GRPC_HTTP, ApexError, InvalidRequestError, status_of
+from ..core.errors import BUG, ERROR_PARAM_KEY, ERROR_TYPE_KEY, GRPC_HTTP, ApexError, InvalidRequestError, status_of
 from ..proto import backend_pb2 as pb
 from ..service.grammars import response_format_grammar, schema_grammar
 
@@ -496,7 +496,7 @@ def _backend_error(exc: grpc.RpcError) -> tuple[str, str]:
     # An RpcError raised without a call behind it (a cancellation, a test double) may have no metadata at all.
     trailing = getattr(exc, "trailing_metadata", None)
     meta = dict((trailing() if callable(trailing) else None) or ())
-    return meta.get("apexmtp-error", ""), meta.get("apexmtp-param", "")
+    return meta.get(ERROR_TYPE_KEY, ""), meta.get(ERROR_PARAM_KEY, "")
 
 
 _FIELD_HEAD = re.compile(r"[A-Za-z]+")

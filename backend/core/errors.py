@@ -285,6 +285,10 @@ STATUSES: tuple[tuple[type[ApexError], Status], ...] = (
 )
 BUG = Status("INTERNAL", 500, "server_error")
 
+# The gRPC trailing metadata keys that name an error's class and the PredictOptions field to blame (its `param`):
+# clients map the error exactly, without parsing its message.
+ERROR_TYPE_KEY, ERROR_PARAM_KEY = "apexmtp-error", "apexmtp-param"
+
 # The HTTP answer to a gRPC error that names no class of ours (see the module doc). UNAVAILABLE is a dead backend,
 # CANCELLED that reaches a client the channel closing; a code not listed is a 500.
 GRPC_HTTP: dict[str, Status] = {

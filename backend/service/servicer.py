@@ -29,8 +29,8 @@ from ..engine.llamalog import LIVE
 from ..engine.sampling import SamplingParams, parse_logit_bias
 from ..engine.scheduler import Scheduler, llama_thread
 from ..engine.vision import Image, check_image
-from ..core.errors import (ApexError, EngineClosedError, InvalidRequestError, ModelMismatchError, NoModelLoadedError,
-                           status_of)
+from ..core.errors import (ERROR_PARAM_KEY, ERROR_TYPE_KEY, ApexError, EngineClosedError, InvalidRequestError,
+                           ModelMismatchError, NoModelLoadedError, status_of)
 from ..core.gguf_file import read_gguf
 from ..core.parse import parse_bool
 from ..proto import backend_pb2 as pb
@@ -50,8 +50,6 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode[status_of(exc).grpc]
 
 
-# Trailing metadata naming our error class and the PredictOptions field to blame: clients need not parse messages.
-ERROR_TYPE_KEY, ERROR_PARAM_KEY = "apexmtp-error", "apexmtp-param"
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and llama-server's n_probs cap
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median  # noqa: E402
+from common import machine, median
 
 from backend.api.supervisor import Backend
 from backend.engine.llama import Engine, EngineConfig

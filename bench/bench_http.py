@@ -32,6 +32,7 @@ from common import machine, median, sse_completion
 from backend.api.models import RunOptions, prepare
 from backend.api.supervisor import Backend, free_port
 from backend.core.gguf_file import read_gguf
+from backend.core.process import stop_process
 from backend.engine.generation import GenerationRequest
 from backend.engine.llama import Engine
 from backend.engine.sampling import SamplingParams
@@ -112,8 +113,7 @@ class HttpServer:
         raise SystemExit("apexmtp run did not become healthy")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
+        stop_process(self.proc, 30)
         self.log.close()
 
 

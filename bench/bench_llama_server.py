@@ -18,9 +18,10 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mtp import model_file  # noqa: E402
-from common import machine, median  # noqa: E402
+from bench_mtp import model_file
+from common import machine, median
 
+from backend.core.process import stop_process
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.generation import GenerationRequest
 from backend.engine.scheduler import Scheduler, collect
@@ -47,7 +48,7 @@ class LlamaServer:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1)
                 return
-            except Exception:
+            except OSError:  # not listening yet, or 503 while it loads
                 time.sleep(0.1)
         raise SystemExit("llama-server did not start")
 
@@ -61,8 +62,7 @@ class LlamaServer:
         return t["predicted_per_second"], acc
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait()
+        stop_process(self.proc, 30)
 
 
 def ours(model: Scheduler, tokens: int) -> tuple[float, float]:

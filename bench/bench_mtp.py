@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median  # noqa: E402
+from common import machine, median
 
 from backend.core import constants
 from backend.engine.generation import GenerationRequest

@@ -24,10 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mtp import model_file  # noqa: E402
-from common import machine, median, sse_completion  # noqa: E402
+from bench_mtp import model_file
+from common import machine, median, sse_completion
 
-from backend.api.supervisor import free_port  # noqa: E402
+from backend.api.supervisor import free_port
+from backend.core.process import stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,11 +81,7 @@ class Server:
                 "draft_n": t.get("draft_n", 0), "accepted": t.get("draft_n_accepted", 0), "slot": t.get("id_slot", -1)}
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc, 30)
         self.log.close()
 
 

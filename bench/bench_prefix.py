@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mtp import model_file  # noqa: E402
-from bench_parallel import Server  # noqa: E402
-from common import machine, sse_completion  # noqa: E402
+from bench_mtp import model_file
+from bench_parallel import Server
+from common import machine, sse_completion
 
-from backend.api.supervisor import free_port  # noqa: E402
+from backend.api.supervisor import free_port
 
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud light field "
          "tool result file line value error build test query answer").split()

@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mtp import model_file  # noqa: E402
-from common import machine, median  # noqa: E402
+from bench_mtp import model_file
+from common import machine, median
 
 import backend.rpc.client as rpc_client
 from backend.core.errors import WorkerUnreachableError
+from backend.core.process import stop_process
 from backend.engine.generation import GenerationRequest
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.scheduler import Scheduler, collect
@@ -115,8 +116,7 @@ def main() -> int:
                 print(f"{name:<28} {tps:7.1f} {tps / local:8.2f} {1000 / tps - 1000 / local:13.2f}")
     finally:
         for proc, _ in workers:
-            proc.terminate()
-            proc.wait()
+            stop_process(proc, 30)
     return 0
 
 

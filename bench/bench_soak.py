@@ -23,11 +23,11 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mtp import model_file  # noqa: E402
-from common import machine, median  # noqa: E402
+from bench_mtp import model_file
+from common import machine, median
 
-from backend.api.supervisor import Backend  # noqa: E402
-from backend.proto import backend_pb2 as pb  # noqa: E402
+from backend.api.supervisor import Backend
+from backend.proto import backend_pb2 as pb
 
 PROMPT = "Benchmarking a backend that stays up for hours. " * 4
 

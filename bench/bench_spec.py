@@ -26,14 +26,14 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mtp import model_file  # noqa: E402
-from common import machine, median  # noqa: E402
+from bench_mtp import model_file
+from common import machine, median
 
-from backend.engine.generation import GenerationRequest  # noqa: E402
-from backend.engine.llama import Engine, EngineConfig  # noqa: E402
-from backend.engine.scheduler import Scheduler, collect  # noqa: E402
-from backend.engine.speculative import SpecConfig  # noqa: E402
-from backend.synth.qwen35moe import read_synth_info  # noqa: E402
+from backend.engine.generation import GenerationRequest
+from backend.engine.llama import Engine, EngineConfig
+from backend.engine.scheduler import Scheduler, collect
+from backend.engine.speculative import SpecConfig
+from backend.synth.qwen35moe import read_synth_info
 
 ROOT = Path(__file__).resolve().parents[1]
 EDIT_TOKENS = 1500  # the text an edit sends back

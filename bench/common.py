@@ -23,7 +23,7 @@ def machine() -> str:
         import psutil
 
         ram = f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
-    except Exception:
+    except ImportError:
         ram = "RAM unknown"
     return f"{cpu}, {os.cpu_count()} logical CPUs, {ram}, {platform.system()} {platform.release()}"
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from backend.core.cli_errors import cli_error
 from backend.core.errors import ApexError
 from backend.core.units import GiB, gib
 
@@ -144,8 +144,7 @@ def main(argv: list[str]) -> int:
     try:
         return _run(args)
     except ApexError as exc:
-        print(f"apexmtp gallery: error: {exc}", file=sys.stderr)
-        return 1
+        return cli_error(parser.prog, exc)
 
 
 def _run(args: argparse.Namespace) -> int:

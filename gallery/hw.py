@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from typing import Any
 
+from backend.core.cli_errors import cli_error
 from backend.core.endpoints import parse_endpoints
 from backend.core.errors import ApexError
 from backend.core.units import ctx_label, gib, parse_size
@@ -150,7 +150,6 @@ def main(argv: list[str]) -> int:
         data = report(profile, load_catalog(), Request(context=args.context, parallel=args.parallel,
                                                         prefer=args.prefer))
     except ApexError as exc:
-        print(f"apexmtp hw: error: {exc}", file=sys.stderr)
-        return 1
+        return cli_error(parser.prog, exc)
     print(json.dumps(data, indent=2) if args.json else render(data))
     return 0

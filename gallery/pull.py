@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend.core.cli_errors import cli_error
 from backend.core.errors import ApexError, InsufficientMemoryError
 
 from .catalog import Catalog, Entry, GalleryFile, load_catalog
@@ -189,8 +189,7 @@ def main(argv: list[str]) -> int:
                       progress=not args.quiet, mtp=False if args.no_mtp else None, parallel=args.parallel,
                       prefer=args.prefer)
     except ApexError as exc:
-        print(f"apexmtp pull: error: {exc}", file=sys.stderr)
-        return 1
+        return cli_error(parser.prog, exc)
     print(f"{pulled.name}: {pulled.model_path}")
     if pulled.sha256:
         print(f"sha256: {pulled.sha256} (verified)")

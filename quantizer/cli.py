@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from backend.core.cli_errors import cli_error
 from backend.core.errors import ApexError
 
 from .evaluate import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT
@@ -32,8 +33,7 @@ def _run(fn: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParse
     try:
         return fn(args)
     except ApexError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
+        return cli_error(parser.prog, exc)
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130

@@ -12,8 +12,6 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from backend.core.errors import ApexError, InvalidRequestError
+from backend.core.parse import parse_bool
+from backend.core.process import stop_process
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ OPTIONS: dict[str, tuple[str, bool]] = {
     "allow_requantize": ("--allow-requantize", False),
     "overwrite": ("--overwrite", False),
 }
-_TRUE = {"1", "true", "yes", "on"}
 _STOP_GRACE_S = 5.0
 
 
@@ -132,7 +131,7 @@ class QuantizationJobs:
             job.stop_requested = True
             proc = job.proc
         if proc is not None:
-            _kill_group(proc)
+            stop_process(proc, _STOP_GRACE_S, group=True)  # the child and whatever it started
         else:
             self._finish(job, JobStatus.STOPPED, "stopped before it started")
         return True, f"stopping job {job_id!r}"
@@ -164,7 +163,7 @@ class QuantizationJobs:
             flag, takes_value = OPTIONS[key]
             if takes_value:
                 argv += [flag, value]
-            elif value.strip().lower() in _TRUE:
+            elif _flag_on(key, value):
                 argv.append(flag)
         collects = any(t.imatrix for t in tiers) and "imatrix" not in options
         partials = [out / (output_name(source, t, info.has_mtp_head) + PARTIAL_SUFFIX) for t in tiers]
@@ -254,12 +253,11 @@ class QuantizationJobs:
             self._finish(job, JobStatus.FAILED, reason)
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM the child's process group, SIGKILL it if it does not exit within the grace period."""
+def _flag_on(key: str, value: str) -> bool:
+    """Whether a flag option (`overwrite: "true"`) is set; a blank value leaves it off."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=_STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        return parse_bool(value, empty=False)
+    except ValueError as exc:
+        raise InvalidRequestError(f"extra_options {key}: {exc}") from None
+
+

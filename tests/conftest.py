@@ -4,7 +4,6 @@ LocalAI starts them (`backend/run.sh --addr 127.0.0.1:<port>` as a subprocess, r
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,12 +18,13 @@ import psutil
 import pytest
 
 from backend.core.errors import WorkerUnreachableError
+from backend.core.process import stop_process
 from backend.proto import backend_pb2 as pb
 from backend.proto import backend_pb2_grpc as pb_grpc
 from backend.rpc import protocol
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synth_models import synth_model, tiny_nomtp_gguf, tiny_predictable_gguf, tiny_random_gguf  # noqa: E402,F401
+from synth_models import synth_model, tiny_nomtp_gguf, tiny_predictable_gguf, tiny_random_gguf  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_SH = ROOT / "backend" / "run.sh"
@@ -75,7 +75,7 @@ class BackendProcess:
         self.addr = f"127.0.0.1:{free_port()}"
         full_env = {**os.environ, **(env or {})}
         # A file, not a pipe: an unread pipe fills up and blocks the server's logging.
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen([str(RUN_SH), "--addr", self.addr], cwd=cwd, env=full_env,
                                      stdout=subprocess.DEVNULL, stderr=self.log)
         self.channel = grpc.insecure_channel(
@@ -104,15 +104,9 @@ class BackendProcess:
 
     def stop(self) -> int:
         self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, 20)
         self.log.close()
-        return self.proc.returncode
+        return code
 
 
 def smollm2_options(path: Path, **extra) -> pb.ModelOptions:
@@ -184,14 +178,8 @@ class WorkerProcess:
 
     def stop(self) -> tuple[int, str]:
         """SIGTERM, as a service manager stops it; returns (exit status, stderr)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
+        code = stop_process(self.proc, 20)
+        return code, self.proc.stderr.read()
 
 
 def endpoints(ws: list[WorkerProcess]) -> tuple[str, ...]:

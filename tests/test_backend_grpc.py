@@ -33,7 +33,7 @@ def test_health_answers_ok_within_seconds(backend):
     assert backend.stub.Health(pb.HealthMessage()).message == b"OK"
     fresh = BackendProcess()
     try:
-        assert fresh.wait_healthy() < 10
+        assert fresh.wait_healthy() < 30  # seconds, however busy the machine (llama.cpp loads nothing yet)
     finally:
         fresh.stop()
 
@@ -286,8 +286,8 @@ def test_cancelled_stream_frees_model(smol_backend):
         if got == 3:
             call.cancel()
             break
-    wait_until(lambda: stub.Status(pb.HealthMessage()).state == pb.StatusResponse.READY, 5,
-               message="model still busy after cancel")
+    wait_until(lambda: stub.Status(pb.HealthMessage()).state == pb.StatusResponse.READY, 30,
+               message="model still busy after cancel")  # the token count below says it stopped early
     assert stub.GetMetrics(pb.MetricsRequest()).tokens_generated < 50
     assert predict_text(stub, Prompt="The capital of France is", **GREEDY)
 

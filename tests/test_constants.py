@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from backend.core import constants
-from backend.core.constants import knob, parse_bool, parse_duration
+from backend.core.constants import knob, parse_duration
+from backend.core.parse import parse_bool
 
 ROOT = Path(__file__).resolve().parent.parent
 KNOBS = ("LLAMACPP_PARALLEL", "LOCALAI_GRPC_AUTH_TOKEN", "LOCALAI_BACKEND_PARENT_WATCH",
@@ -54,9 +55,16 @@ def test_bad_durations_are_refused(text: str) -> None:
 
 
 def test_booleans() -> None:
-    assert [parse_bool(t) for t in ("1", "TRUE", "yes", "On", "0", "false", "NO", "off")] == [True] * 4 + [False] * 4
+    words = ("1", "TRUE", "yes", "On", " enabled ", "0", "false", "NO", "off", "Disabled")
+    assert [parse_bool(t) for t in words] == [True] * 5 + [False] * 5
+    for bad in ("maybe", "", "  "):
+        with pytest.raises(ValueError, match="not a boolean"):
+            parse_bool(bad)
+    # Where a caller gives a blank a meaning (a bare option key is "on", a missing flag "off"), it gets that.
+    assert parse_bool("", empty=True) is True and parse_bool(" ", empty=False) is False
+    assert parse_bool("off", empty=True) is False
     with pytest.raises(ValueError, match="not a boolean"):
-        parse_bool("maybe")
+        parse_bool("sometimes", empty=True)
 
 
 def test_bad_knob_logs_a_warning_and_keeps_the_default(caplog: pytest.LogCaptureFixture) -> None:

@@ -33,6 +33,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return whl
 
 
+def test_the_version_is_written_once(wheel: Path) -> None:
+    import backend
+
+    assert wheel.name.startswith(f"apexmtp-{backend.__version__}-")  # pyproject.toml reads backend.__version__
+
+
 def _source_files() -> set[str]:
     return {str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*")
             if p.is_file() and "__pycache__" not in p.parts}

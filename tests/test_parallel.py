@@ -245,6 +245,12 @@ def _load(b: BackendProcess, path, *options: str, ctx: int = 1024) -> None:
     assert "4 slot(s)" in res.message
 
 
+def _in_flight(stub) -> int:
+    """Requests the backend is generating or holding in its queue."""
+    figures = stub.Status(pb.HealthMessage()).memory.breakdown
+    return figures.get("slots_busy", 0) + figures.get("queue_depth", 0)
+
+
 def _stream_text(stub, **kw) -> str:
     return "".join(r.message.decode() for r in stub.PredictStream(pb.PredictOptions(**kw)))
 
@@ -268,14 +274,18 @@ def test_grpc_concurrent_streams_equal_sequential_and_health_stays_fast(par_back
 
     prober = threading.Thread(target=probe)
     prober.start()
+    t0 = time.perf_counter()
     try:
         with ThreadPoolExecutor(8) as pool:
             concurrent = list(pool.map(lambda p: _stream_text(stub, **p), prompts))
     finally:
+        together = time.perf_counter() - t0
         stop.set()
         prober.join()
     assert concurrent == sequential
-    assert latencies and max(latencies) < 1.0, max(latencies)
+    # A Health that waited behind generation would take about as long as the generations; one served at once
+    # takes milliseconds (1 s of slack for a busy machine, more when the whole run took long).
+    assert latencies and max(latencies) < max(1.0, together / 3), (max(latencies), together)
     assert max(busy_seen) == 4  # 8 requests, 4 slots: the other 4 waited their turn
 
 
@@ -285,19 +295,21 @@ def test_grpc_cancel_mid_prefill_frees_the_slot_fast(par_backend, p70):
     # ~5.5k tokens of the synthetic vocabulary (11 a repeat): dozens of 64-token prefill steps, inside the 8k context
     long_prompt = "a very long prompt " * 500
     call = stub.PredictStream(pb.PredictOptions(Prompt=long_prompt, Tokens=8))
-    time.sleep(0.5)
 
     def busy() -> int:
         return stub.Status(pb.HealthMessage()).memory.breakdown["slots_busy"]
 
-    wait_until(busy, 10, message="the request never took a slot")
+    wait_until(busy, 60, message="the request never took a slot")
     call.cancel()
     t_cancel = time.perf_counter()
-    wait_until(lambda: not busy(), 10, 0.02, message="the slot stayed busy after the cancel")
+    wait_until(lambda: not busy(), 60, 0.02, message="the slot stayed busy after the cancel")
     freed_after = time.perf_counter() - t_cancel
-    # the slot frees at the next step boundary, long before the prompt could have been prefilled
-    assert freed_after < 1.0, freed_after
     assert _stream_text(stub, Prompt="still serving", Tokens=4, IgnoreEOS=True)
+    t0 = time.perf_counter()
+    _stream_text(stub, Prompt="another long prompt " * 500, Tokens=1, IgnoreEOS=True)
+    prefill = time.perf_counter() - t0  # a whole prompt this long, on this machine, now
+    # the slot frees at the next step boundary, long before the prompt could have been prefilled
+    assert freed_after < max(1.0, prefill / 3), (freed_after, prefill)
 
 
 def test_grpc_cancel_one_stream_leaves_the_others_exact(par_backend, p70):
@@ -332,7 +344,7 @@ def test_grpc_free_and_load_with_streams_in_flight(par_backend, p70, tiny_nomtp_
     threads = [threading.Thread(target=long_stream) for _ in range(6)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    wait_until(lambda: _in_flight(stub) == 6, 60, message="the 6 streams did not all reach the scheduler")
     assert stub.Free(pb.HealthMessage()).success
     for t in threads:
         t.join(30)
@@ -345,7 +357,7 @@ def test_grpc_free_and_load_with_streams_in_flight(par_backend, p70, tiny_nomtp_
     threads = [threading.Thread(target=long_stream) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    wait_until(lambda: _in_flight(stub) == 3, 60, message="the 3 streams did not all reach the scheduler")
     _load(par_backend, tiny_nomtp_gguf)
     for t in threads:
         t.join(30)

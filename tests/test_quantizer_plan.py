@@ -15,7 +15,7 @@ from quantizer.plan import ModelLayout, TensorSpec, build_plan, check_rules, fir
 from quantizer.recipes import all_tiers, get_tier, parse_tiers
 from quantizer.roles import allows_quantization, classify
 
-from conftest import APEX_FACTS  # noqa: E402
+from conftest import APEX_FACTS
 INVENTORY = APEX_FACTS / "tensor-inventory.yaml"
 
 # upstream tier tables: (tensor-inventory model key, tier key) per recipe

@@ -11,12 +11,11 @@ import json
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import BackendProcess, WorkerProcess, endpoints, free_port, smollm2_options
+from conftest import BackendProcess, WorkerProcess, endpoints, free_port, smollm2_options, wait_until
 from test_api_server import RunProcess
 
 from backend.core.endpoints import is_loopback, parse_endpoints
@@ -27,6 +26,7 @@ from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler, collect
 from backend.engine.speculative import SpecConfig
 from backend.proto import backend_pb2 as pb
+from backend.proto import backend_pb2_grpc as pb_grpc
 from backend.rpc import protocol
 from backend.rpc.client import parse_tensor_split
 
@@ -269,8 +269,11 @@ def test_apexmtp_run_rpc_503_on_a_lost_worker_then_switches_back(smollm2_path, s
         t = threading.Thread(target=lambda: got.append(run.request("POST", "/v1/completions",
                                                                    json.dumps(body).encode(), timeout=120)))
         t.start()
-        time.sleep(3)
-        spare_workers[0].kill()
+        with grpc.insecure_channel(run.backend()["addr"]) as channel:
+            stub = pb_grpc.BackendStub(channel)
+            wait_until(lambda: stub.Status(pb.HealthMessage(), timeout=10).memory.breakdown["slots_busy"], 60,
+                       message="the completion never reached a slot")
+        spare_workers[0].kill()  # mid-request: its 3000 tokens take far longer than this
         t.join(120)
         status, reply = got[0]
         assert status == 503 and "was lost" in reply["error"]["message"], (status, reply)

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from ..core import constants
+from ..core.cli_errors import cli_error
 from ..core.errors import ApexError
 
 HELP = "commands: /reset (forget the conversation), /exit (leave), /help"
@@ -217,8 +218,7 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         return 0
     except (ApexError, OSError) as exc:
-        print(f"apexmtp chat: error: {exc}", file=sys.stderr)
-        return 1
+        return cli_error(parser.prog, exc)
     finally:
         if server is not None:
             server.close()

@@ -26,20 +26,32 @@ from urllib.parse import unquote, urlsplit
 import grpc
 
 from ..core import constants
+from ..core.errors import (
+    CrossOriginError,
+    LengthRequiredError,
+    MethodNotAllowedError,
+    MisdirectedRequestError,
+    RequestRefusedError,
+    RequestTooLargeError,
+    RouteNotFoundError,
+    UnauthorizedError,
+    UnsupportedMediaTypeError,
+)
 from ..proto import backend_pb2 as pb
 from . import webui
 from .httpd import DEFAULT_BACKLOG, DeadlineHandler, PooledHTTPServer, authorized, host_allowed
 from .models import ModelManager, RunOptions
 from .openai_api import (
+    BODY_PARAM,
     Job,
     ServedModel,
     StreamFormatter,
+    body_params,
     chat_request,
     completion_request,
     completion_response,
     embeddings_request,
     embeddings_response,
-    error_body,
     http_error,
     invalid,
     is_bug,
@@ -52,14 +64,6 @@ MAX_BODY = 64 * 1024 * 1024  # room for base64 images; refused with 413 before a
 
 class ClientGone(Exception):
     """The HTTP client closed its connection (or missed a deadline); the work behind it is cancelled."""
-
-
-class Refusal(Exception):
-    """A request refused at the HTTP level, before its body is read or used (411, 413, 403, ...)."""
-
-    def __init__(self, status: int, message: str, code: str) -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
 
 
 # The web page's own policy: its scripts and styles come from this server only, and nothing it renders may run code.
@@ -102,44 +106,51 @@ class Handler(DeadlineHandler):
     def _dispatch(self, method: str) -> None:
         self.head_done()
         self._streaming = False
+        self._params = BODY_PARAM  # what the backend's field names mean in this request's body (`body_params`)
+        self._guard(lambda: self._route(method))
+
+    def _route(self, method: str) -> None:
         host = self.headers.get("Host")
         if not host_allowed(host, self.server.options.host, self.server.keys):
             port = self.server.server_address[1]
-            return self._send_error(421, f"this server does not answer for Host {host!r} (DNS rebinding protection): "
-                                    f"use http://127.0.0.1:{port}, the address given to --host, or start it with "
-                                    "--api-key to accept any host name", "misdirected_request")
+            raise MisdirectedRequestError(f"this server does not answer for Host {host!r} (DNS rebinding protection): "
+                                          f"use http://127.0.0.1:{port}, the address given to --host, or start it "
+                                          "with --api-key to accept any host name")
         path = urlsplit(self.path).path.rstrip("/") or "/"
         prefix = next((p for p in self.PREFIXES if path.startswith(p)), None)
         route = self.PREFIXES[prefix] if prefix else self.ROUTES.get(path)
         if route is None:
-            return self._send_error(404, f"no route {method} {path}", "not_found")
+            raise RouteNotFoundError(f"no route {method} {path}")
         if route[0] != method:
-            return self._send_error(405, f"{path} takes {route[0]}, not {method}", "method_not_allowed")
+            raise MethodNotAllowedError(f"{path} takes {route[0]}, not {method}")
         if route[1] not in self.OPEN and not authorized(self.headers.get("Authorization"), self.server.keys):
-            return self._send_error(401, "missing or wrong API key: send the header `Authorization: Bearer KEY` with "
-                                    "a key this server was started with (--api-key)", "invalid_api_key",
-                                    headers={"WWW-Authenticate": 'Bearer realm="apexmtp"'})
+            raise UnauthorizedError("missing or wrong API key: send the header `Authorization: Bearer KEY` with a key "
+                                    "this server was started with (--api-key)")
         handler = getattr(self, route[1])
         if method == "POST":
-            self._guard(lambda: handler(self._body(page_action=route[1] in self.PAGE_ACTIONS)))
+            handler(self._body(page_action=route[1] in self.PAGE_ACTIONS))
         elif prefix:
-            self._guard(lambda: handler(unquote(path[len(prefix):])))
+            handler(unquote(path[len(prefix):]))
         else:
-            self._guard(handler)
+            handler()
 
     def _guard(self, action: Callable[[], None]) -> None:
         try:
             action()
         except ClientGone:
             self.close_connection = True
-        except Refusal as exc:
-            self._send_error(exc.status, str(exc), exc.code)
-        except Exception as exc:
-            status, body = http_error(exc)
+        except Exception as exc:  # every error gets its HTTP answer; a bug also its logged traceback
+            status, body = http_error(exc, self._params)
             if is_bug(exc):  # ours and the backend's errors explain themselves; anything else is a bug
                 log.exception("%s %s failed", self.command, self.path)
+            headers = {}
+            if isinstance(exc, RequestRefusedError):
+                self.close_connection = True  # a body we did not read would be taken for the next request
+                headers["Connection"] = "close"
+            if isinstance(exc, UnauthorizedError):
+                headers["WWW-Authenticate"] = 'Bearer realm="apexmtp"'
             if not self._streaming:
-                return self._send_json(status, body)
+                return self._send_json(status, body, headers)
             try:
                 self._event(body)  # headers are out: the error travels as an event
             except ClientGone:
@@ -147,15 +158,13 @@ class Handler(DeadlineHandler):
 
     def _body(self, page_action: bool = False) -> dict[str, Any]:
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            raise Refusal(411, "send the body with a Content-Length (chunked uploads are not accepted)",
-                          "length_required")
+            raise LengthRequiredError("send the body with a Content-Length (chunked uploads are not accepted)")
         raw_length = self.headers.get("Content-Length") or "0"
         if not raw_length.isdigit():
-            raise Refusal(400, f"Content-Length must be a number of bytes, got {raw_length!r}", "invalid_request")
+            raise RequestRefusedError(f"Content-Length must be a number of bytes, got {raw_length!r}")
         length = int(raw_length)
         if length > MAX_BODY:
-            raise Refusal(413, f"the request body is {length} bytes; this server accepts at most {MAX_BODY}",
-                          "request_too_large")
+            raise RequestTooLargeError(f"the request body is {length} bytes; this server accepts at most {MAX_BODY}")
         if page_action:
             self._same_origin_json()
         raw = self.read_body(length) if length else b""
@@ -172,11 +181,10 @@ class Handler(DeadlineHandler):
     def _same_origin_json(self) -> None:
         """Refuse a cross-site request: any web page can POST text to localhost, but not JSON without a preflight."""
         if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
-            raise Refusal(415, "send Content-Type: application/json", "unsupported_media_type")
+            raise UnsupportedMediaTypeError("send Content-Type: application/json")
         origin = self.headers.get("Origin")
         if origin and urlsplit(origin).netloc != self.headers.get("Host"):
-            raise Refusal(403, f"requests from {origin} are not accepted; use the page this server serves",
-                          "cross_origin")
+            raise CrossOriginError(f"requests from {origin} are not accepted; use the page this server serves")
 
     def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         try:
@@ -194,11 +202,6 @@ class Handler(DeadlineHandler):
     def _send_json(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(body).encode(), "application/json", headers)
 
-    def _send_error(self, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
-        self.close_connection = True  # a body we did not read would be taken for the next request
-        self._send_json(status, error_body(message, "invalid_request_error", code),
-                        {"Connection": "close", **(headers or {})})
-
     # -- the page ------------------------------------------------------------------------------------------
 
     def page(self) -> None:
@@ -208,7 +211,7 @@ class Handler(DeadlineHandler):
         path = webui.STATIC_DIR / name
         kind = webui.STATIC_TYPES.get(path.suffix)
         if "/" in name or name.startswith(".") or kind is None or not path.is_file():
-            return self._send_error(404, f"no file {name!r}", "not_found")
+            raise RouteNotFoundError(f"no file {name!r}")
         self._send(200, path.read_bytes(), kind, PAGE_HEADERS)
 
     def status(self) -> None:
@@ -245,16 +248,15 @@ class Handler(DeadlineHandler):
 
     def chat(self, body: dict[str, Any]) -> None:
         model = self.server.manager.ready(body.get("model"))
-        self._complete(Job("chat", chat_request(body, model), model, **_stream_flags(body)))
+        self._complete(Job("chat", chat_request(body, model), model, body_params("chat", body), **_stream_flags(body)))
 
     def completions(self, body: dict[str, Any]) -> None:
         model = self.server.manager.ready(body.get("model"))
-        self._complete(Job("text", completion_request(body, model), model, **_stream_flags(body)))
+        self._complete(Job("text", completion_request(body, model), model, body_params("text", body),
+                           **_stream_flags(body)))
 
     def embeddings(self, body: dict[str, Any]) -> None:
         model = self.server.manager.ready(body.get("model"))
-        if not model.embeddings:
-            raise invalid("model", f"{model.name} is served without embeddings: start `apexmtp run --embeddings`")
         requests = embeddings_request(body, model)
         for r in requests:
             _fits_grpc(r)
@@ -264,6 +266,7 @@ class Handler(DeadlineHandler):
     # -- generation ----------------------------------------------------------------------------------------
 
     def _complete(self, job: Job) -> None:
+        self._params = job.params
         _fits_grpc(job.request)
         if not job.stream:
             reply = self._watched(self.server.manager.stub.Predict.future(job.request)).result()
@@ -377,8 +380,8 @@ def _fits_grpc(request: pb.PredictOptions) -> None:
     """Refuse (413) a request the gRPC link to the backend could not carry, instead of a confusing gRPC error."""
     size = request.ByteSize()
     if size > constants.GRPC_MESSAGE_LIMIT:
-        raise Refusal(413, f"the request is {size} bytes as a backend message; the backend link carries at most "
-                      f"{constants.GRPC_MESSAGE_LIMIT}", "request_too_large")
+        raise RequestTooLargeError(f"the request is {size} bytes as a backend message; the backend link carries at "
+                                   f"most {constants.GRPC_MESSAGE_LIMIT}")
 
 def model_card(model: ServedModel) -> dict[str, Any]:
     """The served model as an entry of OpenAI's /v1/models."""

@@ -112,6 +112,7 @@ class PooledHTTPServer(HTTPServer):
             raise ValueError(f"workers must be >= 1 and backlog >= 0, got {workers} and {backlog}")
         self.workers, self.backlog, self.head_timeout = workers, backlog, head_timeout
         self._capacity = threading.BoundedSemaphore(workers + backlog)
+        self._held, self._held_lock = 0, threading.Lock()
         self._queue: queue.SimpleQueue[tuple[socket.socket, Any] | None] = queue.SimpleQueue()
         super().__init__(address, handler)
         for i in range(workers):
@@ -121,7 +122,17 @@ class PooledHTTPServer(HTTPServer):
         if not self._capacity.acquire(blocking=False):
             self._refuse(request, client_address)
             return
+        self._hold(1)
         self._queue.put((request, client_address))
+
+    def _hold(self, n: int) -> None:
+        with self._held_lock:
+            self._held += n
+
+    @property
+    def connections(self) -> int:
+        """Connections being served or waiting for a worker now (at most `workers + backlog`)."""
+        return self._held
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -132,6 +143,7 @@ class PooledHTTPServer(HTTPServer):
                 self.handle_error(request, client_address)
             finally:
                 self.shutdown_request(request)
+                self._hold(-1)
                 self._capacity.release()
 
     def _refuse(self, request: socket.socket, client_address: Any) -> None:

@@ -3,7 +3,16 @@
 Requests become `PredictOptions` (chat messages for the backend to render with the GGUF's template, sampling with
 the model config's defaults beneath the request's values); Replies become `chat.completion`/`text_completion`
 objects and stream chunks carrying llama-server's `timings` (with `draft_n`, `draft_n_accepted`); errors, ours and
-the backend's gRPC statuses, become an HTTP status and an OpenAI error body in one place (`http_error`).
+the backend's gRPC statuses, become an HTTP status and an OpenAI error body in one place (`http_error`, reading the
+one table of `backend.core.errors`).
+
+Requests are validated once, by the backend; this edge only translates shapes. It refuses what a PredictOptions
+cannot carry (a number of the wrong type or outside int32, a `stop` that is not strings, an image URL it would have
+to fetch, `max_tokens: 0`, which the wire reads as "unset") and the OpenAI rules the backend does not hold LocalAI
+to (`n`, `echo`, `response_format` beside `grammar`, `top_logprobs` without `logprobs`, `tool_choice: required`
+without tools, logit biases beyond +-100). Everything else the backend judges, naming the PredictOptions field to
+blame; `body_params` turns that name back into the field the client sent. Finish reasons and logprobs come built
+from the backend: the final Reply's `finish_reason` is used as it is, `Reply.logprobs` is reshaped only.
 """
 
 from __future__ import annotations
@@ -11,28 +20,18 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import struct
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from ..core import errors
-from ..core.errors import (
-    ApexError,
-    ContextOverflowError,
-    DownloadError,
-    EngineClosedError,
-    EntryNotFoundError,
-    InsufficientMemoryError,
-    InvalidRequestError,
-    ModelLoadError,
-    ModelMismatchError,
-    ModelNotFoundError,
-    NoModelLoadedError,
-)
+from ..core.errors import BUG, ERROR_PARAM_KEY, ERROR_TYPE_KEY, GRPC_HTTP, ApexError, InvalidRequestError, status_of
 from ..proto import backend_pb2 as pb
 from ..service.grammars import response_format_grammar, schema_grammar
 
@@ -51,36 +50,14 @@ SAMPLING_FIELDS: dict[str, tuple[str, type]] = {
     "repeat_penalty": ("Penalty", float),
     "repeat_last_n": ("Repeat", int),
 }
-# The backend's gRPC status -> (HTTP status, OpenAI error type); anything else is a 500 server_error. UNAVAILABLE is
-# a dead backend or a model unloaded while the request ran; CANCELLED that reaches a client is the channel closing.
-GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
-    grpc.StatusCode.FAILED_PRECONDITION: (503, "unavailable_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "unavailable_error"),
-    grpc.StatusCode.UNAVAILABLE: (503, "unavailable_error"),
-    grpc.StatusCode.CANCELLED: (503, "unavailable_error"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error"),
-    grpc.StatusCode.UNIMPLEMENTED: (501, "invalid_request_error"),
-}
-# PredictOptions fields the backend may blame -> the OpenAI body field a client sent them as.
+# PredictOptions fields (and Metadata keys) the backend may blame -> the OpenAI body field a client sent them as;
+# `body_params` adjusts it to one request's body.
 BODY_PARAM: dict[str, str] = {"LogitBias": "logit_bias", "Grammar": "grammar", "Tokens": "max_tokens",
                               "TopLogprobs": "top_logprobs", "StopPrompts": "stop", "Messages": "messages",
-                              "Tools": "tools", "Images": "messages", "Prompt": "prompt"}
-# Our own error types -> (HTTP status, OpenAI error type, code); the first matching class wins. Another ApexError is
-# a 500 with its message; any other exception is a bug: 500, and the HTTP layer logs its traceback (`is_bug`).
-ERROR_TO_HTTP: tuple[tuple[type[ApexError], int, str, str | None], ...] = (
-    (ContextOverflowError, 400, "invalid_request_error", "context_length_exceeded"),
-    (InvalidRequestError, 400, "invalid_request_error", None),
-    (ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
-    (EntryNotFoundError, 404, "invalid_request_error", "model_not_found"),
-    (ModelMismatchError, 404, "invalid_request_error", "model_not_found"),
-    (NoModelLoadedError, 503, "unavailable_error", None),
-    (EngineClosedError, 503, "unavailable_error", None),
-    (InsufficientMemoryError, 503, "unavailable_error", "insufficient_memory"),
-    (ModelLoadError, 503, "unavailable_error", None),
-    (DownloadError, 502, "server_error", "download_failed"),
-)
+                              "Tools": "tools", "ToolChoice": "tool_choice", "Images": "messages", "Prompt": "prompt",
+                              "Embeddings": "input", "EmbeddingTokens": "input",
+                              "Metadata.chat_template_kwargs": "chat_template_kwargs"}
+MAX_LOGIT_BIAS = 100  # OpenAI's range, -100..100
 
 
 # ------------------------------------------------------------------------------- the model being served
@@ -144,11 +121,12 @@ def generation_fields(body: dict[str, Any], model: ServedModel) -> dict[str, Any
         value = _number(merged, key, kind)
         if value is not None:
             fields[name] = value
-    key = "max_completion_tokens" if "max_completion_tokens" in given else "max_tokens"
+    key = _tokens_key(given)
     max_tokens = _number({**model.defaults, **given}, key, int)
-    if max_tokens is not None and max_tokens <= 0:
-        raise invalid(key, f"{key} must be at least 1, got {max_tokens}")
-    # No limit means "until the context is full": the backend clamps to what the context has left.
+    if max_tokens == 0:  # 0 on the wire means "unset" (the backend's default): refused while it can be told apart
+        raise invalid(key, f"{key} must be at least 1, got 0")
+    # No limit means "until the context is full": the backend clamps to what the context has left. The backend
+    # refuses a negative one.
     fields["Tokens"] = min(max_tokens or model.context_size, INT32_MAX)
     seed = _number(merged, "seed", int)
     if seed is not None and seed >= 0:
@@ -182,27 +160,30 @@ def _grammar(body: dict[str, Any]) -> str:
     return made or grammar
 
 
+def _tokens_key(body: dict[str, Any]) -> str:
+    """The body key a request gives its length limit under (OpenAI's newer name first)."""
+    return "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+
+
 def _logit_bias(bias: Any) -> str:
-    """OpenAI `logit_bias` ({"token id": -100..100}) -> LocalAI's LogitBias JSON; the backend checks the ids
-    against the vocabulary."""
+    """OpenAI `logit_bias` ({"token id": bias}) -> LocalAI's LogitBias JSON. OpenAI's range is held here: the backend
+    takes llama-server's (any number, `false` bans), and checks the token ids against the vocabulary."""
     if bias is None:
         return ""
     if not isinstance(bias, dict):
         raise invalid("logit_bias", "logit_bias must be an object mapping token ids to biases")
-    out = {}
     for key, value in bias.items():
-        if not (isinstance(key, str) and key.strip().lstrip("-").isdigit()):
-            raise invalid("logit_bias", f"logit_bias key {key!r} is not a token id")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
-            raise invalid("logit_bias", f"logit_bias for token {key} must be a number from -100 to 100, got {value!r}")
-        out[str(int(key))] = float(value)
-    return json.dumps(out) if out else ""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= MAX_LOGIT_BIAS:
+            raise invalid("logit_bias", f"logit_bias for token {key} must be a number from -{MAX_LOGIT_BIAS} to "
+                                        f"{MAX_LOGIT_BIAS}, got {value!r}")
+    return json.dumps(bias) if bias else ""
 
 
 def _image_part(part: dict[str, Any], where: str, model: ServedModel) -> tuple[str, str]:
     """An `image_url` part -> (the media marker for the message text, the base64 image for PredictOptions.Images).
 
-    Only data: URLs are taken; the server never fetches http(s) URLs on a client's behalf.
+    Only data: URLs are taken; the server never fetches http(s) URLs on a client's behalf. The backend decodes and
+    checks the image.
     """
     spec = part.get("image_url")
     url = spec.get("url") if isinstance(spec, dict) else spec
@@ -214,10 +195,6 @@ def _image_part(part: dict[str, Any], where: str, model: ServedModel) -> tuple[s
     head, sep, payload = url.partition(",")
     if not (url.startswith("data:") and sep and head.endswith(";base64")):
         raise invalid(f"{where}.image_url", "image_url must be a data:image/...;base64,... URL")
-    try:
-        base64.b64decode(payload, validate=True)
-    except ValueError:
-        raise invalid(f"{where}.image_url", "the image data is not valid base64") from None
     return model.media_marker, payload
 
 
@@ -256,11 +233,8 @@ def _message(m: Any, index: int, model: ServedModel) -> tuple[pb.Message, list[s
 def _chat_metadata(body: dict[str, Any]) -> dict[str, str]:
     """The chat-template switches LocalAI passes as Metadata (thinking on/off, reasoning effort, extra kwargs)."""
     meta: dict[str, str] = {}
-    kwargs = body.get("chat_template_kwargs")
-    if kwargs is not None:
-        if not isinstance(kwargs, dict):
-            raise invalid("chat_template_kwargs", "chat_template_kwargs must be an object")
-        meta["chat_template_kwargs"] = json.dumps(kwargs)
+    if body.get("chat_template_kwargs") is not None:
+        meta["chat_template_kwargs"] = json.dumps(body["chat_template_kwargs"])
     if body.get("enable_thinking") is not None:
         meta["enable_thinking"] = "true" if body["enable_thinking"] else "false"
     if body.get("reasoning_effort"):
@@ -273,53 +247,30 @@ def _chat_metadata(body: dict[str, Any]) -> dict[str, str]:
 def chat_request(body: dict[str, Any], model: ServedModel) -> pb.PredictOptions:
     """`/v1/chat/completions` body -> PredictOptions (the backend renders the GGUF's chat template)."""
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise invalid("messages", "messages must be a non-empty array")
+    if not isinstance(messages, list):
+        raise invalid("messages", "messages must be an array")
     top = _number(body, "top_logprobs", int)
     if top is not None and not body.get("logprobs"):
         raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
     tools, choice = _tools(body)
     fields = generation_fields(body, model)
-    if tools and choice not in ("auto", None) and fields["Grammar"]:
-        raise invalid("tool_choice", "tool_choice required or a named function forces the tool-call grammar; "
-                                     "it cannot be combined with grammar or response_format")
     converted = [_message(m, i, model) for i, m in enumerate(messages)]
     return pb.PredictOptions(
         Messages=[m for m, _ in converted], Images=[img for _, images in converted for img in images],
-        UseTokenizerTemplate=True,
-        Tools=json.dumps(tools) if tools else "",
-        ToolChoice=(choice if isinstance(choice, str) else json.dumps(choice)) if tools and choice is not None else "",
+        UseTokenizerTemplate=True, Tools=tools, ToolChoice=choice,
         Logprobs=1 if body.get("logprobs") else 0, TopLogprobs=top or 0,
         Metadata=_chat_metadata(body), ModelIdentity=model.identity, **fields,
     )
 
 
-def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, str | dict[str, Any] | None]:
-    """Checked `tools` and `tool_choice`; no tools at all under tool_choice "none" (the model must not call one)."""
+def _tools(body: dict[str, Any]) -> tuple[str, str]:
+    """`tools` and `tool_choice` JSON-encoded, as LocalAI sends them; the backend checks both (and hides the tools
+    under tool_choice "none"). `tool_choice: required` without tools is refused here: a ToolChoice that comes
+    without Tools has no effect in the backend, as LocalAI may send one."""
     tools, choice = body.get("tools"), body.get("tool_choice")
-    if tools is not None and not isinstance(tools, list):
-        raise invalid("tools", "tools must be an array")
-    names = []
-    for i, tool in enumerate(tools or []):
-        fn = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise invalid(f"tools[{i}]", "each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}")
-        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise invalid(f"tools[{i}].function.parameters", "parameters must be a JSON Schema object")
-        names.append(fn["name"])
-    if isinstance(choice, dict):
-        fn = choice.get("function")
-        name = fn.get("name") if isinstance(fn, dict) else None
-        if not isinstance(name, str) or name not in names:
-            raise invalid("tool_choice", f"tool_choice names function {name!r}, which is not among the tools")
-    elif choice not in (None, "none", "auto", "required"):
-        raise invalid("tool_choice", "tool_choice must be none, auto, required or {\"type\": \"function\", "
-                                     "\"function\": {\"name\": ...}}")
     if choice == "required" and not tools:
         raise invalid("tool_choice", "tool_choice required needs tools")
-    if choice == "none" or not tools:
-        return None, None
-    return tools, choice
+    return "" if tools is None else json.dumps(tools), "" if choice is None else json.dumps(choice)
 
 
 def completion_request(body: dict[str, Any], model: ServedModel) -> pb.PredictOptions:
@@ -327,13 +278,11 @@ def completion_request(body: dict[str, Any], model: ServedModel) -> pb.PredictOp
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise invalid("prompt", "prompt must be a non-empty string (or an array holding one)")
+    if not isinstance(prompt, str):
+        raise invalid("prompt", "prompt must be a string (or an array holding one)")
     if body.get("echo") or body.get("suffix"):
         raise invalid("echo" if body.get("echo") else "suffix", "echo and suffix are not supported")
-    top = _number(body, "logprobs", int)
-    if top is not None and not 0 <= top <= 20:
-        raise invalid("logprobs", f"logprobs must be between 0 and 20, got {top}")
+    top = _number(body, "logprobs", int)  # the number of top tokens; 0 still asks for the chosen ones'
     return pb.PredictOptions(Prompt=prompt, Logprobs=1 if top is not None else 0, TopLogprobs=top or 0,
                              ModelIdentity=model.identity, **generation_fields(body, model))
 
@@ -370,16 +319,6 @@ def usage(reply: pb.Reply) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": reply.cached_prompt_tokens}}
 
 
-def finish_reason(reply: pb.Reply, request: pb.PredictOptions, context_size: int, tool_calls: bool) -> str:
-    """"tool_calls", "length" (the token limit or the context ran out) or "stop" (EOS or a stop string)."""
-    if tool_calls and reply.finish_reason != "length":
-        return "tool_calls"
-    if reply.finish_reason:  # the backend knows; older backends leave it empty
-        return reply.finish_reason
-    limit = min(request.Tokens, context_size - reply.prompt_tokens)
-    return "length" if reply.tokens >= limit else "stop"
-
-
 def _tool_calls(delta: pb.ChatDelta | None) -> list[dict[str, Any]]:
     if delta is None:
         return []
@@ -387,8 +326,9 @@ def _tool_calls(delta: pb.ChatDelta | None) -> list[dict[str, Any]]:
              "function": {"name": tc.name, "arguments": tc.arguments}} for tc in delta.tool_calls]
 
 
-def _logprob_items(raw: bytes) -> list[dict[str, Any]]:
-    return json.loads(raw)["content"] if raw else []
+def chat_logprobs(raw: bytes) -> dict[str, Any]:
+    """Reply.logprobs, the backend's chat `logprobs` object as JSON (`{"content": [...]}`), as that object."""
+    return json.loads(raw) if raw else {"content": []}
 
 
 def legacy_logprobs(items: list[dict[str, Any]], offset: int = 0) -> dict[str, Any]:
@@ -411,6 +351,7 @@ class Job:
     kind: str  # "chat" or "text"
     request: pb.PredictOptions
     model: ServedModel
+    params: Mapping[str, str] = field(default_factory=lambda: BODY_PARAM)  # `body_params` of the request's body
     stream: bool = False
     include_usage: bool = False
     id: str = ""
@@ -424,8 +365,18 @@ class Job:
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model.name}
 
-    def finish(self, reply: pb.Reply, calls: bool) -> str:
-        return finish_reason(reply, self.request, self.model.context_size, calls)
+    def logprobs(self, reply: pb.Reply, offset: int = 0) -> dict[str, Any] | None:
+        """The choice's `logprobs`: the backend's object for chat, reshaped for text completions; None unasked."""
+        if not self.request.Logprobs:
+            return None
+        chat = chat_logprobs(reply.logprobs)
+        return chat if self.kind == "chat" else legacy_logprobs(chat["content"], offset)
+
+
+def body_params(kind: str, body: dict[str, Any]) -> dict[str, str]:
+    """BODY_PARAM for one request: its length limit under the key the body used, and a text completion's number
+    of top logprobs under `logprobs`."""
+    return {**BODY_PARAM, "Tokens": _tokens_key(body), **({"TopLogprobs": "logprobs"} if kind == "text" else {})}
 
 
 def completion_response(job: Job, reply: pb.Reply) -> dict[str, Any]:
@@ -433,17 +384,16 @@ def completion_response(job: Job, reply: pb.Reply) -> dict[str, Any]:
     delta = reply.chat_deltas[0] if reply.chat_deltas else None
     text = delta.content if delta else reply.message.decode("utf-8", "replace")
     calls = _tool_calls(delta)
-    items = _logprob_items(reply.logprobs)
     if job.kind == "chat":
         message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
         if delta and delta.reasoning_content:
             message["reasoning_content"] = delta.reasoning_content
         if calls:
             message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
-        choice = {"index": 0, "message": message, "logprobs": {"content": items} if job.request.Logprobs else None}
+        choice: dict[str, Any] = {"index": 0, "message": message}
     else:
-        choice = {"index": 0, "text": text, "logprobs": legacy_logprobs(items) if job.request.Logprobs else None}
-    choice["finish_reason"] = job.finish(reply, bool(calls))
+        choice = {"index": 0, "text": text}
+    choice.update(logprobs=job.logprobs(reply), finish_reason=reply.finish_reason)
     return {**job.envelope(), "choices": [choice], "usage": usage(reply), "timings": timings(reply)}
 
 
@@ -451,7 +401,8 @@ class StreamFormatter:
     """Turns the Replies of one PredictStream into OpenAI stream chunks (`chat.completion.chunk` / text).
 
     Tool calls arrive as the backend parses them: the first delta of a call carries index, id, type and name, later
-    ones only `function.arguments` fragments; the last chunk says `finish_reason: "tool_calls"` when any came.
+    ones only `function.arguments` fragments; the last chunk carries the final Reply's finish_reason ("tool_calls"
+    when any came).
     """
 
     def __init__(self, job: Job) -> None:
@@ -487,24 +438,23 @@ class StreamFormatter:
         calls = self._tool_deltas(d) if self.job.kind == "chat" else []
         if not content and not reasoning and not calls:
             return None
-        items = _logprob_items(reply.logprobs)
+        logprobs = self.job.logprobs(reply, self.offset)
         if self.job.kind == "text":
-            lp = legacy_logprobs(items, self.offset) if self.job.request.Logprobs else None
             self.offset += len(content)
-            return self._chunk(content, logprobs=lp)  # type: ignore[arg-type]
+            return self._chunk(content, logprobs=logprobs)  # type: ignore[arg-type]
         payload: dict[str, Any] = {"content": content} if content else {}
         if reasoning:
             payload["reasoning_content"] = reasoning
         if calls:
             payload["tool_calls"] = calls
-        return self._chunk(payload, logprobs={"content": items} if self.job.request.Logprobs else None)
+        return self._chunk(payload, logprobs=logprobs)
 
     def closing(self, final: pb.Reply) -> list[dict[str, Any]]:
         """What the final Reply still carries, the chunk with finish_reason + usage + timings, and the usage-only
         chunk if asked."""
         rest = self.delta(final)
         out = [rest] if rest is not None else []
-        last = self._chunk({} if self.job.kind == "chat" else "", finish=self.job.finish(final, bool(self.calls)))
+        last = self._chunk({} if self.job.kind == "chat" else "", finish=final.finish_reason)
         out.append({**last, "usage": usage(final), "timings": timings(final)})
         if self.job.include_usage:
             out.append({**self.job.envelope(chunk=True), "choices": [], "usage": usage(final),
@@ -543,17 +493,26 @@ def embeddings_response(results: list[pb.EmbeddingResult], model: ServedModel, e
             "data": [{"object": "embedding", "index": i, "embedding": vector(r)} for i, r in enumerate(results)]}
 
 
-def _http_of(cls: type[ApexError], default: tuple[int, str, str | None]) -> tuple[int, str, str | None]:
-    return next(((s, k, c) for ecls, s, k, c in ERROR_TO_HTTP if issubclass(cls, ecls)), default)
-
-
 def _backend_error(exc: grpc.RpcError) -> tuple[str, str]:
     """The error class and the request field the backend named in its trailing metadata, or ("", "")."""
-    try:
-        meta = dict(exc.trailing_metadata() or ())
-    except Exception:  # an RpcError raised without a call behind it (tests, cancellations) has no metadata
-        meta = {}
-    return meta.get("apexmtp-error", ""), meta.get("apexmtp-param", "")
+    # An RpcError raised without a call behind it (a cancellation, a test double) may have no metadata at all.
+    trailing = getattr(exc, "trailing_metadata", None)
+    meta = dict((trailing() if callable(trailing) else None) or ())
+    return meta.get(ERROR_TYPE_KEY, ""), meta.get(ERROR_PARAM_KEY, "")
+
+
+_FIELD_HEAD = re.compile(r"[A-Za-z]+")
+
+
+def body_param(field: str, params: Mapping[str, str] = BODY_PARAM) -> str:
+    """The body field for a PredictOptions field the backend blamed: `Tools[1].function.parameters` ->
+    `tools[1].function.parameters`; a field without a body counterpart as it is."""
+    if field in params:
+        return params[field]
+    head = _FIELD_HEAD.match(field)
+    if head is None or head.group() not in params:
+        return field
+    return params[head.group()] + field[head.end():]
 
 
 def is_bug(exc: BaseException) -> bool:
@@ -561,25 +520,26 @@ def is_bug(exc: BaseException) -> bool:
     return not isinstance(exc, (ApexError, grpc.RpcError))
 
 
-def http_error(exc: BaseException) -> tuple[int, dict[str, Any]]:
-    """The one mapping from errors (ours and the backend's gRPC statuses) to an HTTP status and OpenAI error body."""
-    code, param = None, getattr(exc, "param", None)
+def http_error(exc: BaseException, params: Mapping[str, str] = BODY_PARAM) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and OpenAI error body of an error: ours by its class (`backend.core.errors.STATUSES`), the
+    backend's gRPC errors by the class their trailing metadata names, by their code when they name none.
+    `params` (`body_params`) names the body field of the PredictOptions field the backend blamed."""
+    param = getattr(exc, "param", None)
     if isinstance(exc, grpc.RpcError):
-        message = exc.details() or str(exc.code())
-        status, kind = GRPC_TO_HTTP.get(exc.code(), (500, "server_error"))
-        # The backend names its own error class in the trailing metadata: map it exactly as if raised here.
-        name, field = _backend_error(exc)
-        cls = getattr(errors, name, None)
+        name, blamed = _backend_error(exc)
+        cls = getattr(errors, name, None) if name else None
         if isinstance(cls, type) and issubclass(cls, ApexError):
-            status, kind, code = _http_of(cls, (status, kind, None))
-        param = param or BODY_PARAM.get(field, field or None)
+            status = status_of(cls)
+        else:
+            status = GRPC_HTTP.get(exc.code().name, BUG)
+        message = exc.details() or str(exc.code())
+        param = body_param(blamed, params) if blamed else None
     elif isinstance(exc, ApexError):
-        status, kind, code = _http_of(type(exc), (500, "server_error", None))
-        message = str(exc)
+        status, message = status_of(exc), str(exc)
     else:
-        status, kind = 500, "server_error"
+        status = BUG
         message = f"internal error ({type(exc).__name__}: {exc}); see the server log"
-    return status, error_body(message, kind, code, param)
+    return status.http, error_body(message, status.kind, status.code, param)
 
 
 def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:

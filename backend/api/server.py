@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..core import constants
+from ..core.cli_errors import cli_error
 from ..core.endpoints import parse_endpoints
 from ..core.errors import ApexError
 from .handler import ApiServer
@@ -124,8 +125,7 @@ def main(argv: list[str]) -> int:
         print("apexmtp: stopping", file=sys.stderr)
         return 0
     except (ApexError, OSError) as exc:
-        print(f"apexmtp run: error: {exc}", file=sys.stderr)
-        return 1
+        return cli_error(parser.prog, exc)
     finally:
         if server is not None:
             server.close()

@@ -20,6 +20,7 @@ import grpc
 
 from ..core import constants
 from ..core.errors import ModelLoadError, NoModelLoadedError
+from ..core.process import stop_process
 from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc
 from . import webui
@@ -146,10 +147,4 @@ class Backend:
         """SIGTERM, then SIGKILL after `grace` seconds (LocalAI's shutdown)."""
         self._stopping = True
         self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, grace)

@@ -17,12 +17,12 @@ from typing import TypeVar
 
 # Their InvalidRequestError is a ValueError, so a bad value is a warning and the default like any other knob's.
 from .endpoints import parse_endpoints
+from .parse import parse_bool
 from .units import parse_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_TRUE, _FALSE = {"1", "on", "yes", "true"}, {"0", "off", "no", "false"}
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _PLAIN_NUMBER = re.compile(r"[+-]?(\d+(?:\.\d*)?|\.\d+)")
@@ -48,18 +48,6 @@ def parse_duration(text: str) -> float:
     if not body or pos != len(body) or not math.isfinite(total):
         raise ValueError(f"not a duration: {text!r} (use e.g. 500ms, 2s, 1m30s or a number of seconds)")
     return sign * total
-
-
-def parse_bool(text: str) -> bool:
-    """`1/0`, `true/false`, `yes/no`, `on/off` in any case.
-
-    Raises:
-        ValueError: anything else.
-    """
-    value = text.strip().lower()
-    if value in _TRUE | _FALSE:
-        return value in _TRUE
-    raise ValueError(f"not a boolean: {text!r} (use true/false, 1/0, yes/no or on/off)")
 
 
 def _positive_int(text: str) -> int:

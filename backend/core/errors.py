@@ -3,12 +3,15 @@
 Every class inherits from `ApexError` *and* from the built-in exception a caller would naturally catch
 (`FileNotFoundError`, `ValueError`, `OSError`, ...), so both `except ApexError` and `except ValueError`
 work. Errors carry the facts that explain them as attributes (path, entry, expected/actual digest), and
-their messages say what to do about it. gRPC status codes and HTTP statuses are derived from these classes
-in exactly one place each (`backend.service.servicer.status_for`, `backend.api.openai_api.http_error`).
+their messages say what to do about it. The gRPC status code and the HTTP answer of every class are in one table
+at the end of this module (`STATUSES`, read through `status_of`): the gRPC backend aborts with the code, the HTTP
+edge answers with the status, and a gRPC error that names its class in the trailing metadata gets that class's HTTP
+status (`GRPC_HTTP` only for errors that name none: a dead backend, a deadline, a cancelled call).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -122,6 +125,42 @@ class InvalidOptionError(InvalidRequestError):
     """A `key:value` model option is unknown or has a bad value."""
 
 
+class RequestRefusedError(InvalidRequestError):
+    """An HTTP request refused for its framing, before its body is read or used; the connection is closed."""
+
+
+class LengthRequiredError(RequestRefusedError):
+    """A body sent without a Content-Length (chunked)."""
+
+
+class RequestTooLargeError(RequestRefusedError):
+    """A body, or the backend message made from it, larger than the limit."""
+
+
+class UnsupportedMediaTypeError(RequestRefusedError):
+    """A page action sent as something other than JSON."""
+
+
+class CrossOriginError(RequestRefusedError):
+    """A page action sent from another site's page."""
+
+
+class MisdirectedRequestError(RequestRefusedError):
+    """A Host this server does not answer for (DNS rebinding protection)."""
+
+
+class UnauthorizedError(RequestRefusedError):
+    """A missing or wrong API key."""
+
+
+class RouteNotFoundError(RequestRefusedError):
+    """A path (or file) this server has no route for."""
+
+
+class MethodNotAllowedError(RequestRefusedError):
+    """A route asked with the wrong method."""
+
+
 class ContextOverflowError(InvalidRequestError):
     """The prompt (plus requested tokens) does not fit the context window."""
 
@@ -199,3 +238,72 @@ class PlanError(QuantizerError, ValueError):
 
 class MissingImatrixError(QuantizerError, ValueError):
     """The plan asks for an IQ1/IQ2/IQ3_XXS type on a tensor that has no importance-matrix data."""
+
+
+# --------------------------------------------------------------------------------- gRPC codes and HTTP statuses
+
+
+@dataclass(frozen=True)
+class Status:
+    """How errors of one class are answered: a gRPC status code (a `grpc.StatusCode` name, so this module needs no
+    grpc) and, over HTTP, a status with OpenAI's error `type` and `code`."""
+
+    grpc: str
+    http: int
+    kind: str = "invalid_request_error"
+    code: str | None = None
+
+
+_UNAVAILABLE = Status("UNAVAILABLE", 503, "unavailable_error")
+
+# The first class an error is an instance of wins: subclasses come before their bases. ModelLoadError and
+# DownloadError are INTERNAL over gRPC (LoadModel reports its failures in-band), yet mean "no model yet" (503) and a
+# failed upstream (502) to an HTTP client. An exception of none of these classes is a bug: INTERNAL, 500, logged.
+STATUSES: tuple[tuple[type[ApexError], Status], ...] = (
+    (ContextOverflowError, Status("INVALID_ARGUMENT", 400, code="context_length_exceeded")),
+    (LengthRequiredError, Status("INVALID_ARGUMENT", 411, code="length_required")),
+    (RequestTooLargeError, Status("RESOURCE_EXHAUSTED", 413, code="request_too_large")),
+    (UnsupportedMediaTypeError, Status("INVALID_ARGUMENT", 415, code="unsupported_media_type")),
+    (CrossOriginError, Status("PERMISSION_DENIED", 403, code="cross_origin")),
+    (MisdirectedRequestError, Status("INVALID_ARGUMENT", 421, code="misdirected_request")),
+    (UnauthorizedError, Status("UNAUTHENTICATED", 401, code="invalid_api_key")),
+    (RouteNotFoundError, Status("UNIMPLEMENTED", 404, code="not_found")),
+    (MethodNotAllowedError, Status("UNIMPLEMENTED", 405, code="method_not_allowed")),
+    (RequestRefusedError, Status("INVALID_ARGUMENT", 400, code="invalid_request")),
+    (InvalidRequestError, Status("INVALID_ARGUMENT", 400)),
+    (ModelNotFoundError, Status("NOT_FOUND", 404, code="model_not_found")),
+    (EntryNotFoundError, Status("NOT_FOUND", 404, code="model_not_found")),
+    (ModelMismatchError, Status("NOT_FOUND", 404, code="model_not_found")),
+    (NoModelLoadedError, Status("FAILED_PRECONDITION", 503, "unavailable_error")),
+    (RerankUnavailableError, Status("FAILED_PRECONDITION", 503, "unavailable_error")),
+    (EngineClosedError, _UNAVAILABLE),
+    (InsufficientMemoryError, Status("RESOURCE_EXHAUSTED", 503, "unavailable_error", "insufficient_memory")),
+    (InsufficientDiskSpaceError, Status("RESOURCE_EXHAUSTED", 503, "unavailable_error")),
+    (ModelLoadError, Status("INTERNAL", 503, "unavailable_error")),
+    (DownloadError, Status("INTERNAL", 502, "server_error", "download_failed")),
+    (ApexError, Status("INTERNAL", 500, "server_error")),
+)
+BUG = Status("INTERNAL", 500, "server_error")
+
+# The gRPC trailing metadata keys that name an error's class and the PredictOptions field to blame (its `param`):
+# clients map the error exactly, without parsing its message.
+ERROR_TYPE_KEY, ERROR_PARAM_KEY = "apexmtp-error", "apexmtp-param"
+
+# The HTTP answer to a gRPC error that names no class of ours (see the module doc). UNAVAILABLE is a dead backend,
+# CANCELLED that reaches a client the channel closing; a code not listed is a 500.
+GRPC_HTTP: dict[str, Status] = {
+    "INVALID_ARGUMENT": Status("INVALID_ARGUMENT", 400),
+    "NOT_FOUND": Status("NOT_FOUND", 404),
+    "FAILED_PRECONDITION": Status("FAILED_PRECONDITION", 503, "unavailable_error"),
+    "RESOURCE_EXHAUSTED": Status("RESOURCE_EXHAUSTED", 503, "unavailable_error"),
+    "UNAVAILABLE": _UNAVAILABLE,
+    "CANCELLED": Status("CANCELLED", 503, "unavailable_error"),
+    "DEADLINE_EXCEEDED": Status("DEADLINE_EXCEEDED", 504, "server_error"),
+    "UNIMPLEMENTED": Status("UNIMPLEMENTED", 501),
+}
+
+
+def status_of(error: BaseException | type[BaseException]) -> Status:
+    """The Status of an error (or error class): its row in `STATUSES`, `BUG` for anything not ours."""
+    cls = error if isinstance(error, type) else type(error)
+    return next((status for base, status in STATUSES if issubclass(cls, base)), BUG)

@@ -55,7 +55,7 @@ def default_threads() -> int:
         import psutil
 
         return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-    except Exception:
+    except (ImportError, OSError):  # no psutil, or no /proc or sysfs to count cores from
         return max(1, os.cpu_count() or 1)
 
 

@@ -89,9 +89,12 @@ def parse_logit_bias(text: str, n_vocab: int) -> dict[int, float]:
     for key, value in raw.items():
         try:
             tok = int(key)
+        except ValueError:
+            raise InvalidRequestError(f"LogitBias key {key!r} is not a token id", param="LogitBias") from None
+        try:
             bias = -math.inf if value is False else float(value)
         except (TypeError, ValueError):
-            raise InvalidRequestError(f"LogitBias entry {key!r}: {value!r} is not token-id: number",
+            raise InvalidRequestError(f"LogitBias for token {tok}: {value!r} is not a number (or false)",
                                       param="LogitBias") from None
         if not 0 <= tok < n_vocab:
             raise InvalidRequestError(f"LogitBias token id {tok} is outside the vocabulary (0..{n_vocab - 1})",

@@ -297,7 +297,7 @@ class Scheduler:
                 fn, fut = self._jobs.popleft()
             try:
                 fut.set_result(fn(self.engine))
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - not handled here: the caller's future raises it
                 fut.set_exception(exc)
 
     def _guarded_step(self) -> None:

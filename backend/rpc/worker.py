@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 from ..core import ggml
+from ..core.cli_errors import cli_error
 from ..core.endpoints import is_loopback, parse_endpoint
 from ..core.errors import ApexError
 from ..core.units import parse_size
@@ -64,16 +65,14 @@ def main(argv: list[str]) -> int:
             raise ApexError(f"--threads must be >= 0, got {args.threads}")
         devices = ggml.server_devices()
     except ApexError as exc:
-        print(f"apexmtp worker: error: {exc}", file=sys.stderr)
-        return 2
+        return cli_error(parser.prog, exc, 2)
     warning = exposure_warning(host, port)
     if warning:
         print(f"apexmtp worker: {warning}", file=sys.stderr, flush=True)
     try:
         _check_bind(host, port)
     except OSError as exc:
-        print(f"apexmtp worker: error: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return cli_error(parser.prog, f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
     for dev in devices:
@@ -97,5 +96,4 @@ def main(argv: list[str]) -> int:
     if stop.is_set():
         print("apexmtp worker: stopped", file=sys.stderr, flush=True)
         os._exit(0)
-    print("apexmtp worker: error: llama.cpp's RPC server stopped (see its message above)", file=sys.stderr)
-    return 1
+    return cli_error(parser.prog, "llama.cpp's RPC server stopped (see its message above)")

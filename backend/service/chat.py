@@ -19,7 +19,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..core.errors import InvalidRequestError
 from ..engine.textstream import THINK_OPEN
-from .grammars import tool_call_grammar, trigger_patterns
+from .grammars import tool_call_grammar, tool_function, trigger_patterns
 from .tools import CALL_CLOSE, CALL_OPEN, ToolCallParser, ToolSyntax, syntax_for_template
 
 
@@ -153,11 +153,11 @@ def _object_arguments(call: Any) -> Any:
     return call
 
 
-def _decode(text: str, what: str) -> Any:
+def _decode(text: str, field: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InvalidRequestError(f"{what} is not valid JSON: {exc}") from None
+        raise InvalidRequestError(f"{field} is not valid JSON: {exc}", param=field) from None
 
 
 def parse_tool_choice(raw: str) -> str | dict[str, Any]:
@@ -175,8 +175,8 @@ def parse_tool_choice(raw: str) -> str | dict[str, Any]:
         name = fn.get("name") if isinstance(fn, dict) else choice.get("name")
         if isinstance(name, str) and name:
             return {"name": name}
-    raise InvalidRequestError(f"ToolChoice must be auto, none, required or {{\"type\": \"function\", "
-                              f"\"function\": {{\"name\": ...}}}}, not {raw[:80]!r}")
+    raise InvalidRequestError(f"tool_choice must be auto, none, required or {{\"type\": \"function\", "
+                              f"\"function\": {{\"name\": ...}}}}, not {raw[:80]!r}", param="ToolChoice")
 
 
 @dataclass(frozen=True)
@@ -197,16 +197,23 @@ class ToolPlan:
     @classmethod
     def from_request(cls, template: ChatTemplate | None, tools_json: str, tool_choice: str, *,
                      parallel: bool = True, user_grammar: str = "") -> ToolPlan:
+        """The plan for a request's Tools and ToolChoice (JSON, as LocalAI sends them), checked: errors name the
+        field (`Tools[2]`, `ToolChoice`). A ToolChoice without Tools has no effect: LocalAI may send one."""
+        choice = parse_tool_choice(tool_choice)
         if not tools_json:
             return cls()
         tools = _decode(tools_json, "Tools")
         if not isinstance(tools, list):
-            raise InvalidRequestError("Tools must be a JSON array of tools")
-        choice = parse_tool_choice(tool_choice)
+            raise InvalidRequestError("tools must be an array", param="Tools")
+        names = [tool_function(tool, i)["name"] for i, tool in enumerate(tools)]
+        if isinstance(choice, dict) and choice["name"] not in names:
+            raise InvalidRequestError(f"tool_choice names function {choice['name']!r}, which is not among the tools",
+                                      param="ToolChoice")
         if choice == "none" or not tools:
             return cls(choice="none")
         if choice != "auto" and user_grammar:
-            raise InvalidRequestError("a Grammar cannot be combined with tool_choice required or a named function")
+            raise InvalidRequestError("a Grammar (or response_format) cannot be combined with tool_choice required or "
+                                      "a named function: that forces the tool-call grammar", param="ToolChoice")
         syntax = template.tool_syntax if template is not None else syntax_for_template("")
         return cls(tools=tools, syntax=syntax, choice=choice, parallel=parallel)
 
@@ -216,8 +223,12 @@ class ToolPlan:
             return "", ()
         name = self.choice.get("name") if isinstance(self.choice, dict) else None
         forced = self.choice != "auto"
-        grammar = tool_call_grammar(self.syntax, self.tools, name=name, parallel=self.parallel,
-                                    thinking=thinking and forced)
+        try:
+            grammar = tool_call_grammar(self.syntax, self.tools, name=name, parallel=self.parallel,
+                                        thinking=thinking and forced)
+        except InvalidRequestError as exc:  # a parameters schema the grammar cannot enforce
+            exc.param = exc.param or "Tools"
+            raise
         return grammar, () if forced else tuple(trigger_patterns(self.syntax.triggers))
 
     def parser(self) -> ToolCallParser | None:

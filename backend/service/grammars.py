@@ -634,10 +634,17 @@ def _not_text(builder: GrammarBuilder, stop: str) -> str:
     return builder.add(f"not-{stop}", f"({' | '.join(alts)})*")
 
 
-def _function(tool: Any) -> dict[str, Any]:
+def tool_function(tool: Any, index: int = 0) -> dict[str, Any]:
+    """The function of `tool` (`{"type": "function", "function": {...}}`, or the function object itself), checked:
+    a non-empty string `name`, and `parameters` a JSON Schema object when given. Errors name `Tools[index]`."""
     fn = tool.get("function", tool) if isinstance(tool, dict) else None
+    where = f"Tools[{index}]"
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise InvalidRequestError("each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}")
+        raise InvalidRequestError("each tool must be {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                                  param=where)
+    if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+        raise InvalidRequestError("parameters must be a JSON Schema object",
+                                  param=f"{where}.parameters" if fn is tool else f"{where}.function.parameters")
     return fn
 
 
@@ -677,7 +684,7 @@ def tool_call_grammar(syntax: ToolSyntax, tools: list[Any], *, name: str | None 
 
     `thinking`: the prompt leaves the model inside a reasoning block, which it may finish before calling.
     """
-    fns = [_function(t) for t in tools]
+    fns = [tool_function(t, i) for i, t in enumerate(tools)]
     if name is not None:
         fns = [f for f in fns if f["name"] == name]
         if not fns:

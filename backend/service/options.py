@@ -25,6 +25,7 @@ from ..core import constants
 from ..core.endpoints import parse_endpoints
 from ..core.errors import InvalidOptionError, ModelNotFoundError
 from ..core.gguf_file import GGUFInfo
+from ..core.parse import parse_bool
 from ..engine.llama import EngineConfig, KVOverride, check_placement
 from ..engine.prompt_cache import CacheConfig
 from ..engine.ngram import NGRAM_TYPES
@@ -52,12 +53,7 @@ KV_OVERRIDE_TYPES = ("int", "float", "bool", "str")
 
 
 def _bool(v: str) -> bool:
-    s = v.strip().lower()
-    if s in ("1", "true", "yes", "on", "enabled", ""):
-        return True
-    if s in ("0", "false", "no", "off", "disabled"):
-        return False
-    raise ValueError(f"expected true/false, got {v!r}")
+    return parse_bool(v, empty=True)  # a bare key (`use_jinja`, `use_jinja:`) switches the option on
 
 
 def _int(v: str) -> int:
@@ -533,7 +529,10 @@ def _warn_if_cpu_only(n_gpu_layers: int) -> None:
 
 def _flash(value: str) -> str:
     v = (value or "auto").strip().lower()
-    return {"true": "on", "enabled": "on", "1": "on", "false": "off", "disabled": "off", "0": "off"}.get(v, v)
+    try:
+        return "on" if parse_bool(v) else "off"
+    except ValueError:  # auto, or a word the engine refuses naming the choices
+        return v
 
 
 if __name__ == "__main__":  # `python -m backend.service.options`: the README table

@@ -17,6 +17,7 @@ import grpc
 from ..proto import backend_pb2_grpc as pb_grpc
 
 from ..core import constants
+from ..core.cli_errors import cli_error
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ async def serve(addr: str) -> None:
 
     The server is asyncio: a waiting or streaming request holds no thread, so Health and Status answer at once
     under any load (a thread pool of PYTHON_GRPC_MAX_WORKERS would be exhausted by that many streams).
+
+    Raises:
+        OSError: `addr` cannot be listened on.
     """
     from .servicer import BackendServicer
 
@@ -80,7 +84,7 @@ async def serve(addr: str) -> None:
     servicer = BackendServicer()
     pb_grpc.add_BackendServicer_to_server(servicer, server)
     if server.add_insecure_port(addr) == 0:
-        raise SystemExit(f"apexmtp backend: cannot listen on {addr}")
+        raise OSError(f"cannot listen on {addr}")
     await server.start()
     log.info("apexmtp backend listening on %s%s", addr, " (auth on)" if interceptors else "")
     done = asyncio.Event()
@@ -101,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(args.addr))
+    try:
+        asyncio.run(serve(args.addr))
+    except OSError as exc:
+        return cli_error(parser.prog, exc)
     return 0
 
 

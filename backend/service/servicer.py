@@ -2,9 +2,10 @@
 
 Handlers never block the event loop: generation runs on the scheduler's thread and comes back through a queue,
 model loading and freeing run on the llama thread, so Health/Status/GetMetrics answer at once however many
-requests are generating or waiting. Errors are mapped to gRPC status codes in exactly one place
-(`status_for`); LoadModel alone reports failure in-band as `Result(success=False)`, which is what LocalAI
-expects of it.
+requests are generating or waiting. Requests are validated here, for LocalAI and `apexmtp run` alike; an error's
+gRPC status code is its class's (`backend.core.errors.STATUSES`), and the trailing metadata names the class and
+the PredictOptions field to blame. LoadModel alone reports failure in-band as `Result(success=False)`, which is
+what LocalAI expects of it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import os
@@ -27,10 +29,10 @@ from ..engine.llamalog import LIVE
 from ..engine.sampling import SamplingParams, parse_logit_bias
 from ..engine.scheduler import Scheduler, llama_thread
 from ..engine.vision import Image, check_image
-from ..core.errors import (ApexError, EngineClosedError, EntryNotFoundError, InsufficientDiskSpaceError,
-                      InsufficientMemoryError, InvalidRequestError, ModelMismatchError, ModelNotFoundError,
-                      NoModelLoadedError, RerankUnavailableError)
+from ..core.errors import (ERROR_PARAM_KEY, ERROR_TYPE_KEY, ApexError, EngineClosedError, InvalidRequestError,
+                           ModelMismatchError, NoModelLoadedError, status_of)
 from ..core.gguf_file import read_gguf
+from ..core.parse import parse_bool
 from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc
 from .chat import ChatTemplate, ToolPlan, message_dicts
@@ -43,27 +45,22 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 512  # one default for Predict and PredictStream alike
 IDENTITY_MISMATCH = "model identity mismatch"  # LocalAI's grpcerrors.ModelMismatchSentinel
 
-# Our error types -> gRPC status codes; the first matching class wins. Anything else is a bug: INTERNAL, logged.
-_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (NoModelLoadedError, grpc.StatusCode.FAILED_PRECONDITION),
-    (RerankUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
-    (EngineClosedError, grpc.StatusCode.UNAVAILABLE),
-    (InsufficientMemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (InsufficientDiskSpaceError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ModelNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (EntryNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (ModelMismatchError, grpc.StatusCode.NOT_FOUND),
-)
-
-
 def status_for(exc: BaseException) -> grpc.StatusCode:
-    """The one mapping from our errors to gRPC status codes."""
-    return next((code for cls, code in _STATUS if isinstance(exc, cls)), grpc.StatusCode.INTERNAL)
+    """The gRPC status code of an error: its class's in `backend.core.errors.STATUSES` (INTERNAL for a bug)."""
+    return grpc.StatusCode[status_of(exc).grpc]
 
 
-# Trailing metadata naming our error class and the PredictOptions field to blame: clients need not parse messages.
-ERROR_TYPE_KEY, ERROR_PARAM_KEY = "apexmtp-error", "apexmtp-param"
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and llama-server's n_probs cap
+
+
+@contextlib.asynccontextmanager
+async def _aborting(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """`async with _aborting(context):` around an RPC's work: whatever error it raises ends the RPC with that
+    error's status (`_abort`); cancellation passes through."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - the RPC's last resort: every error becomes a status, a bug is logged
+        await _abort(context, exc)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
@@ -155,7 +152,7 @@ class BackendServicer(pb_grpc.BackendServicer):
     # -- generation -------------------------------------------------------------------------------
 
     async def Predict(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.Reply:
-        try:
+        async with _aborting(context):
             model = self._loaded(request)
             req, parser = await self._request(model, request)
             logprobs: list[dict] = []
@@ -163,25 +160,22 @@ class BackendServicer(pb_grpc.BackendServicer):
                 if isinstance(event, Result):
                     return _final_reply(event, logprobs, parser, with_text=True)
                 logprobs += event.logprobs
-        except Exception as exc:
-            await _abort(context, exc)
 
     async def PredictStream(self, request: pb.PredictOptions,
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Reply]:
-        try:
-            model = self._loaded(request)
-            req, parser = await self._request(model, request)
-            result = Result(n_prompt=req.n_prompt)
-            async for event in _events(model.scheduler, req, progress=result):
-                if isinstance(event, Result):
-                    yield _final_reply(event, [], parser, with_text=False)
-                else:
-                    yield _chunk_reply(event, result, parser)
-        except asyncio.CancelledError:
-            log.info("client cancelled the stream")
-            raise
-        except Exception as exc:
-            await _abort(context, exc)
+        async with _aborting(context):
+            try:
+                model = self._loaded(request)
+                req, parser = await self._request(model, request)
+                result = Result(n_prompt=req.n_prompt)
+                async for event in _events(model.scheduler, req, progress=result):
+                    if isinstance(event, Result):
+                        yield _final_reply(event, [], parser, with_text=False)
+                    else:
+                        yield _chunk_reply(event, result, parser)
+            except asyncio.CancelledError:
+                log.info("client cancelled the stream")
+                raise
 
     async def _request(self, model: LoadedModel,
                        r: pb.PredictOptions) -> tuple[GenerationRequest, ToolCallParser | None]:
@@ -205,12 +199,12 @@ class BackendServicer(pb_grpc.BackendServicer):
             grammar=grammar, grammar_triggers=triggers, logit_bias=parse_logit_bias(r.LogitBias, engine.n_vocab),
         )
         if r.Tokens < 0:
-            raise InvalidRequestError(f"Tokens (max tokens) must be >= 0, got {r.Tokens}")
-        logprobs = None
-        if r.Logprobs or r.TopLogprobs:
-            logprobs = max(r.TopLogprobs, 0) if r.TopLogprobs else 0
-            if logprobs > 20:
-                raise InvalidRequestError(f"TopLogprobs must be at most 20, got {r.TopLogprobs}")
+            raise InvalidRequestError(f"max tokens must not be negative (0: the default), got {r.Tokens}",
+                                      param="Tokens")
+        if not 0 <= r.TopLogprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"top logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {r.TopLogprobs}",
+                                      param="TopLogprobs")
+        logprobs = r.TopLogprobs if r.Logprobs or r.TopLogprobs else None
         req = GenerationRequest(
             prompt=prompt, sampling=sampling, max_tokens=r.Tokens or DEFAULT_MAX_TOKENS,
             stop=tuple(s for s in r.StopPrompts if s), ignore_eos=r.IgnoreEOS,
@@ -223,11 +217,13 @@ class BackendServicer(pb_grpc.BackendServicer):
         if r.Prompt:
             return r.Prompt, False
         if not r.UseTokenizerTemplate:
-            raise InvalidRequestError("empty request: set Prompt, or Messages with UseTokenizerTemplate")
+            raise InvalidRequestError("empty prompt: set Prompt, or Messages with UseTokenizerTemplate",
+                                      param="Prompt")
         if model.template is None:
             raise InvalidRequestError("this model has no chat template (or use_jinja is off): send a Prompt")
         if not r.Messages:
-            raise InvalidRequestError("UseTokenizerTemplate is set but Messages is empty")
+            raise InvalidRequestError("no messages: send at least one (UseTokenizerTemplate is set)",
+                                      param="Messages")
         kwargs = _template_kwargs(r.Metadata)
         if model.plan.reasoning >= 0:  # reasoning_budget: the default of requests that do not say
             kwargs.setdefault("enable_thinking", model.plan.reasoning > 0)
@@ -245,38 +241,32 @@ class BackendServicer(pb_grpc.BackendServicer):
 
     async def TokenizeString(self, request: pb.PredictOptions,
                              context: grpc.aio.ServicerContext) -> pb.TokenizationResponse:
-        try:
+        async with _aborting(context):
             model = self._loaded(request)
             text, _ = (self._prompt_text(model, request, _tool_plan(model, request)) if request.UseTokenizerTemplate
                        else (request.Prompt, False))
             tokens = _tokenize_prompt(model, text) if text else []
             return pb.TokenizationResponse(length=len(tokens), tokens=tokens)
-        except Exception as exc:
-            await _abort(context, exc)
 
     async def Detokenize(self, request: pb.DetokenizeRequest,
                          context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
-        try:
+        async with _aborting(context):
             engine = self._loaded().engine
             engine.check_tokens(request.tokens)
             return pb.DetokenizeResponse(content=engine.detokenize(request.tokens).decode("utf-8", "replace"))
-        except Exception as exc:
-            await _abort(context, exc)
 
     async def Embedding(self, request: pb.PredictOptions, context: grpc.aio.ServicerContext) -> pb.EmbeddingResult:
-        try:
+        async with _aborting(context):
             model = self._loaded(request)
             tokens = list(request.EmbeddingTokens) or model.engine.tokenize(request.Embeddings or request.Prompt)
             vec = await asyncio.wrap_future(model.scheduler.call(lambda engine: engine.embed(tokens)))
             return pb.EmbeddingResult(embeddings=vec, tokens=len(tokens), dim=len(vec), prompt_tokens=len(tokens),
                                       layout=pb.EMBEDDING_LAYOUT_FINAL)
-        except Exception as exc:
-            await _abort(context, exc)
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResult:
         """Documents scored against the query by the model's classification head, best first (LocalAI's order),
         cut to `top_n` when set."""
-        try:
+        async with _aborting(context):
             model = self._loaded(request)
             if not request.query:
                 raise InvalidRequestError("Rerank needs a query", param="query")
@@ -291,8 +281,6 @@ class BackendServicer(pb_grpc.BackendServicer):
             return pb.RerankResult(usage=pb.Usage(total_tokens=tokens, prompt_tokens=tokens),
                                    results=[pb.DocumentResult(index=i, text=docs[i], relevance_score=scored[i][0])
                                             for i in order])
-        except Exception as exc:
-            await _abort(context, exc)
 
     # -- introspection ----------------------------------------------------------------------------
 
@@ -350,15 +338,13 @@ class BackendServicer(pb_grpc.BackendServicer):
 
     async def QuantizationProgress(self, request: pb.QuantizationProgressRequest,
                                    context: grpc.aio.ServicerContext) -> AsyncIterator[pb.QuantizationProgressUpdate]:
-        try:
+        async with _aborting(context):
             updates = self._quant_jobs().progress(request.job_id)
             while (u := await asyncio.to_thread(next, updates, None)) is not None:
                 yield pb.QuantizationProgressUpdate(
                     job_id=u.job_id, progress_percent=u.progress_percent, status=str(getattr(u.status, "value", u.status)),
                     message=u.message, output_file=u.output_file or "", extra_metrics=u.extra_metrics or {},
                 )
-        except Exception as exc:
-            await _abort(context, exc)
 
     async def StopQuantization(self, request: pb.QuantizationStopRequest,
                                context: grpc.aio.ServicerContext) -> pb.Result:
@@ -429,18 +415,21 @@ def _template(engine: Engine, info) -> ChatTemplate | None:
                         eos_token=tok_text("tokenizer.ggml.eos_token_id"))
 
 
+_KWARGS = "Metadata.chat_template_kwargs"  # the param of its errors: a Metadata key, not a field
+
+
 def _template_kwargs(metadata: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if metadata.get("chat_template_kwargs"):
         try:
             extra = json.loads(metadata["chat_template_kwargs"])
         except json.JSONDecodeError as exc:
-            raise InvalidRequestError(f"Metadata chat_template_kwargs is not valid JSON: {exc}") from None
+            raise InvalidRequestError(f"chat_template_kwargs is not valid JSON: {exc}", param=_KWARGS) from None
         if not isinstance(extra, dict):
-            raise InvalidRequestError("Metadata chat_template_kwargs must be a JSON object")
+            raise InvalidRequestError("chat_template_kwargs must be a JSON object", param=_KWARGS)
         kwargs.update(extra)
     if "enable_thinking" in metadata:
-        kwargs["enable_thinking"] = metadata["enable_thinking"].strip().lower() in ("1", "true", "yes", "on")
+        kwargs["enable_thinking"] = _metadata_bool(metadata, "enable_thinking", default=False)
     if metadata.get("reasoning_effort"):
         kwargs["reasoning_effort"] = metadata["reasoning_effort"]
     return kwargs
@@ -487,13 +476,27 @@ async def _image_prompt(model: LoadedModel, text: str, images: list[str]) -> tup
         lambda engine: engine.projector.prompt(text, data, add_special=add_special)))
 
 
+def _metadata_bool(metadata: Any, key: str, *, default: bool) -> bool:
+    """A yes/no Metadata entry; `default` when it is missing or blank."""
+    try:
+        return parse_bool(metadata.get(key, ""), empty=default)
+    except ValueError as exc:
+        raise InvalidRequestError(f"Metadata {key}: {exc}", param=f"Metadata.{key}") from None
+
+
 def _tool_plan(model: LoadedModel, r: pb.PredictOptions) -> ToolPlan:
-    parallel = r.Metadata.get("parallel_tool_calls", "true").strip().lower() not in ("0", "false", "no", "off")
+    parallel = _metadata_bool(r.Metadata, "parallel_tool_calls", default=True)
     return ToolPlan.from_request(model.template, r.Tools, r.ToolChoice, parallel=parallel, user_grammar=r.Grammar)
 
 
 def _call_deltas(calls: list) -> list[pb.ToolCallDelta]:
     return [pb.ToolCallDelta(index=c.index, id=c.id, name=c.name, arguments=c.arguments) for c in calls]
+
+
+def logprobs_json(items: list[dict]) -> bytes:
+    """Reply.logprobs as LocalAI reads it: OpenAI's chat `logprobs` object, `{"content": [...]}`, as JSON bytes
+    (empty when there are none). The items are the engine's (`generation.make_logprobs`), in OpenAI's format."""
+    return json.dumps({"content": items}).encode() if items else b""
 
 
 def _chunk_reply(chunk: Chunk, result: Result, parser: ToolCallParser | None = None) -> pb.Reply:
@@ -502,7 +505,7 @@ def _chunk_reply(chunk: Chunk, result: Result, parser: ToolCallParser | None = N
         message=out.content.encode(), tokens=result.n_tokens, prompt_tokens=result.n_prompt,
         chat_deltas=[pb.ChatDelta(content=out.content, reasoning_content=chunk.reasoning,
                                   tool_calls=_call_deltas(out.calls))],
-        logprobs=json.dumps({"content": chunk.logprobs}).encode() if chunk.logprobs else b"",
+        logprobs=logprobs_json(chunk.logprobs),
         **_draft_fields(result),
     )
 
@@ -534,7 +537,7 @@ def _final_reply(result: Result, logprobs: list[dict], parser: ToolCallParser | 
     return pb.Reply(
         message=out.content.encode(), tokens=result.n_tokens, prompt_tokens=result.n_prompt,
         timing_prompt_processing=result.t_prompt_ms, timing_token_generation=result.t_gen_ms,
-        logprobs=json.dumps({"content": logprobs}).encode() if logprobs else b"",
+        logprobs=logprobs_json(logprobs),
         chat_deltas=[delta] if (with_text or out.content or out.calls) else [],
         **_draft_fields(result), finish_reason=finish,
         slot=result.slot, cached_prompt_tokens=result.n_cached,
@@ -586,9 +589,9 @@ def _live() -> dict[str, int]:
 
 
 def _rss() -> int:
-    try:
-        import psutil
+    import psutil  # a dependency, imported on first use only
 
+    try:
         return int(psutil.Process(os.getpid()).memory_info().rss)
-    except Exception:
+    except psutil.Error:  # no /proc to read it from (a sandbox): unknown
         return 0

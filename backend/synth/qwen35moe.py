@@ -39,7 +39,6 @@ import argparse
 import itertools
 import os
 import re
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -51,6 +50,7 @@ from typing import Literal
 import numpy as np
 
 from ..core.acceptance import accuracy_for_acceptance
+from ..core.cli_errors import cli_error
 from ..core.errors import ApexError, InvalidGGUFError, InvalidRequestError
 from .gguf_writer import MetaValue, write_gguf
 from .mmproj import write_projector
@@ -770,8 +770,7 @@ def main(argv: list[str]) -> int:
         if args.mmproj is not None:
             write_projector(args.mmproj, config.n_embd, seed=args.seed)
     except ApexError as exc:
-        print(f"apexmtp synth: {exc}", file=sys.stderr)
-        return 2
+        return cli_error(parser.prog, exc, 2)
     size_mib, elapsed = out.stat().st_size / 2**20, time.perf_counter() - t0
     print(f"wrote {out} ({size_mib:.1f} MiB, {args.preset}, {args.mode}, {args.dtype}) in {elapsed:.1f} s")
     if args.mmproj is not None:

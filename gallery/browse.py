@@ -54,7 +54,7 @@ def hub_sizes(repo: str, endpoint: str | None = None) -> HubSizes:
     from huggingface_hub import HfApi
 
     info = HfApi(endpoint=hub_endpoint(endpoint)).model_info(repo, files_metadata=True)
-    return {s.rfilename: (int(s.size or 0), getattr(s.lfs, "sha256", None) if s.lfs else None) for s in info.siblings}
+    return {s.rfilename: (int(s.size or 0), getattr(s.lfs, "sha256", None) if s.lfs else None) for s in info.siblings or ()}
 
 
 def refresh_entries(entries: list[dict[str, Any]], lookup: Callable[[str], HubSizes]) -> list[str]:

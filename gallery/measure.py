@@ -156,7 +156,7 @@ def measure(path: str | os.PathLike[str], specs: list[ContextSpec], *, alloc: bo
     """
     from backend.core.gguf_file import check_header
 
-    check_header(path)
+    check_header(os.fspath(path))
     payload = json.dumps({"path": os.fspath(path), "alloc": alloc, "specs": [asdict(s) for s in specs]})
     proc = subprocess.run(
         [sys.executable, "-m", "gallery.measure", "--json-in", payload],

@@ -141,7 +141,7 @@ def pull(
 def _fetch_mmproj(entry: Entry | None, models_dir: Path, progress: bool) -> Path | None:
     """The entry's vision projector (`overrides.mmproj`), downloaded and verified like the weights."""
     f = entry.mmproj_file if entry is not None else None
-    if f is None:
+    if entry is None or f is None:
         return None
     return fetch(_hub_file(entry, f), f.filename, models_dir=models_dir, sha256=f.sha256, progress=progress).path
 

@@ -158,7 +158,7 @@ def _resolve_repo_at(ref: str, repo: str, right: str, catalog: Catalog,
     files = (list_repo_files or _hub_repo_files)(repo)
     tiers = {m.group(1).lower(): f for f in files if (m := TIER_FILE_RE.search(f))}
     if right.lower() not in tiers:
-        known = ", ".join(sorted({TIER_FILE_RE.search(f).group(1) for f in tiers.values()})) or "none"
+        known = ", ".join(sorted({m.group(1) for f in tiers.values() if (m := TIER_FILE_RE.search(f))})) or "none"
         raise EntryNotFoundError(f"{repo} has no {right!r} tier (tiers found: {known})")
     path = tiers[right.lower()]
     return Resolved(ref, config_name(path), hub_file=HubFile(repo, path), pinned=True)

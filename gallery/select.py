@@ -277,22 +277,23 @@ def _rank(tier: str, policy: Policy) -> int:
 
 def _choose(plans: list[tuple[Trial | None, Trial]], prefer: str, policy: Policy) -> tuple[int, str]:
     """Index of the chosen plan (candidates are best quality first) and the objective's reason; -1 = nothing fits."""
-    fitting = [i for i, (best, _) in enumerate(plans) if best is not None]
+    best = {i: trial for i, (trial, _) in enumerate(plans) if trial is not None}
+    fitting = list(best)
     if not fitting:
         return -1, ""
     obj = policy.objectives
     floor = obj.floor_tok_s
 
     def fastest(indices: list[int]) -> int:
-        return max(indices, key=lambda i: (plans[i][0].speed.tok_s, -i))  # ties: the better tier
+        return max(indices, key=lambda i: (best[i].speed.tok_s, -i))  # ties: the better tier
 
     if prefer == "quality":
-        meeting = [i for i in fitting if plans[i][0].speed.tok_s >= floor]
+        meeting = [i for i in fitting if best[i].speed.tok_s >= floor]
         if meeting:
             return meeting[0], f"quality first (the best tier predicted at >= {floor:g} tok/s)"
         return fastest(fitting), f"quality first, but no tier reaches {floor:g} tok/s here, so the fastest"
     limit = _rank(obj.quality_floor, policy)
-    good = [i for i in fitting if _rank(plans[i][0].cand.tier, policy) <= limit]
+    good = [i for i in fitting if _rank(best[i].cand.tier, policy) <= limit]
     if good:
         return fastest(good), f"speed first (the fastest tier at least as good as {obj.quality_floor})"
     return fastest(fitting), f"speed first (no tier as good as {obj.quality_floor} fits, so the fastest)"
@@ -337,8 +338,8 @@ def select(profile: HardwareProfile, candidates: list[Candidate], policy: Policy
     plans = [_fastest(cand, n_ctx, request, env) for cand in candidates]
     chosen, reason = _choose(plans, request.prefer, policy)
     if chosen < 0:
-        trial = _try(candidates[-1], _modes(budget)[-1], n_ctx, False, env)
-        return _selection(trial, env, request, "", plans[0][1])
+        fallback = _try(candidates[-1], _modes(budget)[-1], n_ctx, False, env)
+        return _selection(fallback, env, request, "", plans[0][1])
     trial = plans[chosen][0]
     assert trial is not None
     if request.context is None:

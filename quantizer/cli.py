@@ -165,7 +165,7 @@ def _imatrix(args: argparse.Namespace) -> int:
     tier = get_tier(args.tier or "I-Balanced", args.bands)  # which tensors get quantized does not depend on it
     plan = build_plan(layout, tier)
     report = coverage_report(im, ((t.name, t.imatrix_size) for t in plan.quantized))
-    mtp = [r for r in report if _layer(r[0]) is not None and _layer(r[0]) >= layout.trunk_layers]
+    mtp = [r for r in report if (n := _layer(r[0])) is not None and n >= layout.trunk_layers]
     ok = [r for r in report if r[1] == "ok"]
     for name, status, cov in report if args.verbose else ():
         print(f"{name:<44} {status:<8} {100 * cov:6.1f}% of experts")

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, cast
 
 from backend.core.errors import ApexError, InvalidRequestError
 from backend.core.parse import parse_bool
@@ -144,7 +145,7 @@ class QuantizationJobs:
         from backend.core.gguf_file import read_gguf
 
         from .quantize import PARTIAL_SUFFIX, model_stem, output_name
-        from .recipes import parse_tiers
+        from .recipes import BandMode, parse_tiers
 
         if not job_id.strip():
             raise InvalidRequestError("job_id is empty")
@@ -155,7 +156,7 @@ class QuantizationJobs:
         if not source.is_absolute():
             source = MODELS_DIR / source
         info = read_gguf(source)  # ModelNotFoundError / InvalidGGUFError name the problem
-        tiers = parse_tiers(quantization_type or "", options.get("bands", "fixed"))
+        tiers = parse_tiers(quantization_type or "", cast(BandMode, options.get("bands", "fixed")))
         out = Path(output_dir).expanduser() if output_dir else MODELS_DIR
         argv = [self._python, "-m", "backend", "quantize", str(source), "--tier", ",".join(t.name for t in tiers),
                 "-o", str(out), "--progress", "json"]
@@ -171,7 +172,7 @@ class QuantizationJobs:
         state = ProgressUpdate(job_id, 0.0, JobStatus.QUEUED, "waiting for a free quantization slot")
         return _Job(job_id, argv, [t.name for t in tiers], partials, len(tiers) + int(collects), state)
 
-    def _publish(self, job: _Job, **changes: object) -> None:
+    def _publish(self, job: _Job, **changes: Any) -> None:
         with self._cond:
             job.state = replace(job.state, **changes)
             job.seq += 1
@@ -203,16 +204,19 @@ class QuantizationJobs:
                                                 start_new_session=True)
                 except OSError as exc:
                     job.error = f"cannot start the quantizer: {exc}"
-            if job.proc is None:
+            proc = job.proc
+            if proc is None:
                 self._finish(job, JobStatus.FAILED, job.error)
                 return
+            out, err = proc.stdout, proc.stderr
+            assert out is not None and err is not None  # both piped
             self._publish(job, status=JobStatus.QUANTIZING, message="starting")
             stderr: list[str] = []
-            drain = threading.Thread(target=lambda: stderr.extend(job.proc.stderr), daemon=True)  # type: ignore[union-attr]
+            drain = threading.Thread(target=lambda: stderr.extend(err), daemon=True)
             drain.start()
-            for line in job.proc.stdout:  # type: ignore[union-attr]
+            for line in out:
                 self._on_event(job, line)
-            rc = job.proc.wait()
+            rc = proc.wait()
             drain.join(timeout=5)
         self._conclude(job, rc, stderr)
 

@@ -252,8 +252,8 @@ def make_rules(tensors: Iterable[PlannedTensor]) -> tuple[Rule, ...]:
     suffixes_of: dict[tuple[tuple[int, ...], str], list[str]] = defaultdict(list)
     for (suffix, typ), layers in layers_of.items():
         suffixes_of[(tuple(sorted(layers)), typ)].append(suffix)
-    for (layers, typ), suffixes in sorted(suffixes_of.items(), key=lambda kv: (kv[0][0], sorted(kv[1]))):
-        layer_rx = _alternation([str(i) for i in layers])
+    for (layer_ids, typ), suffixes in sorted(suffixes_of.items(), key=lambda kv: (kv[0][0], sorted(kv[1]))):
+        layer_rx = _alternation([str(i) for i in layer_ids])
         suffix_rx = _alternation([re.escape(s) for s in sorted(suffixes)])
         rules.append(Rule(rf"^blk\.{layer_rx}\.{suffix_rx}$", typ))
     return tuple(rules)

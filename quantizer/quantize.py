@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backend.core.errors import InvalidGGUFError, MissingImatrixError, QuantizerError
 from backend.core.files import require_free_space
@@ -25,6 +26,9 @@ from . import types as gt
 from .imatrix_file import Imatrix, coverage_report, imatrix_arrays
 from .plan import ModelLayout, Plan, build_plan
 from .recipes import Tier
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 PARTIAL_SUFFIX = ".partial"
@@ -121,7 +125,7 @@ def _kv_bytes(kv: list[tuple[str, int | str]]) -> int:
 class _Params:
     """`llama_model_quantize_params` plus the ctypes arrays it points into (kept alive together)."""
 
-    def __init__(self, plan: Plan, arrays: dict[str, object], kv: list[tuple[str, int | str]],
+    def __init__(self, plan: Plan, arrays: dict[str, np.ndarray], kv: list[tuple[str, int | str]],
                  nthread: int, allow_requantize: bool) -> None:
         import llama_cpp as lc
 

@@ -52,7 +52,8 @@ def test_wheel_holds_every_package_file_and_nothing_else(wheel: Path) -> None:
         entry_points = z.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     files = {n for n in names if ".dist-info/" not in n}
     assert files == _source_files()
-    assert {"backend/proto/backend_pb2.py", "backend/proto/backend_pb2_grpc.py", "gallery/index.yaml",
+    assert {"backend/proto/backend_pb2.py", "backend/proto/backend_pb2.pyi", "backend/proto/backend_pb2_grpc.py",
+            "gallery/index.yaml",
             "quantizer/recipes.yaml", "quantizer/data/calibration.txt"} <= files
     assert {f"{pkg}/py.typed" for pkg in PACKAGES} <= files
     assert sorted(top_level) == list(PACKAGES) and not any(n.startswith("proto/") for n in names)

@@ -15,7 +15,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
@@ -74,7 +74,7 @@ def get_json(base: str, path: str, key: str = "") -> dict[str, Any]:
         conn.close()
 
 
-def stream_chat(base: str, body: dict[str, Any], key: str = "") -> Iterator[dict[str, Any]]:
+def stream_chat(base: str, body: dict[str, Any], key: str = "") -> Generator[dict[str, Any], None, None]:
     """POST a streaming chat completion and yield its chunks. Closing the generator closes the connection,
     which is how the server learns to cancel the generation."""
     conn = _connection(base)

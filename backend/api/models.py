@@ -82,6 +82,7 @@ def prepare(opts: RunOptions, *, profile: HardwareProfile | None = None,
         options = merge_options(pulled.options, ("spec_type:none",) if opts.no_mtp else demo.options)
         aliases = {demo.name} | ({"demo"} if demo.name == DEFAULT_DEMO else set())
     else:
+        assert opts.ref is not None  # no reference at all is the demo
         pulled = pull(opts.ref, tier=opts.tier, context=opts.context, models_dir=models_dir,
                       progress=opts.progress, mtp=mtp, profile=profile, catalog=catalog, parallel=opts.parallel,
                       prefer=opts.prefer)

@@ -14,6 +14,7 @@ import functools
 import os
 import re
 from pathlib import Path
+from typing import cast
 
 import llama_cpp.llama_cpp as L
 
@@ -185,7 +186,7 @@ def cap_memory(dev: int, limit: int) -> None:
     member is `get_memory` (ggml-backend-impl.h of the pinned llama.cpp).
     """
     slot = ctypes.c_void_p.from_address(dev + 2 * ctypes.sizeof(ctypes.c_void_p))
-    original = _MEMORY_FN(slot.value)
+    original = _MEMORY_FN(cast(int, slot.value))
 
     def capped(d: int, free: ctypes._Pointer, total: ctypes._Pointer) -> None:
         original(d, free, total)

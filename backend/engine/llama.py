@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar, cast
 
 import numpy as np
 
@@ -413,6 +413,24 @@ def _vocab(method: F) -> F:
 class Engine:
     """A loaded GGUF with its target context (and MTP context when speculation is on), serving `n_seq` sequences."""
 
+    # llama.cpp handles from the untyped binding: None before _load, after close and where a context is not made.
+    _model: Any
+    _ctx: Any
+    _dctx: Any
+    _ectx: Any
+    _rctx: Any
+    # Set by _load; mypy cannot infer them from there through the untyped binding.
+    vocab: Any  # const llama_vocab *
+    n_vocab: int
+    n_embd: int
+    n_embd_inp: int
+    recurrent: bool
+    n_ctx: int
+    n_seq: int
+    n_batch: int
+    n_rs_seq: int
+    seqs: list[Sequence]
+
     def __init__(self, path: str | Path, config: EngineConfig, *, eval_callback: object | None = None) -> None:
         self.path = str(path)
         self.info: GGUFInfo = read_gguf(path)
@@ -425,7 +443,7 @@ class Engine:
         self._ebatch: Batch | None = None
         self._rbatch: Batch | None = None
         self._loras: list[tuple[object, float]] = []  # (llama_adapter_lora *, scale), freed before the model
-        self._params_keep: list[object] = []
+        self._params_keep: list[ctypes.Array | None] = []
         self._eval_callback = eval_callback
         self.projector: Projector | None = None
         self.workers: Workers | None = None
@@ -524,6 +542,7 @@ class Engine:
         L.llama_set_warmup(self._ctx, True)
         try:
             b = self._batch
+            assert b is not None  # made with the target context, before any decode
             b.clear()
             for i, tok in enumerate(tokens):
                 b.add(tok, i, 0, output=i == len(tokens) - 1)
@@ -555,8 +574,9 @@ class Engine:
             mp.devices = self.workers.devices_pointer
             mp.n_gpu_layers = cfg.n_gpu_layers or -1  # the workers are there to hold layers
         elif cfg.devices is not None:
-            keep.append(_device_array(cfg.devices))
-            mp.devices = ctypes.cast(keep[-1], ctypes.c_void_p)
+            devices = _device_array(cfg.devices)
+            keep.append(devices)
+            mp.devices = ctypes.cast(devices, ctypes.c_void_p)
         split = (self.workers.tensor_split(cfg.tensor_split) if self.workers else split_array(cfg.tensor_split)
                  ) if cfg.tensor_split else None
         if split is not None:
@@ -833,7 +853,7 @@ class Engine:
         if s.checkpoints and s.checkpoints[-1].n_tokens == len(s.tokens):
             return s.checkpoints[-1]
         ckpt = Checkpoint(len(s.tokens), self._get_state(self._ctx, seq, L.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY),
-                          s.pending_h.copy() if self._dctx else None)
+                          s.pending_h.copy() if self._dctx and s.pending_h is not None else None)
         s.checkpoints = thin([*s.checkpoints, ckpt], limit)
         return ckpt
 
@@ -856,7 +876,7 @@ class Engine:
             # next drafts) travels with the state instead of being decoded now for a state that may never draft.
             mtp = self._get_state(self._dctx, seq, L.LLAMA_STATE_SEQ_FLAGS_NONE)
         return SavedState(tokens=tuple(s.tokens), target=self._get_state(self._ctx, seq, L.LLAMA_STATE_SEQ_FLAGS_NONE),
-                          mtp=mtp, h=s.pending_h.copy() if self._dctx else None, checkpoints=tuple(s.checkpoints),
+                          mtp=mtp, h=s.pending_h.copy() if self._dctx and s.pending_h is not None else None, checkpoints=tuple(s.checkpoints),
                           mirror=tuple(s.mirror))
 
     @_open
@@ -896,6 +916,7 @@ class Engine:
         Rows are placed in `_row_order`. On failure every sequence involved is reset and `DecodeError` names them.
         """
         b = self._batch
+        assert b is not None  # made with the target context, before any decode
         b.clear()
         for row in sorted(rows, key=self._row_order):
             s = self.seqs[row.seq]
@@ -965,6 +986,7 @@ class Engine:
             raise InvalidRequestError("this model has no vision projector (mmproj)")
         pos = image.rel_pos + (np.array([p0, p0, p0, 0], np.int32) if self.projector.mrope else p0)
         b = self._batch
+        assert b is not None  # made with the target context, before any decode
         for start in range(0, image.n_tokens, self.n_batch):
             b.clear()
             stop = min(start + self.n_batch, image.n_tokens)
@@ -1016,6 +1038,7 @@ class Engine:
             return
         t0 = time.perf_counter()
         db = self._dbatch
+        assert db is not None  # made with the MTP context
         start = 0
         while start < len(entries):
             # One decode holds at most n_batch entries of one kind: llama.cpp takes token+h entries and image rows
@@ -1026,7 +1049,7 @@ class Engine:
             while end < len(entries) and end - start < self.n_batch and (entries[end][4] is not None) == image:
                 seq, tok, pos, row, sections = entries[end]
                 if image:
-                    db.add_embd(row, sections, seq)
+                    db.add_embd(row, cast(np.ndarray, sections), seq)
                 else:
                     db.add(tok, pos, seq, embd=row)
                 end += 1
@@ -1075,6 +1098,7 @@ class Engine:
         confident = set(active)  # sequences whose drafts are all above p_min
         first_kept: set[int] = set()
         db = self._dbatch
+        assert db is not None  # made with the MTP context
         step = 0
         while True:
             live = [i for i in active if len(out[i]) < limit[i] and (i in confident or (self.recurrent and confident))]

@@ -180,7 +180,8 @@ class NgramMod(NgramDrafter):
     def draft(self, cap: int) -> list[int]:
         if self.hash is None or cap <= 0:
             return []
-        tail, out, h = self.tokens[-self.n:], [], self.hash
+        tail, h = self.tokens[-self.n:], self.hash
+        out: list[int] = []
         while len(out) < self.n_max:
             tok = self.table.get(h)
             if tok == NgramTable.EMPTY:

@@ -158,7 +158,7 @@ class Sampler:
     def __init__(self, params: SamplingParams, vocab: int, n_vocab: int) -> None:
         self.params = params
         self._vocab, self._n_vocab = vocab, n_vocab
-        self._penalties = None
+        self._penalties: int | None = None
         self._grammar = _grammar_sampler(params, vocab) if params.grammar else None
         self._chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         LIVE["sampler"] += 1

@@ -73,7 +73,8 @@ class ReasoningSplitter:
         self._held = ""
 
     def feed(self, text: str) -> tuple[str, str]:
-        content, reasoning = [], []
+        content: list[str] = []
+        reasoning: list[str] = []
         buf = self._held + text
         self._held = ""
         while buf:

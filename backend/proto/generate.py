@@ -1,4 +1,4 @@
-"""Generate `backend_pb2.py` / `backend_pb2_grpc.py` from the repository's `proto/backend.proto` with grpcio-tools.
+"""Generate `backend_pb2.py` (and its type stub `.pyi`) / `backend_pb2_grpc.py` from `proto/backend.proto`.
 
 Run from the repository root: `python -m backend.proto.generate [OUT_ROOT]`. The stubs are committed inside our
 own package (`backend.proto`), so the backend starts without a code-generation step and never imports a
@@ -31,10 +31,10 @@ def generate(out_root: Path, proto_file: Path = PROTO_FILE) -> list[Path]:
         shutil.copyfile(proto_file, staged)
         (out_root / PACKAGE).mkdir(parents=True, exist_ok=True)
         args = ["grpc_tools.protoc", f"-I{tmp}", f"-I{include}", f"--python_out={out_root}",
-                f"--grpc_python_out={out_root}", str(staged)]
+                f"--pyi_out={out_root}", f"--grpc_python_out={out_root}", str(staged)]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {proto_file}")
-    return [out_root / PACKAGE / "backend_pb2.py", out_root / PACKAGE / "backend_pb2_grpc.py"]
+    return [out_root / PACKAGE / name for name in ("backend_pb2.py", "backend_pb2.pyi", "backend_pb2_grpc.py")]
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def _from_client(client: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def _to_client(client: socket.socket, data: bytes | memoryview) -> None:
+def _to_client(client: socket.socket, data: bytes | bytearray | memoryview) -> None:
     try:
         client.sendall(data)
     except OSError as exc:
@@ -163,7 +163,8 @@ class Guard:
     def _relay_one(self, client: socket.socket, worker: socket.socket | None) -> socket.socket | None:
         """Relay one request and its reply; returns the worker connection to go on with (None once lost)."""
         if worker is not None and not self._wait_request(client, worker):
-            worker = self._fail(worker, "the worker closed the connection")
+            self._fail(worker, "the worker closed the connection")
+            worker = None
         head = _from_client(client, HEADER.size)
         cmd, size = HEADER.unpack(head)
         if cmd >= N_COMMANDS:
@@ -187,11 +188,11 @@ class Guard:
                 self._forward_reply(client, worker, cmd, want)
                 return worker
         except _WorkerFailed as exc:
-            worker = self._fail(worker, exc.reason)
-            if want is not None:
+            self._fail(worker, exc.reason)
+            if want is not None and payload is not None:
                 _to_client(client, stand_in(cmd, bytes(payload))[exc.sent:])
             return None
-        if want is not None:
+        if want is not None and payload is not None:
             _to_client(client, stand_in(cmd, bytes(payload)))
         return worker
 
@@ -200,7 +201,7 @@ class Guard:
             worker.close()
         self._lose(reason)
 
-    def _send(self, worker: socket.socket, data: bytes | memoryview) -> None:
+    def _send(self, worker: socket.socket, data: bytes | bytearray | memoryview) -> None:
         try:
             worker.sendall(data)
         except OSError as exc:

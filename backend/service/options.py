@@ -300,8 +300,9 @@ def parse_kv_override(entry: str, info: GGUFInfo | None = None) -> KVOverride:
         raise InvalidOptionError(f"{bad} is not key=type:value with type one of {', '.join(KV_OVERRIDE_TYPES)}")
     if len(key.encode()) >= 128 or len(text.encode()) >= 128:
         raise InvalidOptionError(f"{bad}: keys and string values are at most 127 bytes")
+    parsers: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": _strict_bool}
     try:
-        value: Any = {"int": int, "float": float, "str": str, "bool": _strict_bool}[kind](text)
+        value: Any = parsers[kind](text)
     except ValueError:
         raise InvalidOptionError(f"{bad}: {text!r} is not a {kind}") from None
     stored = info.metadata.get(key) if info is not None else None

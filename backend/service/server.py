@@ -89,8 +89,13 @@ async def serve(addr: str) -> None:
     log.info("apexmtp backend listening on %s%s", addr, " (auth on)" if interceptors else "")
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def shut_down(signum: int) -> None:
+        log.info("signal %d: shutting down", signum)
+        done.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, lambda s=signum: (log.info("signal %d: shutting down", s), done.set()))
+        loop.add_signal_handler(signum, shut_down, signum)
     if constants.PARENT_WATCH:
         _watch_parent(constants.PARENT_WATCH_INTERVAL_S)
     await done.wait()

@@ -77,6 +77,7 @@ def write_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        assert writer.fout is not None  # opened by write_header_to_file
         fout = writer.fout[0]
         start = writer.ggml_pad(fout.tell(), writer.data_alignment)
         for array in data() if data is not None else ():

@@ -557,7 +557,7 @@ def apex_like_type(name: str, ne: tuple[int, ...], n_layer: int = 40) -> str:
     layer = re.match(r"blk\.(\d+)\.", name)
     if layer and int(layer.group(1)) >= n_layer:
         return "Q8_0"
-    if "_exps" in name:
+    if layer and "_exps" in name:
         return "Q4_K" if int(layer.group(1)) < 5 or int(layer.group(1)) >= n_layer - 5 else "Q3_K"
     return "Q6_K" if "shexp" in name else "Q4_K"
 
@@ -723,11 +723,11 @@ def read_synth_info(path: str | os.PathLike[str]) -> SynthInfo:
 
     from ..core.gguf_file import check_header
 
-    check_header(path)
+    check_header(os.fspath(path))
     reader = GGUFReader(os.fspath(path), "r")
     fields = {k[len(_KEY_PREFIX) :]: f.contents() for k, f in reader.fields.items() if k.startswith(_KEY_PREFIX)}
     if "mode" not in fields or "tokenizer.ggml.token_type" not in reader.fields:
-        raise InvalidGGUFError(path, "no apexmtp.synthetic.mode key: not written by backend.synth.qwen35moe")
+        raise InvalidGGUFError(os.fspath(path), "no apexmtp.synthetic.mode key: not written by backend.synth.qwen35moe")
     types = reader.fields["tokenizer.ggml.token_type"].contents()
 
     def array(key: str) -> np.ndarray | None:

@@ -23,8 +23,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from backend.core.gguf_file import read_gguf
-from backend.synth.qwen35moe import (PRESETS, REAL_CONFIGS, apex_like_type, model_metadata, tensor_layout,
-                               write_model, write_sparse)
+from backend.synth.qwen35moe import (
+    PRESETS,
+    REAL_CONFIGS,
+    apex_like_type,
+    model_metadata,
+    tensor_layout,
+    write_model,
+    write_sparse,
+)
 from gallery.estimate import ArchFacts, RunConfig, estimate, weights_from_gguf
 from gallery.measure import ContextSpec, measure
 

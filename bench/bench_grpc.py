@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median
 
 from backend.api.supervisor import Backend
-from backend.engine.llama import Engine, EngineConfig
 from backend.engine.generation import GenerationRequest
+from backend.engine.llama import Engine, EngineConfig
 from backend.engine.scheduler import Scheduler, collect
 from backend.engine.speculative import SpecConfig
 from backend.proto import backend_pb2 as pb

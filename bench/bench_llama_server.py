@@ -22,8 +22,8 @@ from bench_mtp import model_file
 from common import machine, median
 
 from backend.core.process import stop_process
-from backend.engine.llama import Engine, EngineConfig
 from backend.engine.generation import GenerationRequest
+from backend.engine.llama import Engine, EngineConfig
 from backend.engine.scheduler import Scheduler, collect
 from backend.engine.speculative import SpecConfig
 

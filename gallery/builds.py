@@ -11,6 +11,7 @@ import logging
 import shlex
 import sys
 from importlib import metadata
+
 from backend.engine.devices import BuildInfo
 
 from .detect import GPU, HardwareProfile

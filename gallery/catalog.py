@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from backend.core.errors import EntryNotFoundError, SchemaError
+
 from . import schema
 from .policy import Policy
 

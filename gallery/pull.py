@@ -21,8 +21,8 @@ from .detect import HardwareProfile, detect
 from .download import fetch
 from .estimate import ArchFacts, weights_from_gguf
 from .modelconfig import build_config, write_config
-from .resolve import HubFile, Resolved, parse_hub_uri, resolve
 from .plan import Candidate
+from .resolve import HubFile, Resolved, parse_hub_uri, resolve
 from .select import OBJECTIVES, Request, Selection, candidates_for, select
 
 log = logging.getLogger(__name__)

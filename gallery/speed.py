@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+
 from backend.core.acceptance import accuracy_for_acceptance
 from backend.core.units import GB
 

@@ -102,11 +102,11 @@ def mtp_acceptance(path: str | Path, prompts: Sequence[list[int]], ks: Sequence[
 
     Empty when the model has no MTP head.
     """
+    from backend.core.gguf_file import read_gguf
     from backend.engine.generation import GenerationRequest
     from backend.engine.llama import Engine, EngineConfig
     from backend.engine.scheduler import Scheduler, collect
     from backend.engine.speculative import SpecConfig
-    from backend.core.gguf_file import read_gguf
 
     if not read_gguf(path).has_mtp_head:
         return {}

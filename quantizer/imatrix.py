@@ -165,8 +165,8 @@ def collect_imatrix(
         QuantizerError: text too short, or a failure inside the eval callback.
         ModelLoadError and friends from the engine.
     """
-    from backend.engine.llama import Engine, EngineConfig
     from backend.core.gguf_file import read_gguf
+    from backend.engine.llama import Engine, EngineConfig
 
     use_mtp = mtp and read_gguf(model).has_mtp_head
     collector = ImatrixCollector(process_output=process_output)

@@ -8,7 +8,6 @@ from functools import lru_cache
 
 import numpy as np
 
-
 # ggml.h (vendored 0.3.36): GGML_MAX_DIMS 4, GGML_MAX_SRC 10, GGML_MAX_OP_PARAMS 64, GGML_MAX_NAME 64.
 _MAX_DIMS, _MAX_SRC, _MAX_OP_PARAMS, _MAX_NAME = 4, 10, 64, 64
 

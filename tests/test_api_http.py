@@ -20,8 +20,8 @@ import pytest
 from conftest import ROOT, wait_until
 
 from backend.api import httpd
-from backend.api.httpd import authorized, exposure_warning, parse_keys
 from backend.api.handler import MAX_BODY, ApiServer
+from backend.api.httpd import authorized, exposure_warning, parse_keys
 from backend.api.models import RunOptions
 
 KEYS = ("k1", "k2")

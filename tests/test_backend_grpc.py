@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-
 from conftest import RUN_SH, BackendProcess, free_port, smollm2_options, wait_until
+
 from backend.proto import backend_pb2 as pb
 
 GREEDY = dict(Temperature=0.0, Tokens=24)
@@ -107,8 +107,8 @@ def test_bad_model_files_fail_cleanly_and_server_survives(backend, tmp_path, smo
 
 
 def test_unsupported_architecture(backend, tmp_path):
-    from gguf import GGUFWriter
     import numpy as np
+    from gguf import GGUFWriter
 
     path = tmp_path / "alien.gguf"
     w = GGUFWriter(str(path), "alienformer")

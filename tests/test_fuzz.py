@@ -13,12 +13,12 @@ import math
 
 import grpc
 import pytest
+from conftest import BackendProcess, smollm2_options
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_api_server import RunProcess
 
 from backend.proto import backend_pb2 as pb
-from conftest import BackendProcess, smollm2_options
-from test_api_server import RunProcess
 
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
                  grpc.StatusCode.RESOURCE_EXHAUSTED}

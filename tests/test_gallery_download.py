@@ -16,8 +16,13 @@ from conftest import wait_until
 from fakehub import FakeHub
 
 from backend.core import files
-from backend.core.errors import (ChecksumMismatchError, DownloadError, EntryNotFoundError, InsufficientDiskSpaceError,
-                            UnsafePathError)
+from backend.core.errors import (
+    ChecksumMismatchError,
+    DownloadError,
+    EntryNotFoundError,
+    InsufficientDiskSpaceError,
+    UnsafePathError,
+)
 from gallery import download
 from gallery.download import DownloadProgress, download_progress, fetch
 from gallery.resolve import HubFile

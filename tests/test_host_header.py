@@ -13,8 +13,8 @@ import json
 
 import pytest
 
-from backend.api.httpd import host_allowed, host_name
 from backend.api.handler import ApiServer
+from backend.api.httpd import host_allowed, host_name
 from backend.api.models import RunOptions
 
 

@@ -8,10 +8,10 @@ backend (model switches, Free, reload over a loaded model). bench/bench_soak.py 
 from __future__ import annotations
 
 import psutil
+from conftest import BackendProcess, smollm2_options
 
 from backend.engine.llamalog import LIVE
 from backend.proto import backend_pb2 as pb
-from conftest import BackendProcess, smollm2_options
 
 
 def _live(stub) -> dict[str, int]:

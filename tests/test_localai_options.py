@@ -16,15 +16,21 @@ import llama_cpp.llama_cpp as L
 import numpy as np
 import pytest
 import yaml
+from conftest import ROOT, BackendProcess, smollm2_options
 
-from backend.engine.llama import Engine, EngineConfig, normalize
-from backend.engine.llamalog import LLAMA_LOG
 from backend.core.errors import InvalidOptionError, InvalidRequestError, ModelNotFoundError
 from backend.core.gguf_file import read_gguf
+from backend.engine.llama import Engine, EngineConfig, normalize
+from backend.engine.llamalog import LLAMA_LOG
 from backend.proto import backend_pb2 as pb
-from backend.service.options import (README_MARKERS, parse_kv_override, parse_options, plan_load, vocabulary,
-                                     vocabulary_table)
-from conftest import ROOT, BackendProcess, smollm2_options
+from backend.service.options import (
+    README_MARKERS,
+    parse_kv_override,
+    parse_options,
+    plan_load,
+    vocabulary,
+    vocabulary_table,
+)
 
 # Every option name LocalAI's llama-cpp backend reads (mudler/LocalAI backend/cpp/llama-cpp/grpc-server.cpp,
 # params_parse), as of the reference in /work/shared/reference/prompt-cache-and-options.md §2.

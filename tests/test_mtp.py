@@ -7,6 +7,7 @@ token, greedy and seeded. Random-weight models only get the first property (mtp-
 from __future__ import annotations
 
 import pytest
+from conftest import BackendProcess, synth_options
 
 from backend.core.errors import ModelLoadError
 from backend.engine.generation import GenerationRequest, Result
@@ -16,7 +17,6 @@ from backend.engine.scheduler import Scheduler, Stream, collect
 from backend.engine.speculative import Acceptance, DraftController, SpecConfig
 from backend.proto import backend_pb2 as pb
 from backend.synth.qwen35moe import read_synth_info
-from conftest import BackendProcess, synth_options
 
 CTX = dict(n_ctx=1024, n_batch=64, n_ubatch=64, n_threads=2)
 SEEDED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=1234)

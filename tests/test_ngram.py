@@ -13,20 +13,20 @@ from contextlib import contextmanager
 import llama_cpp.llama_cpp as L
 import numpy as np
 import pytest
+from conftest import smollm2_options, synth_options
 
 from backend.api.openai_api import timings
+from backend.core.errors import InvalidOptionError, InvalidRequestError
+from backend.core.gguf_file import read_gguf
 from backend.engine.generation import GenerationRequest, Result
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.ngram import NgramDrafting, NgramMod, NgramSimple, NgramTable, window_hashes
 from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler, Stream, collect
 from backend.engine.speculative import SpecConfig
-from backend.core.errors import InvalidOptionError, InvalidRequestError
-from backend.core.gguf_file import read_gguf
 from backend.proto import backend_pb2 as pb
 from backend.service.options import parse_options, plan_load
 from backend.synth.qwen35moe import read_synth_info
-from conftest import smollm2_options, synth_options
 
 SEEDED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=1234)
 # Short n-grams and drafts, so the short texts of tests match (llama.cpp's defaults want 12- and 24-token n-grams).

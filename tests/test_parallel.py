@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from conftest import BackendProcess, smollm2_options, wait_until
 
 from backend.core.errors import ContextOverflowError, InvalidRequestError
 from backend.engine.generation import GenerationRequest
@@ -22,7 +23,6 @@ from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler, Stream, collect
 from backend.engine.speculative import SpecConfig
 from backend.proto import backend_pb2 as pb
-from conftest import BackendProcess, smollm2_options, wait_until
 
 SEEDED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=99)
 

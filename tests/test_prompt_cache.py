@@ -17,17 +17,28 @@ import grpc
 import numpy as np
 import pytest
 import yaml
+from conftest import BackendProcess
 
+from backend.core.gguf_file import read_gguf
 from backend.engine.generation import GenerationRequest, Result
 from backend.engine.llama import Engine, EngineConfig
-from backend.engine.prompt_cache import (CacheConfig, CacheFileError, Checkpoint, DiskCache, RamCache, SavedState,
-                                         checkpoint_positions, common_prefix, decode, encode, thin)
-from backend.core.gguf_file import read_gguf
+from backend.engine.prompt_cache import (
+    CacheConfig,
+    CacheFileError,
+    Checkpoint,
+    DiskCache,
+    RamCache,
+    SavedState,
+    checkpoint_positions,
+    common_prefix,
+    decode,
+    encode,
+    thin,
+)
 from backend.engine.scheduler import Scheduler, Stream, collect
 from backend.engine.speculative import SpecConfig
 from backend.proto import backend_pb2 as pb
 from backend.service.options import plan_load
-from conftest import BackendProcess
 
 N_CTX = 1024
 

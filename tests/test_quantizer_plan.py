@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import APEX_FACTS
 
 from backend.core.errors import PlanError, RecipeError
 from quantizer.plan import ModelLayout, TensorSpec, build_plan, check_rules, first_match_types, parse_type_file
 from quantizer.recipes import all_tiers, get_tier, parse_tiers
 from quantizer.roles import allows_quantization, classify
 
-from conftest import APEX_FACTS
 INVENTORY = APEX_FACTS / "tensor-inventory.yaml"
 
 # upstream tier tables: (tensor-inventory model key, tier key) per recipe

@@ -6,8 +6,7 @@ import pytest
 
 from backend.core.errors import InvalidOptionError, InvalidRequestError
 from backend.engine.sampling import SamplingParams, parse_logit_bias
-from backend.engine.textstream import ReasoningSplitter
-from backend.engine.textstream import TextStream
+from backend.engine.textstream import ReasoningSplitter, TextStream
 from backend.service.chat import ChatTemplate
 from backend.service.options import parse_options
 

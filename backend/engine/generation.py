@@ -14,10 +14,10 @@ from typing import Callable
 import numpy as np
 
 from .llama import Engine
-from .vision import Image
 from .sampling import SamplingParams
 from .speculative import SpecStats
 from .textstream import ReasoningSplitter, TextStream
+from .vision import Image
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar, cast
 
-import numpy as np
-
 import llama_cpp.llama_cpp as L
 import llama_cpp.llama_cpp_ext as X
+import numpy as np
 
 from ..core import ggml
-from ..core.errors import (ContextOverflowError, EngineClosedError, InsufficientMemoryError, InvalidRequestError,
-                           ModelLoadError, RerankUnavailableError, UnsupportedArchitectureError)
+from ..core.errors import (
+    ContextOverflowError,
+    EngineClosedError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    ModelLoadError,
+    RerankUnavailableError,
+    UnsupportedArchitectureError,
+)
 from ..core.gguf_file import GGUFInfo, read_gguf
 from ..rpc.client import Workers, split_array
 from .llamalog import LIVE, LLAMA_LOG, parse_device_lines, parse_memory_lines

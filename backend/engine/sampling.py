@@ -22,9 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import numpy as np
-
 import llama_cpp.llama_cpp as L
+import numpy as np
 
 from ..core.errors import InvalidRequestError
 from .llamalog import ERROR, LIVE, LLAMA_LOG

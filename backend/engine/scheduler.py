@@ -34,8 +34,15 @@ from ..core.errors import ContextOverflowError, EngineClosedError, InvalidReques
 from .generation import Chunk, GenerationRequest, Inspect, Output, Result, make_logprobs
 from .llama import DecodeError, Engine, Row
 from .ngram import NgramDrafter, NgramDrafting
-from .prompt_cache import (CacheConfig, DiskCache, RamCache, SavedState, checkpoint_positions, common_prefix,
-                           model_identity)
+from .prompt_cache import (
+    CacheConfig,
+    DiskCache,
+    RamCache,
+    SavedState,
+    checkpoint_positions,
+    common_prefix,
+    model_identity,
+)
 from .sampling import Sampler
 from .speculative import Acceptance, DraftController, SpecConfig
 

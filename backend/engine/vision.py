@@ -20,9 +20,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 import llama_cpp.mtmd_cpp as M
+import numpy as np
 
 from ..core.errors import InvalidRequestError, ModelLoadError
 from ..core.gguf_file import read_gguf

@@ -27,8 +27,8 @@ from ..core.errors import InvalidOptionError, ModelNotFoundError
 from ..core.gguf_file import GGUFInfo
 from ..core.parse import parse_bool
 from ..engine.llama import EngineConfig, KVOverride, check_placement
-from ..engine.prompt_cache import CacheConfig
 from ..engine.ngram import NGRAM_TYPES
+from ..engine.prompt_cache import CacheConfig
 from ..engine.speculative import SpecConfig
 from ..rpc.client import parse_tensor_split
 

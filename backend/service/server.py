@@ -14,10 +14,9 @@ from pathlib import Path
 
 import grpc
 
-from ..proto import backend_pb2_grpc as pb_grpc
-
 from ..core import constants
 from ..core.cli_errors import cli_error
+from ..proto import backend_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -23,16 +23,24 @@ from typing import Any
 
 import grpc
 
+from ..core.errors import (
+    ERROR_PARAM_KEY,
+    ERROR_TYPE_KEY,
+    ApexError,
+    EngineClosedError,
+    InvalidRequestError,
+    ModelMismatchError,
+    NoModelLoadedError,
+    status_of,
+)
+from ..core.gguf_file import read_gguf
+from ..core.parse import parse_bool
 from ..engine.generation import Chunk, GenerationRequest, Result
 from ..engine.llama import Engine
 from ..engine.llamalog import LIVE
 from ..engine.sampling import SamplingParams, parse_logit_bias
 from ..engine.scheduler import Scheduler, llama_thread
 from ..engine.vision import Image, check_image
-from ..core.errors import (ERROR_PARAM_KEY, ERROR_TYPE_KEY, ApexError, EngineClosedError, InvalidRequestError,
-                           ModelMismatchError, NoModelLoadedError, status_of)
-from ..core.gguf_file import read_gguf
-from ..core.parse import parse_bool
 from ..proto import backend_pb2 as pb
 from ..proto import backend_pb2_grpc as pb_grpc
 from .chat import ChatTemplate, ToolPlan, message_dicts

@@ -360,6 +360,33 @@ class Sequence:
     checkpoints: list[Checkpoint] = field(default_factory=list)
 
 
+@dataclass
+class _Drafting:
+    """One sequence's state while `Engine.draft` runs: where its drafts start, how many it may take, the
+    (token, hidden row) the head reads next, and the drafts so far."""
+
+    seq: int
+    first: int  # the token sampled for the sequence but not yet decoded: the head's first input
+    pos0: int  # its position
+    limit: int
+    h: np.ndarray | None
+    token: int = -1
+    out: list[int] = field(default_factory=list)
+    confident: bool = True  # every draft so far is above p_min
+    entered: bool = False  # its first entry was decoded into the MTP context
+
+    def __post_init__(self) -> None:
+        self.token = self.first
+
+    def wants_more(self, padding: bool) -> bool:
+        """Whether it drafts another round: below its limit and confident, or padding beside a confident one."""
+        return len(self.out) < self.limit and (self.confident or padding)
+
+    def take(self, token: int, h: np.ndarray) -> None:
+        self.out.append(token)
+        self.token, self.h = token, h
+
+
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None where the C library has none (musl, macOS, Windows)."""
@@ -1093,53 +1120,48 @@ class Engine:
         """
         if not self._dctx:
             return [[] for _ in starts]
-        active = [i for i, (_, _, n) in enumerate(starts) if n > 0]
-        if not active:
+        drafting = [self._drafting(seq, tok, n) for seq, tok, n in starts if n > 0]
+        if not drafting:
             return [[] for _ in starts]
-        self.flush_mirror(starts[i][0] for i in active)
-        out: list[list[int]] = [[] for _ in starts]
-        pos0 = {i: len(self.seqs[starts[i][0]].tokens) for i in active}
-        limit = {i: min(starts[i][2], self.n_ctx - pos0[i] - 2) for i in active}
-        cur = {i: (starts[i][1], self.seqs[starts[i][0]].pending_h) for i in active}
-        confident = set(active)  # sequences whose drafts are all above p_min
-        first_kept: set[int] = set()
+        self.flush_mirror(d.seq for d in drafting)
         db = self._dbatch
         assert db is not None  # made with the MTP context
         step = 0
-        while True:
-            live = [i for i in active if len(out[i]) < limit[i] and (i in confident or (self.recurrent and confident))]
-            if not live:
-                break
+        while live := [d for d in drafting if d.wants_more(self.recurrent and any(o.confident for o in drafting))]:
             db.clear()
-            idx = {i: db.add(cur[i][0], pos0[i] + step, starts[i][0], output=True, embd=cur[i][1]) for i in live}
+            rows = [db.add(d.token, d.pos0 + step, d.seq, output=True, embd=d.h) for d in live]
             if L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr) != 0:
                 break
-            if step == 0:
-                first_kept.update(live)
-            picks = {}
-            for i in live:
-                row = np.ctypeslib.as_array(L.llama_get_logits_ith(self._dctx, idx[i]), shape=(self.n_vocab,))
-                top = np.argpartition(row, -_DRAFT_TOP_K)[-_DRAFT_TOP_K:]
-                vals = row[top]
-                best = int(np.argmax(vals))
-                if 1.0 / float(np.exp(vals - vals[best]).sum()) < p_min:
-                    confident.discard(i)
-                picks[i] = int(top[best])
-            if not confident:  # nobody goes on: this round holds only drafts below p_min (or padding)
+            for d in live:
+                d.entered = True
+            picks = [self._head_pick(idx, p_min) for idx in rows]
+            for d, (_, sure) in zip(live, picks):
+                d.confident &= sure
+            if not any(d.confident for d in drafting):  # nobody goes on: this round holds only drafts below p_min
                 break
-            for i, tok in picks.items():
-                if i in confident or self.recurrent:  # on a recurrent model the others pad to an equal length
-                    out[i].append(tok)
-                    h = X.llama_get_embeddings_nextn_ith(self._dctx, idx[i])
-                    cur[i] = (tok, np.ctypeslib.as_array(h, shape=(self.n_embd,)).copy())
+            for d, idx, (tok, _) in zip(live, rows, picks):
+                if d.confident or self.recurrent:  # on a recurrent model the others pad to an equal length
+                    h = X.llama_get_embeddings_nextn_ith(self._dctx, idx)
+                    d.take(tok, np.ctypeslib.as_array(h, shape=(self.n_embd,)).copy())
             step += 1
         mem = L.llama_get_memory(self._dctx)
-        for i in active:
-            seq = starts[i][0]
-            kept = i in first_kept
-            L.llama_memory_seq_rm(mem, seq, pos0[i] + (1 if kept else 0), -1)
-            self.seqs[seq].ahead = (pos0[i], starts[i][1]) if kept else None
-        return out
+        for d in drafting:
+            L.llama_memory_seq_rm(mem, d.seq, d.pos0 + (1 if d.entered else 0), -1)
+            self.seqs[d.seq].ahead = (d.pos0, d.first) if d.entered else None
+        by_seq = {d.seq: d.out for d in drafting}
+        return [by_seq.get(seq, []) for seq, _, _ in starts]
+
+    def _drafting(self, seq: int, token: int, n: int) -> _Drafting:
+        pos = len(self.seqs[seq].tokens)
+        return _Drafting(seq, token, pos, min(n, self.n_ctx - pos - 2), self.seqs[seq].pending_h)
+
+    def _head_pick(self, idx: int, p_min: float) -> tuple[int, bool]:
+        """The MTP head's greedy draft at batch row `idx`, and whether its top-10 softmax probability >= p_min."""
+        row = np.ctypeslib.as_array(L.llama_get_logits_ith(self._dctx, idx), shape=(self.n_vocab,))
+        top = np.argpartition(row, -_DRAFT_TOP_K)[-_DRAFT_TOP_K:]
+        vals = row[top]
+        best = int(np.argmax(vals))
+        return int(top[best]), 1.0 / float(np.exp(vals - vals[best]).sum()) >= p_min
 
     @_open
     def rollback_verify(self, seq: int, n_batch: int, n_kept: int) -> None:

@@ -9,60 +9,20 @@ llama-server is not shipped with llama-cpp-python; build it from the same vendor
 from __future__ import annotations
 
 import argparse
-import json
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mtp import model_file
-from common import machine, median
+from common import Server, llama_completion, llama_server_cmd, llama_server_spec, machine, median
 
-from backend.core.process import stop_process
+from backend.api.supervisor import free_port
 from backend.engine.generation import GenerationRequest
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.scheduler import Scheduler, collect
 from backend.engine.speculative import SpecConfig
 
 PROMPT = "Benchmarking speculative decoding on a synthetic model. " * 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LlamaServer:
-    def __init__(self, binary: Path, model: Path, threads: int, k: int | None) -> None:
-        self.port = free_port()
-        cmd = [str(binary), "-m", str(model), "--port", str(self.port), "--host", "127.0.0.1", "-t", str(threads),
-               "-tb", str(threads), "-c", "2048", "-b", "256", "-np", "1", "--no-webui"]
-        if k:
-            cmd += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(k)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1)
-                return
-            except OSError:  # not listening yet, or 503 while it loads
-                time.sleep(0.1)
-        raise SystemExit("llama-server did not start")
-
-    def tps(self, tokens: int) -> tuple[float, float]:
-        body = json.dumps({"prompt": PROMPT, "n_predict": tokens, "temperature": 0, "ignore_eos": True,
-                           "cache_prompt": False}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", body,
-                                     {"Content-Type": "application/json"})
-        t = json.load(urllib.request.urlopen(req))["timings"]
-        acc = t.get("draft_n_accepted", 0) / t["draft_n"] if t.get("draft_n") else 0.0
-        return t["predicted_per_second"], acc
-
-    def close(self) -> None:
-        stop_process(self.proc, 30)
 
 
 def ours(model: Scheduler, tokens: int) -> tuple[float, float]:
@@ -97,12 +57,14 @@ def main() -> int:
             results.setdefault(name, []).append(ours(m, args.tokens))
             m.close()
         for name, k in (("llama-server plain", None), (f"llama-server draft-mtp k={args.k}", args.k)):
-            srv = LlamaServer(args.server, path, args.threads, k)
+            port = free_port()
+            spec = llama_server_spec(SpecConfig(n_max=k or 0), True)
+            srv = Server(name, llama_server_cmd(args.server, path, port, args.threads, 2048, 256, extra=spec), port)
             try:
-                srv.tps(32)
-                results.setdefault(name, []).append(srv.tps(args.tokens))
+                llama_completion(port, PROMPT, 32)
+                results.setdefault(name, []).append(llama_completion(port, PROMPT, args.tokens)[:2])
             finally:
-                srv.close()
+                srv.stop()
     print(f"# machine: {machine()}")
     print(f"# model {path.name} ({path.stat().st_size / 2**20:.0f} MiB), {args.tokens} greedy tokens, "
           f"{args.threads} threads, median of {args.rounds} rounds")

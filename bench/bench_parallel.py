@@ -14,23 +14,17 @@ llama-server is built from the llama.cpp vendored in llama-cpp-python (see READM
 from __future__ import annotations
 
 import argparse
-import http.client
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mtp import model_file
-from common import machine, median, sse_completion
+from common import Server, llama_server_cmd, llama_server_spec, machine, median, sse_completion
 
 from backend.api.supervisor import free_port
-from backend.core.process import stop_process
-
-ROOT = Path(__file__).resolve().parents[1]
+from backend.engine.speculative import SpecConfig
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -38,51 +32,24 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, round(q * (len(s) - 1)))] if s else 0.0
 
 
-class Server:
-    """An OpenAI-compatible server subprocess, ready once /health answers 200."""
-
-    def __init__(self, name: str, cmd: list[str], port: int) -> None:
-        self.name, self.port = name, port
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise SystemExit(f"{name} exited:\n{self.log.read().decode()[-3000:]}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit(f"{name} did not become healthy")
-
-    def request(self, prompt: str, tokens: int) -> dict[str, float]:
-        """One streamed completion: latency, time to first token, tokens, draft counts, slot."""
-        body = {"prompt": prompt, "max_tokens": tokens, "n_predict": tokens, "ignore_eos": True,
-                "temperature": 0, "top_k": 0, "top_p": 1.0, "min_p": 0, "cache_prompt": True}
-        t0 = time.perf_counter()
-        first = None
-        final: dict = {}
-        n_chunks = 0
-        for chunk in sse_completion(self.port, body):
-            if any(c.get("text") for c in chunk.get("choices", [])):
-                first = first or time.perf_counter()
-                n_chunks += 1
-            if "timings" in chunk or "usage" in chunk:
-                final.update(chunk)
-        t = final.get("timings", {})
-        return {"latency": time.perf_counter() - t0, "ttft": (first or time.perf_counter()) - t0,
-                "tokens": final.get("usage", {}).get("completion_tokens") or t.get("predicted_n") or n_chunks,
-                "draft_n": t.get("draft_n", 0), "accepted": t.get("draft_n_accepted", 0), "slot": t.get("id_slot", -1)}
-
-    def stop(self) -> None:
-        stop_process(self.proc, 30)
-        self.log.close()
+def request(server: Server, prompt: str, tokens: int) -> dict[str, float]:
+    """One streamed completion: latency, time to first token, tokens, draft counts, slot."""
+    body = {"prompt": prompt, "max_tokens": tokens, "n_predict": tokens, "ignore_eos": True,
+            "temperature": 0, "top_k": 0, "top_p": 1.0, "min_p": 0, "cache_prompt": True}
+    t0 = time.perf_counter()
+    first = None
+    final: dict = {}
+    n_chunks = 0
+    for chunk in sse_completion(server.port, body):
+        if any(c.get("text") for c in chunk.get("choices", [])):
+            first = first or time.perf_counter()
+            n_chunks += 1
+        if "timings" in chunk or "usage" in chunk:
+            final.update(chunk)
+    t = final.get("timings", {})
+    return {"latency": time.perf_counter() - t0, "ttft": (first or time.perf_counter()) - t0,
+            "tokens": final.get("usage", {}).get("completion_tokens") or t.get("predicted_n") or n_chunks,
+            "draft_n": t.get("draft_n", 0), "accepted": t.get("draft_n_accepted", 0), "slot": t.get("id_slot", -1)}
 
 
 def start_servers(model: Path, args: argparse.Namespace, mtp: bool) -> list[Server]:
@@ -91,11 +58,8 @@ def start_servers(model: Path, args: argparse.Namespace, mtp: bool) -> list[Serv
             str(args.parallel), "--context", str(args.context), "--threads", str(args.threads), "--quiet"]
     if not mtp:
         ours.append("--no-mtp")
-    theirs = [str(args.server), "-m", str(model), "--port", str(theirs_port), "--host", "127.0.0.1",
-              "-t", str(args.threads), "-tb", str(args.threads), "-np", str(args.parallel),
-              "-c", str(args.context * args.parallel), "-b", "512", "--no-webui"]
-    if mtp:
-        theirs += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(args.k)]
+    theirs = llama_server_cmd(args.server, model, theirs_port, args.threads, args.context * args.parallel, 512,
+                              args.parallel, llama_server_spec(SpecConfig(n_max=args.k), mtp))
     return [Server("apexmtp", ours, ours_port), Server("llama-server", theirs, theirs_port)]
 
 
@@ -103,7 +67,7 @@ def round_of(server: Server, n: int, tokens: int, tag: str) -> dict:
     prompts = [f"[{tag} client {i}] Write a long story about the number {i * 37 + len(tag)}." for i in range(n)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(n) as pool:
-        results = list(pool.map(lambda p: server.request(p, tokens), prompts))
+        results = list(pool.map(lambda p: request(server, p, tokens), prompts))
     wall = time.perf_counter() - t0
     return {"wall": wall, "tokens": sum(r["tokens"] for r in results), "requests": results}
 

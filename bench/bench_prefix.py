@@ -29,10 +29,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mtp import model_file
-from bench_parallel import Server
-from common import machine, sse_completion
+from common import Server, llama_server_cmd, llama_server_spec, machine, sse_completion
 
 from backend.api.supervisor import free_port
+from backend.engine.speculative import SpecConfig
 
 WORDS = ("alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud light field "
          "tool result file line value error build test query answer").split()
@@ -79,9 +79,8 @@ def start(name: str, model: Path, args: argparse.Namespace, parallel: int, extra
         cmd = [sys.executable, "-m", "backend.cli", "run", str(model), "--port", str(port), "--parallel",
                str(parallel), "--context", str(context), "--threads", str(args.threads), "--quiet", *(extra or [])]
     else:
-        cmd = [str(args.server), "-m", str(model), "--port", str(port), "--host", "127.0.0.1", "-t",
-               str(args.threads), "-tb", str(args.threads), "-np", str(parallel), "-c", str(context * parallel),
-               "-b", "512", "--no-webui", "--spec-type", "draft-mtp", "--spec-draft-n-max", "4"]
+        cmd = llama_server_cmd(args.server, model, port, args.threads, context * parallel, 512, parallel,
+                               llama_server_spec(SpecConfig(n_max=4), True))
     return Server(name, cmd, port)
 
 

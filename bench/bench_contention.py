@@ -33,9 +33,10 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_llama_server import LlamaServer, ours
-from common import machine, median
+from bench_llama_server import PROMPT, ours
+from common import Server, llama_completion, llama_server_cmd, machine, median
 
+from backend.api.supervisor import free_port
 from backend.core.process import stop_process
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.scheduler import Scheduler
@@ -84,16 +85,17 @@ def child(args: argparse.Namespace) -> int:
     """One configuration, under the environment the parent gave: print {load: tok/s} as one JSON line."""
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "load.c").write_text(c_source())
-        measure: Callable[[int], tuple[float, float]]
+        measure: Callable[[int], tuple]
         if args.child == "apexmtp":
             s = Scheduler(Engine(str(args.model), EngineConfig(n_ctx=2048, n_batch=256, n_threads=args.threads)),
                           SpecConfig(), name="contention")
             stack.callback(s.close)
             measure = partial(ours, s)
         else:
-            srv = LlamaServer(args.server, args.model, args.threads, None)
-            stack.callback(srv.close)
-            measure = srv.tps
+            port = free_port()
+            srv = Server("llama-server", llama_server_cmd(args.server, args.model, port, args.threads, 2048, 256), port)
+            stack.callback(srv.stop)
+            measure = partial(llama_completion, port, PROMPT)
         measure(WARMUP_TOKENS)  # page in weights, build graphs
         out = {}
         for load in args.loads.split(","):

@@ -2,8 +2,9 @@
 
 With llama.cpp's OpenMP build on a 2-core machine, anything else on the CPU can collapse decoding (issue 19).
 This measures greedy decode tok/s of one request (SmolLM2 unless --model) for each thread count x OpenMP wait
-policy under each load, for apexmtp in-process (Engine + Scheduler, as in bench_mtp.py) and, with --server,
-llama-server at the same settings.
+policy under each load, for apexmtp in-process (Engine + Scheduler, as in bench_mtp.py) as it ships (`apexmtp`:
+threads adapt to the cores other processes leave free) and with a fixed thread count (`apexmtp-fixed`, as
+llama.cpp runs) and, with --server, llama-server at the same settings.
 
 Loads: quiet; busy = one `yes > /dev/null`; compile = `cc -O2` of a generated C file in a loop (a core's worth of
 short-lived compiler processes, like `make -j1`). Wait policies set OpenMP's environment (default: unset;
@@ -86,9 +87,9 @@ def child(args: argparse.Namespace) -> int:
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "load.c").write_text(c_source())
         measure: Callable[[int], tuple]
-        if args.child == "apexmtp":
-            s = Scheduler(Engine(str(args.model), EngineConfig(n_ctx=2048, n_batch=256, n_threads=args.threads)),
-                          SpecConfig(), name="contention")
+        if args.child in APEXMTP:
+            cfg = EngineConfig(n_ctx=2048, n_batch=256, n_threads=args.threads, adaptive_threads=args.child == "apexmtp")
+            s = Scheduler(Engine(str(args.model), cfg), SpecConfig(), name="contention")
             stack.callback(s.close)
             measure = partial(ours, s)
         else:
@@ -118,6 +119,9 @@ def run_child(engine: str, threads: int, policy: str, args: argparse.Namespace) 
     return json.loads(lines[-1])
 
 
+# apexmtp as it ships (threads adapt to the cores other processes leave free, backend/engine/threads.py) and with
+# a fixed thread count, as llama.cpp runs
+APEXMTP = ("apexmtp", "apexmtp-fixed")
 Samples = dict[tuple[str, int, str], dict[str, list[float]]]  # (engine, threads, policy) -> load -> tok/s
 
 
@@ -141,10 +145,10 @@ def report(samples: Samples, engines: list[str], loads: list[str]) -> None:
             print(line)
     if "llama-server" in engines:
         print("\n## apexmtp / llama-server, same settings and load")
-        print(f"{'threads':>7} {'wait':<8}" + "".join(f"{ld:>9}" for ld in loads))
+        print(f"{'engine':<14} {'threads':>7} {'wait':<8}" + "".join(f"{ld:>9}" for ld in loads))
         for (e, threads, policy), v in tps.items():
-            if e == "apexmtp" and (theirs := tps.get(("llama-server", threads, policy))):
-                print(f"{threads:>7} {policy:<8}"
+            if e in APEXMTP and (theirs := tps.get(("llama-server", threads, policy))):
+                print(f"{e:<14} {threads:>7} {policy:<8}"
                       + "".join(f"{v[ld] / theirs[ld] if theirs[ld] else 0:9.2f}" for ld in loads))
     if goal:
         print(f"\ngoal (issue 19): busy/quiet >= {GOAL_RATIO} and busy >= llama-server's busy at the same settings")
@@ -159,7 +163,7 @@ def main() -> int:
     ap.add_argument("--threads-list", default="2,1")
     ap.add_argument("--wait-policies", default="default,passive", help=f"of {', '.join(WAIT_POLICIES)}")
     ap.add_argument("--loads", default="quiet,busy,compile", help=f"of {', '.join(LOADS)}")
-    ap.add_argument("--child", choices=("apexmtp", "llama-server"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=(*APEXMTP, "llama-server"), help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
@@ -173,7 +177,7 @@ def main() -> int:
         ap.error(f"unknown load or wait policy: {', '.join(bad)}")
     if "compile" in loads and not shutil.which("cc"):
         ap.error("the compile load needs a C compiler on PATH as `cc`; leave it out of --loads")
-    engines = ["apexmtp"] + (["llama-server"] if args.server else [])
+    engines = list(APEXMTP) + (["llama-server"] if args.server else [])
     configs = [(e, int(t), p) for e in engines for t in args.threads_list.split(",") for p in policies]
     samples: Samples = {cfg: {} for cfg in configs}
     for _ in range(args.rounds):

@@ -2,7 +2,7 @@
 
 Import these names into a conftest.py (or a test module) to use them:
 `from synth_models import synth_model, tiny_random_gguf, tiny_predictable_gguf, tiny_nomtp_gguf,
-tiny_mmproj_gguf`.
+tiny_mmproj_gguf`; `write_reranker` writes a tiny reranker (not qwen35moe) where a test needs one.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from backend.synth.qwen35moe import PRESETS, SynthConfig, write_model
+from backend.synth.qwen35moe import PRESETS, SynthConfig, build_vocab, write_model
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +68,41 @@ def tiny_mmproj_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from backend.synth.mmproj import write_projector
 
     return write_projector(tmp_path_factory.mktemp("mmproj") / "mmproj-tiny.gguf", PRESETS["tiny"].n_embd)
+
+
+def write_reranker(path: Path, *, n_embd: int = 64, n_head: int = 4, n_ff: int = 128, seed: int = 0) -> Path:
+    """A tiny random qwen3 reranker: one layer, the synthetic byte-level vocabulary, a `cls.output` head with the
+    yes/no labels of Qwen3-Reranker GGUFs and rank pooling (llama.cpp scores with a softmax over the labels)."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    vocab, head_dim = build_vocab(512), n_embd // n_head
+    w = gguf.GGUFWriter(str(path), "qwen3")
+    for key, value in (("context_length", 512), ("embedding_length", n_embd), ("block_count", 1),
+                       ("feed_forward_length", n_ff), ("attention.head_count", n_head),
+                       ("attention.head_count_kv", n_head), ("pooling_type", 4)):
+        w.add_uint32(f"qwen3.{key}", value)
+    w.add_float32("qwen3.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32("qwen3.rope.freq_base", 10000.0)
+    w.add_array("qwen3.classifier.output_labels", ["yes", "no"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(list(vocab.tokens))
+    w.add_token_types(list(vocab.token_types))
+    w.add_token_merges(list(vocab.merges))
+    w.add_eos_token_id(len(vocab.tokens) - 1)
+    w.add_add_bos_token(False)
+    shapes = {"token_embd.weight": (512, n_embd), "output_norm.weight": (n_embd,), "cls.output.weight": (2, n_embd),
+              "blk.0.attn_norm.weight": (n_embd,), "blk.0.ffn_norm.weight": (n_embd,),
+              "blk.0.attn_q_norm.weight": (head_dim,), "blk.0.attn_k_norm.weight": (head_dim,),
+              **{f"blk.0.attn_{x}.weight": (n_embd, n_embd) for x in ("q", "k", "v", "output")},
+              "blk.0.ffn_gate.weight": (n_ff, n_embd), "blk.0.ffn_up.weight": (n_ff, n_embd),
+              "blk.0.ffn_down.weight": (n_embd, n_ff)}
+    for name, shape in shapes.items():
+        data = np.ones(shape) if "norm" in name else rng.normal(0, 0.3, shape)
+        w.add_tensor(name, data.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

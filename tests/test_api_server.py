@@ -22,6 +22,7 @@ import grpc
 import openai
 import pytest
 from conftest import ROOT, free_port, wait_until
+from synth_models import write_reranker
 
 from backend.core.process import stop_process
 from backend.proto import backend_pb2 as pb
@@ -193,6 +194,38 @@ def test_embeddings(smol):
     assert len(default.data) == 2 and len(default.data[0].embedding) == 576
     assert default.data[0].embedding == pytest.approx(floats.data[0].embedding, rel=1e-6)
     assert default.usage.prompt_tokens > 0
+
+
+def test_rerank_over_http(run_env, tmp_path, smol):
+    """LocalAI's /v1/rerank (Jina's shape) on a reranker served with --reranking: every document scored, best
+    first, cut to top_n, documents as strings or {"text": ...}; bad bodies name their field; a model served
+    without reranking refuses with a clear error."""
+    model = write_reranker(tmp_path / "rerank.gguf")
+    server = RunProcess(str(model), "--reranking", "--context", "256", "--parallel", "1", env=run_env)
+    try:
+        docs = ["the cat sat on the mat", "stock prices fell", "a kitten on a rug", "rain in spain"]
+        status, body = server.request("POST", "/v1/rerank", json.dumps({"query": "where is the cat",
+                                                                         "documents": docs}).encode())
+        assert status == 200, body
+        results = body["results"]
+        assert sorted(r["index"] for r in results) == [0, 1, 2, 3]
+        scores = [r["relevance_score"] for r in results]
+        assert scores == sorted(scores, reverse=True) and all(0.0 < x < 1.0 for x in scores)
+        assert [r["document"]["text"] for r in results] == [docs[r["index"]] for r in results]
+        assert body["usage"]["total_tokens"] > 0
+        status, top = server.request("POST", "/rerank", json.dumps({
+            "query": "where is the cat", "documents": [{"text": d} for d in docs], "top_n": 2}).encode())
+        assert status == 200 and top["results"] == results[:2]
+        for bad, param in (({"documents": docs}, "query"), ({"query": "q", "documents": []}, "documents"),
+                           ({"query": "q", "documents": ["a", 3]}, "documents[1]"),
+                           ({"query": "q", "documents": docs, "top_n": -1}, "top_n")):
+            status, err = server.request("POST", "/v1/rerank", json.dumps(bad).encode())
+            assert status == 400 and err["error"]["param"] == param, err
+        assert server.request("GET", "/health")[0] == 200
+    finally:
+        server.stop()
+    status, err = smol.request("POST", "/v1/rerank", json.dumps({"query": "q", "documents": ["a"]}).encode())
+    assert status == 503 and "Reranking" in err["error"]["message"], err
 
 
 def test_tools_are_passed_through(smol):

@@ -55,6 +55,8 @@ from .openai_api import (
     http_error,
     invalid,
     is_bug,
+    rerank_request,
+    rerank_response,
 )
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ class Handler(DeadlineHandler):
         "/v1/chat/completions": ("POST", "chat"), "/chat/completions": ("POST", "chat"),
         "/v1/completions": ("POST", "completions"), "/completions": ("POST", "completions"),
         "/v1/embeddings": ("POST", "embeddings"), "/embeddings": ("POST", "embeddings"),
+        "/v1/rerank": ("POST", "rerank"), "/rerank": ("POST", "rerank"),
         "/metrics": ("GET", "metrics"),
         "/api/status": ("GET", "status"), "/api/gallery": ("GET", "gallery"),
         "/api/pull": ("POST", "pull"), "/api/switch": ("POST", "switch"),
@@ -263,6 +266,13 @@ class Handler(DeadlineHandler):
         results = [self._watched(self.server.manager.stub.Embedding.future(r)).result() for r in requests]
         self._send_json(200, embeddings_response(results, model, body.get("encoding_format", "float")))
 
+    def rerank(self, body: dict[str, Any]) -> None:
+        model = self.server.manager.ready(body.get("model"))
+        request = rerank_request(body)
+        _fits_grpc(request)
+        result = self._watched(self.server.manager.stub.Rerank.future(request)).result()
+        self._send_json(200, rerank_response(result, model))
+
     # -- generation ----------------------------------------------------------------------------------------
 
     def _complete(self, job: Job) -> None:
@@ -376,7 +386,7 @@ def _name(body: dict[str, Any]) -> str:
     return name
 
 
-def _fits_grpc(request: pb.PredictOptions) -> None:
+def _fits_grpc(request: pb.PredictOptions | pb.RerankRequest) -> None:
     """Refuse (413) a request the gRPC link to the backend could not carry, instead of a confusing gRPC error."""
     size = request.ByteSize()
     if size > constants.GRPC_MESSAGE_LIMIT:
@@ -386,7 +396,8 @@ def _fits_grpc(request: pb.PredictOptions) -> None:
 def model_card(model: ServedModel) -> dict[str, Any]:
     """The served model as an entry of OpenAI's /v1/models."""
     return {"id": model.name, "object": "model", "created": 0, "owned_by": "apexmtp",
-            "meta": {"context_size": model.context_size, "mtp": model.mtp, "embeddings": model.embeddings}}
+            "meta": {"context_size": model.context_size, "mtp": model.mtp, "embeddings": model.embeddings,
+                     "reranking": model.reranking}}
 
 
 class ApiServer(PooledHTTPServer):

@@ -46,6 +46,7 @@ class RunOptions:
     models_dir: Path | None = None
     threads: int = 0
     embeddings: bool = False
+    reranking: bool = False
     no_mtp: bool = False
     parallel: int = DEFAULT_PARALLEL
     prefer: str = "quality"
@@ -94,11 +95,12 @@ def prepare(opts: RunOptions, *, profile: HardwareProfile | None = None,
     config["options"] = options
     if opts.mmproj is not None:
         config["mmproj"] = str(opts.mmproj.expanduser().resolve())
-    load = model_options(config, models_dir, threads=opts.threads, embeddings=opts.embeddings)
+    load = model_options(config, models_dir, threads=opts.threads, embeddings=opts.embeddings,
+                         reranking=opts.reranking)
     defaults = {k: v for k, v in (config.get("parameters") or {}).items() if k != "model"}
     aliases |= {pulled.model_path.name, pulled.model_path.stem}
     served = ServedModel(name=pulled.name, aliases=frozenset(aliases - {pulled.name}), context_size=load.ContextSize,
-                         identity=load.Model, embeddings=load.Embeddings,
+                         identity=load.Model, embeddings=load.Embeddings, reranking=load.Reranking,
                          mtp="spec_type:draft-mtp" in options, defaults=defaults)
     return load, served
 

@@ -73,6 +73,7 @@ class ServedModel:
     identity: str  # ModelOptions.Model, echoed as PredictOptions.ModelIdentity as LocalAI does
     embeddings: bool
     mtp: bool
+    reranking: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)  # the config's `parameters` (temperature, top_k...)
     media_marker: str = "<__media__>"  # where an image part goes in the text: llama.cpp mtmd's default marker
 
@@ -491,6 +492,34 @@ def embeddings_response(results: list[pb.EmbeddingResult], model: ServedModel, e
     n = sum(r.prompt_tokens or r.tokens for r in results)
     return {"object": "list", "model": model.name, "usage": {"prompt_tokens": n, "total_tokens": n},
             "data": [{"object": "embedding", "index": i, "embedding": vector(r)} for i, r in enumerate(results)]}
+
+
+def rerank_request(body: dict[str, Any]) -> pb.RerankRequest:
+    """LocalAI's /v1/rerank body (Jina's shape: `query`, `documents` as strings or `{"text": ...}`, `top_n`)."""
+    query, docs, top_n = body.get("query"), body.get("documents"), body.get("top_n", 0)
+    if not isinstance(query, str) or not query:
+        raise invalid("query", "query must be a non-empty string")
+    if not isinstance(docs, list) or not docs:
+        raise invalid("documents", "documents must be a non-empty array")
+    texts = []
+    for i, doc in enumerate(docs):
+        text = doc.get("text") if isinstance(doc, dict) else doc
+        if not isinstance(text, str):
+            raise invalid(f"documents[{i}]", "each document must be a string or an object with a string `text`")
+        texts.append(text)
+    if top_n is None:
+        top_n = 0
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
+        raise invalid("top_n", "top_n must be a non-negative integer")
+    return pb.RerankRequest(query=query, documents=texts, top_n=top_n)
+
+
+def rerank_response(result: pb.RerankResult, model: ServedModel) -> dict[str, Any]:
+    """The backend's ranking as LocalAI answers /v1/rerank: best first, each with its index and text."""
+    return {"model": model.name, "object": "list",
+            "usage": {"total_tokens": result.usage.total_tokens, "prompt_tokens": result.usage.prompt_tokens},
+            "results": [{"index": r.index, "relevance_score": r.relevance_score, "document": {"text": r.text}}
+                        for r in result.results]}
 
 
 def _backend_error(exc: grpc.RpcError) -> tuple[str, str]:

@@ -41,6 +41,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models-dir", type=Path, help="models directory (default: APEXMTP_MODELS_DIR)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: the backend's choice)")
     parser.add_argument("--embeddings", action="store_true", help="enable /v1/embeddings")
+    parser.add_argument("--reranking", action="store_true",
+                        help="enable /v1/rerank (a reranker GGUF: a model with a classification head)")
     parser.add_argument("--no-mtp", action="store_true", help="decode without MTP speculation")
     parser.add_argument("--rpc", type=parse_endpoints, default=(), metavar="HOST:PORT,...",
                         help="split the model across these RPC workers (`apexmtp worker` on each host)")
@@ -97,6 +99,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     opts = RunOptions(ref=args.ref, host=args.host, port=args.port, tier=args.tier, context=args.context,
                       models_dir=args.models_dir, threads=args.threads, embeddings=args.embeddings,
+                      reranking=args.reranking,
                       no_mtp=args.no_mtp, parallel=args.parallel, prefer=args.prefer, progress=not args.quiet,
                       echo_backend=not args.quiet, gallery=args.gallery,
                       api_keys=parse_keys([*(args.api_key or []), constants.API_KEY]),

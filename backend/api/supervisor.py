@@ -38,7 +38,7 @@ def _flash(value: Any) -> str:
 
 
 def model_options(config: dict[str, Any], models_dir: Path, *, threads: int = 0,
-                  embeddings: bool = False) -> pb.ModelOptions:
+                  embeddings: bool = False, reranking: bool = False) -> pb.ModelOptions:
     """The LoadModel message LocalAI would build from a model config (`<models>/<name>.yaml`)."""
     model = str(config["parameters"]["model"])
     path = Path(model) if Path(model).is_absolute() else models_dir / model
@@ -51,6 +51,7 @@ def model_options(config: dict[str, Any], models_dir: Path, *, threads: int = 0,
         CacheTypeKey=str(config.get("cache_type_k") or ""), CacheTypeValue=str(config.get("cache_type_v") or ""),
         Options=[str(o) for o in config.get("options") or []],
         Embeddings=embeddings or bool(config.get("embeddings", False)),
+        Reranking=reranking or bool(config.get("reranking", False)),
         MMProj=_under(str(config["mmproj"]), models_dir) if config.get("mmproj") else "",
     )
 

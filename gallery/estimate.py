@@ -70,6 +70,7 @@ class ArchFacts:
     experts_used: int
     ff_shared: int
     n_expert: int = 1  # routed experts per layer (1 for dense models)
+    kv_head_dims: tuple[int, int] = (0, 0)  # attention key_length, value_length
 
     @classmethod
     def from_keys(cls, arch: str, get: Any, n_vocab: int) -> ArchFacts:
@@ -109,6 +110,7 @@ class ArchFacts:
             experts_used=max(experts_used, 1),
             ff_shared=int(get("expert_shared_feed_forward_length", 0) or 0),
             n_expert=max(int(get("expert_count", 0) or 0), 1),
+            kv_head_dims=(k_len, v_len) if attn or nextn else (0, 0),
         )
 
     @classmethod
@@ -128,6 +130,13 @@ class ArchFacts:
     @property
     def kv_elems_per_token(self) -> int:
         return sum(self.attn_kv_elems)
+
+
+def kv_cache_type(wanted: str, arch: ArchFacts) -> str:
+    """`wanted` where its blocks divide the attention heads' key and value lengths, else f16: llama.cpp refuses to
+    create a context whose quantized cache blocks would straddle heads (e.g. q8_0 on 16-wide heads)."""
+    block = CACHE_TYPES[wanted][0]
+    return wanted if all(d % block == 0 for d in arch.kv_head_dims) else "f16"
 
 
 def _per_layer(value: Any, n: int) -> list[int]:

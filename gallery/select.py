@@ -36,7 +36,7 @@ from backend.core.units import GiB
 from .builds import can_use, gpu_hint
 from .catalog import Catalog, Entry
 from .detect import HardwareProfile
-from .estimate import ArchFacts, Breakdown, Placement, RunConfig, Share, estimate, hosts, place, split
+from .estimate import ArchFacts, Breakdown, Placement, RunConfig, Share, estimate, hosts, kv_cache_type, place, split
 from .explain import explain
 from .plan import MODES, SPLIT, Budget, Candidate, Trial
 from .policy import Policy
@@ -197,8 +197,9 @@ class _Env:
 def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, env: _Env, n_cpu_moe: int | None = None) -> Trial:
     """Estimate `cand` in `mode`; for gpu+ram pick the smallest n_cpu_moe that fits (or use the given one)."""
     policy, budget = env.policy, env.budget
-    run = RunConfig(n_ctx=n_ctx, n_ubatch=policy.n_ubatch, n_seq=env.n_seq, cache_type_k=policy.cache_type,
-                    cache_type_v=policy.cache_type, mtp=mtp, spec_n_max=policy.mtp.spec_n_max if mtp else 0,
+    cache_type = kv_cache_type(policy.cache_type, cand.arch)
+    run = RunConfig(n_ctx=n_ctx, n_ubatch=policy.n_ubatch, n_seq=env.n_seq, cache_type_k=cache_type,
+                    cache_type_v=cache_type, mtp=mtp, spec_n_max=policy.mtp.spec_n_max if mtp else 0,
                     draft_cache_type=policy.mtp.draft_cache_type, mmproj_bytes=cand.mmproj_bytes,
                     n_checkpoints=policy.ctx_checkpoints, checkpoint_min_step=policy.checkpoint_min_step)
     b = estimate(cand.arch, cand.weights, run)

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from synth_models import write_reranker
 
 from backend.core.errors import InvalidRequestError
 from backend.core.gguf_file import read_gguf
@@ -21,7 +22,15 @@ from backend.synth.qwen35moe import (
     write_sparse,
 )
 from gallery.catalog import WeightBytes, load_catalog
-from gallery.estimate import ArchFacts, RunConfig, cache_bytes, estimate, place, weights_from_gguf
+from gallery.estimate import (
+    ArchFacts,
+    RunConfig,
+    cache_bytes,
+    estimate,
+    kv_cache_type,
+    place,
+    weights_from_gguf,
+)
 from gallery.measure import ContextSpec, measure
 
 MiB = 1024 * 1024
@@ -156,3 +165,11 @@ def test_placement_splits_gpu_and_host() -> None:
 def test_mtp_on_a_model_without_head_is_refused() -> None:
     with pytest.raises(InvalidRequestError, match="no MTP layer"):
         estimate(_table_facts(nextn=0), WeightBytes(1, 0, 0, 0), RunConfig(n_ctx=4096, mtp=True))
+
+
+def test_plans_keep_a_quantized_kv_cache_only_where_its_blocks_fit_the_heads(tmp_path):
+    arch = ArchFacts.from_table(load_catalog().architectures["qwen35moe-35b-a3b"], nextn=1)
+    assert arch.kv_head_dims == (256, 256) and kv_cache_type("q8_0", arch) == "q8_0"
+    narrow = ArchFacts.from_gguf(read_gguf(write_reranker(tmp_path / "narrow.gguf")))
+    assert narrow.kv_head_dims == (16, 16) and kv_cache_type("q8_0", narrow) == "f16"
+    assert kv_cache_type("f16", narrow) == "f16"

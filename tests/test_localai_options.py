@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import ROOT, BackendProcess, smollm2_options
+from synth_models import write_reranker
 
 from backend.core.errors import InvalidOptionError, InvalidRequestError, ModelNotFoundError
 from backend.core.gguf_file import read_gguf
@@ -242,46 +243,6 @@ def write_lora(path: Path, *, arch: str = "llama", n_embd: int = 576, rank: int 
     return path
 
 
-def write_reranker(path: Path, *, n_embd: int = 64, n_head: int = 4, n_ff: int = 128, seed: int = 0) -> Path:
-    """A tiny random qwen3 reranker: one layer, the synthetic byte-level vocabulary, a `cls.output` head with the
-    yes/no labels of Qwen3-Reranker GGUFs and rank pooling (llama.cpp scores with a softmax over the labels)."""
-    import gguf
-
-    from backend.synth.qwen35moe import build_vocab
-
-    rng = np.random.default_rng(seed)
-    vocab, head_dim = build_vocab(512), n_embd // n_head
-    w = gguf.GGUFWriter(str(path), "qwen3")
-    for key, value in (("context_length", 512), ("embedding_length", n_embd), ("block_count", 1),
-                       ("feed_forward_length", n_ff), ("attention.head_count", n_head),
-                       ("attention.head_count_kv", n_head), ("pooling_type", 4)):
-        w.add_uint32(f"qwen3.{key}", value)
-    w.add_float32("qwen3.attention.layer_norm_rms_epsilon", 1e-6)
-    w.add_float32("qwen3.rope.freq_base", 10000.0)
-    w.add_array("qwen3.classifier.output_labels", ["yes", "no"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(list(vocab.tokens))
-    w.add_token_types(list(vocab.token_types))
-    w.add_token_merges(list(vocab.merges))
-    w.add_eos_token_id(len(vocab.tokens) - 1)
-    w.add_add_bos_token(False)
-    shapes = {"token_embd.weight": (512, n_embd), "output_norm.weight": (n_embd,), "cls.output.weight": (2, n_embd),
-              "blk.0.attn_norm.weight": (n_embd,), "blk.0.ffn_norm.weight": (n_embd,),
-              "blk.0.attn_q_norm.weight": (head_dim,), "blk.0.attn_k_norm.weight": (head_dim,),
-              **{f"blk.0.attn_{x}.weight": (n_embd, n_embd) for x in ("q", "k", "v", "output")},
-              "blk.0.ffn_gate.weight": (n_ff, n_embd), "blk.0.ffn_up.weight": (n_ff, n_embd),
-              "blk.0.ffn_down.weight": (n_embd, n_ff)}
-    for name, shape in shapes.items():
-        data = np.ones(shape) if "norm" in name else rng.normal(0, 0.3, shape)
-        w.add_tensor(name, data.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 # ------------------------------------------------------------------------------------------- over gRPC
 
 
@@ -397,6 +358,14 @@ def test_grpc_prefill_assistant(opt_backend, smollm2_path):
         counts[prefill] = r.prompt_tokens
     # continuing the message leaves out its end-of-turn and the new assistant header
     assert counts["true"] < counts["false"]
+
+
+def test_quantized_kv_cache_on_narrow_heads_is_refused_before_llama_cpp(tmp_path):
+    """q8_0 blocks of 32 values cannot hold 16-wide heads: llama.cpp would fail the context without a reason."""
+    model = write_reranker(tmp_path / "narrow.gguf")
+    with pytest.raises(InvalidOptionError, match="cache_type_k q8_0 .* key_length 16: use f16"):
+        Engine(model, EngineConfig(n_ctx=256, type_k="q8_0", reranking=True))
+    Engine(model, EngineConfig(n_ctx=256, reranking=True)).close()
 
 
 def test_grpc_rerank_with_a_classification_head(opt_backend, tmp_path):

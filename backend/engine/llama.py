@@ -34,6 +34,7 @@ from ..core.errors import (
     ContextOverflowError,
     EngineClosedError,
     InsufficientMemoryError,
+    InvalidOptionError,
     InvalidRequestError,
     ModelLoadError,
     RerankUnavailableError,
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 KV_TYPES = {"f32": L.GGML_TYPE_F32, "f16": L.GGML_TYPE_F16, "q8_0": L.GGML_TYPE_Q8_0,
             "q4_0": L.GGML_TYPE_Q4_0, "q4_1": L.GGML_TYPE_Q4_1, "q5_0": L.GGML_TYPE_Q5_0, "q5_1": L.GGML_TYPE_Q5_1,
             "iq4_nl": L.GGML_TYPE_IQ4_NL}
+UNBLOCKED_KV_TYPES = frozenset({"f32", "f16"})
+KV_BLOCK = 32  # values per block of every quantized KV type above (QK8_0, QK4_0, QK4_1, QK5_0, QK5_1, QK4_NL)
 FLASH_ATTN = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
               "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 SPLIT_MODES = {"none": L.LLAMA_SPLIT_MODE_NONE, "layer": L.LLAMA_SPLIT_MODE_LAYER, "row": L.LLAMA_SPLIT_MODE_ROW,
@@ -120,6 +123,7 @@ class EngineConfig:
     image_min_tokens: int = -1  # tokens per image for dynamic-resolution projectors (-1: the projector's own)
     image_max_tokens: int = -1
     n_threads_batch: int = 0  # prompt-batch threads (0: n_threads)
+    adaptive_threads: bool = True  # fewer threads while other processes hold cores (threads.py)
     direct_io: bool = False  # read the weights with direct I/O (beats mmap/mlock)
     check_tensors: bool = False  # validate tensor data while loading
     warmup: bool = False  # one decode after loading that touches every weight (llama.cpp's warm-up)
@@ -502,6 +506,7 @@ class Engine:
                 raise ModelLoadError(f"{self.path}: MTP requested but the GGUF has no nextn (MTP) head")
             if arch not in MTP_ARCHS:
                 raise ModelLoadError(f"{self.path}: MTP self-speculation supports {sorted(MTP_ARCHS)}, not {arch!r}")
+        self._check_cache_blocks(cfg)
         mp = self._model_params(cfg)
         with LLAMA_LOG.capture() as lines:
             self._model = L.llama_model_load_from_file(self.path.encode(), mp)
@@ -524,6 +529,8 @@ class Engine:
             raise ModelLoadError(f"{self.path}: llama.cpp loaded no MTP layer from this GGUF")
         for path, scale in cfg.lora:
             self._load_lora(path, scale)
+        self.n_threads = cfg.n_threads or ggml.default_threads()
+        self.n_threads_batch = cfg.n_threads_batch or self.n_threads
         self._ctx = self._new_context(cfg, kind="target")
         self.n_ctx = cfg.n_ctx
         self.n_seq = cfg.n_seq
@@ -554,6 +561,18 @@ class Engine:
                                        use_gpu=cfg.mmproj_offload and cfg.n_gpu_layers != 0,
                                        image_tokens=(cfg.image_min_tokens, cfg.image_max_tokens))
             self.memory["mmproj"] = self.projector.size
+
+    def _check_cache_blocks(self, cfg: EngineConfig) -> None:
+        """A quantized KV cache stores blocks of 32 values, which must not straddle attention heads: llama.cpp
+        refuses such a context with a generic failure, so name the cause first."""
+        heads = self.info.arch_key("attention.head_count", 0)
+        n_head = max(heads, default=0) if isinstance(heads, (list, tuple)) else heads if isinstance(heads, int) else 0
+        width = int(self.info.arch_key("embedding_length", 0) or 0) // max(n_head, 1)
+        for name, key in (("type_k", "key_length"), ("type_v", "value_length")):
+            kind, dim = getattr(cfg, name), int(self.info.arch_key(f"attention.{key}", 0) or width)
+            if kind not in UNBLOCKED_KV_TYPES and dim % KV_BLOCK:
+                raise InvalidOptionError(f"cache_type_{name[-1]} {kind} needs attention heads {KV_BLOCK} values wide "
+                                         f"or a multiple; {Path(self.path).name} has {key} {dim}: use f16")
 
     def _load_lora(self, path: str, scale: float) -> None:
         """Load one LoRA adapter for this model; llama.cpp answers an adapter for another architecture or shape
@@ -695,6 +714,13 @@ class Engine:
 
     def _fresh_seq(self) -> Sequence:
         return Sequence(pending_h=np.zeros(self.n_embd, dtype=np.float32))
+
+    @_open
+    def set_threads(self, n: int) -> None:
+        """Compute with at most `n` threads from the next decode on (the configured counts stay the ceiling)."""
+        for ctx in (self._ctx, self._dctx):
+            if ctx:
+                L.llama_set_n_threads(ctx, min(n, self.n_threads), min(n, self.n_threads_batch))
 
     @property
     def closed(self) -> bool:

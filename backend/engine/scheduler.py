@@ -45,6 +45,7 @@ from .prompt_cache import (
 )
 from .sampling import Sampler
 from .speculative import Acceptance, DraftController, SpecConfig
+from .threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,8 @@ class Scheduler:
             DraftController(spec.n_max, adaptive=spec.adaptive) if engine.mtp_enabled and spec.n_max > 0 else None
         )
         self.ngram = NgramDrafting(spec) if spec.ngram else None
+        top = max(engine.n_threads, engine.n_threads_batch)
+        self.threads = ThreadGovernor(top) if engine.config.adaptive_threads and top > 1 else None
         if self.ngram and spec.ngram_max > engine.config.n_draft_max:
             raise InvalidRequestError(f"the engine verifies at most {engine.config.n_draft_max} drafts; "
                                       f"{spec.ngram} drafts up to {spec.ngram_max}")
@@ -353,6 +356,10 @@ class Scheduler:
         if not decoding and not prefilling:
             return False
         engine = self.engine
+        if self.threads is not None and (n := self.threads.poll()) is not None:
+            engine.set_threads(n)
+            log.info("%s: computing with %d of %d threads: %s", self.name, n, self.threads.configured,
+                     "other processes hold the other cores" if n < self.threads.configured else "the cores are free")
         t0, m0 = time.perf_counter(), engine.mirror_seconds
         drafts = self._drafts(decoding)
         rows: list[tuple[Slot, Row]] = [(s, Row(s.seq, [s.y, *drafts[s.seq].tokens])) for s in decoding]

@@ -467,6 +467,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         n_ubatch=opts.get("n_ubatch") or n_batch,
         n_threads=req.Threads if req.Threads > 0 else 0,
         n_threads_batch=max(opts.get("threads_batch", 0), 0),
+        adaptive_threads=opts.get("adaptive_threads", True),
         n_gpu_layers=-1 if req.NGPULayers >= 9_999_999 else req.NGPULayers,
         use_mmap=req.MMap,
         use_mlock=req.MLock,

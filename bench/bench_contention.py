@@ -16,6 +16,7 @@ noise hits them alike; medians are printed. Under a collapse one request can tak
 
     python bench/bench_contention.py [--server PATH/llama-server] [--model F.gguf] [--tokens 128] [--rounds 3]
         [--threads-list 2,1] [--wait-policies default,passive] [--loads quiet,busy,compile]
+        [--engines apexmtp,apexmtp-fixed,llama-server]
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads-list", default="2,1")
     ap.add_argument("--wait-policies", default="default,passive", help=f"of {', '.join(WAIT_POLICIES)}")
+    ap.add_argument("--engines", default=",".join((*APEXMTP, "llama-server")),
+                    help="of apexmtp, apexmtp-fixed, llama-server (with --server)")
     ap.add_argument("--loads", default="quiet,busy,compile", help=f"of {', '.join(LOADS)}")
     ap.add_argument("--child", choices=(*APEXMTP, "llama-server"), help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
@@ -177,7 +180,9 @@ def main() -> int:
         ap.error(f"unknown load or wait policy: {', '.join(bad)}")
     if "compile" in loads and not shutil.which("cc"):
         ap.error("the compile load needs a C compiler on PATH as `cc`; leave it out of --loads")
-    engines = list(APEXMTP) + (["llama-server"] if args.server else [])
+    engines = [e for e in args.engines.split(",") if e != "llama-server" or args.server]
+    if bad := [e for e in engines if e not in (*APEXMTP, "llama-server")]:
+        ap.error(f"unknown engine: {', '.join(bad)}")
     configs = [(e, int(t), p) for e in engines for t in args.threads_list.split(",") for p in policies]
     samples: Samples = {cfg: {} for cfg in configs}
     for _ in range(args.rounds):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -85,6 +86,7 @@ def background(load: str, workdir: Path) -> Iterator[None]:
 
 def child(args: argparse.Namespace) -> int:
     """One configuration, under the environment the parent gave: print {load: tok/s} as one JSON line."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the thread governor's switches, for the parent
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "load.c").write_text(c_source())
         measure: Callable[[int], tuple]
@@ -114,6 +116,9 @@ def run_child(engine: str, threads: int, policy: str, args: argparse.Namespace) 
     if args.server:
         cmd += ["--server", str(args.server)]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    for ln in p.stderr.splitlines():  # the thread governor's switches, to see when it acted
+        if "computing with" in ln:
+            print(f"  {engine} threads={threads} {policy}: {ln.split(': ', 1)[-1]}", file=sys.stderr, flush=True)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
         raise SystemExit(f"{engine} threads={threads} {policy} failed ({p.returncode}):\n{p.stderr[-3000:]}")

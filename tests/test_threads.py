@@ -46,7 +46,11 @@ def test_governor_gives_threads_back_at_once_and_takes_them_after_two_free_windo
     assert window(0.0) == 2 and gov.threads == 2
     now[0] += 10.0  # idle while a neighbour computed: that window is not judged
     busy[0] += 20.0
-    assert gov.poll() is None and window(0.0) is None and gov.threads == 2
+    assert gov.poll(resumed=True) is None and window(0.0) is None and gov.threads == 2
+    now[0] += 3.0  # one slow step (threads starved by a neighbour) is judged like any other window
+    busy[0] += 3.0 * 2
+    own[0] += 3.0
+    assert gov.poll() == 1
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")

@@ -69,6 +69,7 @@ def llama_thread() -> ThreadPoolExecutor:
 # A cached state is restored only when it holds this many more prompt tokens than the slot: restoring copies the
 # whole state, and a handful of tokens is cheaper to prefill (it also keeps a slot's KV where it was computed).
 _MIN_RESTORE_GAIN = 32
+IDLE_GAP_S = 0.25  # no step for this long: the scheduler was idle (steps follow each other at once while busy)
 
 Event = Chunk | Result | BaseException  # what a sink receives: chunks, then a Result or the error that ended it
 Sink = Callable[[Event], None]
@@ -155,6 +156,7 @@ class Scheduler:
         )
         self.ngram = NgramDrafting(spec) if spec.ngram else None
         top = max(engine.n_threads, engine.n_threads_batch)
+        self._step_end = 0.0  # when the last step ended: a longer gap before the next one is idle time
         self.threads = ThreadGovernor(top) if engine.config.adaptive_threads and top > 1 else None
         if self.ngram and spec.ngram_max > engine.config.n_draft_max:
             raise InvalidRequestError(f"the engine verifies at most {engine.config.n_draft_max} drafts; "
@@ -356,7 +358,8 @@ class Scheduler:
         if not decoding and not prefilling:
             return False
         engine = self.engine
-        if self.threads is not None and (n := self.threads.poll()) is not None:
+        resumed = time.perf_counter() - self._step_end > IDLE_GAP_S
+        if self.threads is not None and (n := self.threads.poll(resumed=resumed)) is not None:
             engine.set_threads(n)
             log.info("%s: computing with %d of %d threads: %s", self.name, n, self.threads.configured,
                      "other processes hold the other cores" if n < self.threads.configured else "the cores are free")
@@ -393,6 +396,7 @@ class Scheduler:
                 all(d.origin != "ngram" for d in drafts.values()):
             k = max(len(d.tokens) for d in drafts.values())
             self.controller.observe(len(decoding), k, time.perf_counter() - t0 - (engine.mirror_seconds - m0))
+        self._step_end = time.perf_counter()
         return True
 
     def _prefill_images(self) -> None:

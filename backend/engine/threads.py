@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import psutil
 
-IDLE_AFTER = 4  # polls further apart than this many intervals: the scheduler was idle in between
 CpuSample = tuple[float, float, float]  # (wall seconds, busy core-seconds of our cores, our own CPU seconds)
 
 
@@ -76,16 +75,15 @@ class ThreadGovernor:
         assert self.times is not None
         return (self.clock(), *self.times())
 
-    def poll(self) -> int | None:
-        """Called between decode steps (cheap: it reads the CPU counters once per `interval`); the thread count
-        to switch to, or None to keep the current one."""
-        elapsed = self.clock() - self._last[0]
-        if elapsed < self.interval:
+    def poll(self, *, resumed: bool = False) -> int | None:
+        """Called before each decode step (cheap: it reads the CPU counters once per `interval`); `resumed` when
+        the scheduler was idle since its last step. The thread count to switch to, or None to keep the current one."""
+        if resumed:  # what others ran while we were idle slowed nothing: start a new window
+            self._last = self._sample()
+            return None
+        if self.clock() - self._last[0] < self.interval:
             return None
         now = self._sample()
-        if elapsed > IDLE_AFTER * self.interval:  # back from idle: what others did meanwhile did not slow us
-            self._last = now
-            return None
         want = threads_for(free_cores(self._last, now, self.cores), self.configured)
         self._last = now
         if want > self.threads:

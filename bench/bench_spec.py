@@ -103,7 +103,8 @@ def configs(mtp: bool, mod: tuple[int, int, int]) -> list[Config]:
 
 
 def load(path: Path, spec: SpecConfig, mtp: bool, threads: int) -> Scheduler:
-    cfg = EngineConfig(n_ctx=4096, n_batch=512, n_threads=threads, mtp=mtp, n_draft_max=spec.n_draft_max(mtp))
+    cfg = EngineConfig(n_ctx=4096, n_batch=512, n_threads=threads, mtp=mtp, n_draft_max=spec.n_draft_max(mtp),
+                       n_rs_seq=spec.n_rs_seq(mtp))
     return Scheduler(Engine(path, cfg), spec)
 
 

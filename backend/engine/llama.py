@@ -94,8 +94,10 @@ class KVOverride:
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything fixed at load time. `mtp=True` loads the MTP head for self-speculation; `n_draft_max` is the
-    longest verify draft of any origin (MTP or n-gram): it sizes the batches and, on a recurrent model, how many
-    tokens a verify can roll back (llama.cpp's n_rs_seq). 0: no speculation.
+    longest verify draft of any origin (MTP or n-gram): it sizes the batches. 0: no speculation. On a recurrent
+    model `n_rs_seq` is how many tokens a verify can roll back in place (llama.cpp's recurrent snapshots, which
+    cost every decode in proportion); None: `n_draft_max`. A longer row is rolled back from a snapshot taken
+    before it and the kept tokens decoded again, as llama-server does for n-gram drafts.
 
     `n_ctx` is the context of one sequence (slot): the longest prompt + output a request can have. The KV
     buffer holds `n_seq * n_ctx` tokens, shared by all sequences (llama.cpp's unified KV).
@@ -114,6 +116,7 @@ class EngineConfig:
     type_v: str = "f16"
     mtp: bool = False
     n_draft_max: int = 0
+    n_rs_seq: int | None = None
     embeddings: bool = False
     n_cpu_moe: int = 0  # keep the routed experts of the first N trunk layers in system RAM (-1: all layers)
     rpc_servers: tuple[str, ...] = ()  # RPC workers (host:port) to split the layers across, with local GPUs
@@ -184,8 +187,13 @@ class EngineConfig:
         """
         need = self.n_seq * (self.n_draft_max + 1) + 1 if self.n_draft_max else self.n_seq
         n_batch = max(self.n_batch, need)
-        floor = max(need, self.n_draft_max + 2) if self.n_draft_max else 1
+        floor = max(need, self.rollback_depth + 2) if self.n_draft_max else 1
         return n_batch, min(n_batch, max(self.n_ubatch, floor))
+
+    @property
+    def rollback_depth(self) -> int:
+        """Tokens a verify rolls back in place on a recurrent model (llama.cpp's n_rs_seq)."""
+        return self.n_draft_max if self.n_rs_seq is None else min(self.n_rs_seq, self.n_draft_max)
 
 
 class _BuftOverride(ctypes.Structure):
@@ -539,8 +547,8 @@ class Engine:
         # Attention KV rolls back anywhere; a recurrent state only as far as its n_rs_seq snapshots reach (and
         # llama.cpp sets none on architectures that cannot roll back).
         self.n_rs_seq = int(L.llama_n_rs_seq(self._ctx))
-        if cfg.n_draft_max and (cfg.mtp or self.recurrent) and self.n_rs_seq != cfg.n_draft_max:
-            raise ModelLoadError(f"{self.path}: llama.cpp gave n_rs_seq={self.n_rs_seq}, {cfg.n_draft_max} needed to "
+        if cfg.n_draft_max and (cfg.mtp or self.recurrent) and self.n_rs_seq != cfg.rollback_depth:
+            raise ModelLoadError(f"{self.path}: llama.cpp gave n_rs_seq={self.n_rs_seq}, {cfg.rollback_depth} needed to "
                                  f"roll back drafts on this {arch} model; load it with spec_type:none")
         if cfg.warmup:
             self._warmup()
@@ -668,7 +676,7 @@ class Engine:
             cp.type_k = cp.type_v = L.GGML_TYPE_F16
             cp.n_outputs_max, cp.n_outputs_max_per_seq = n_seq, 1  # one draft row per sequence per step
         elif kind == "target":
-            cp.n_rs_seq = cfg.n_draft_max  # llama.cpp ignores it on a model without a recurrent state
+            cp.n_rs_seq = cfg.rollback_depth  # llama.cpp ignores it on a model without a recurrent state
         if kind == "embeddings":
             cp.pooling_type = POOLINGS[cfg.pooling]
         elif kind == "rank":
@@ -856,6 +864,7 @@ class Engine:
             return n_keep
         ckpt = next((c for c in reversed(s.checkpoints) if 0 < c.n_tokens <= n_keep), None)
         if ckpt is not None and self._restore_checkpoint(seq, ckpt):
+            self.checkpoint_restores += 1
             return ckpt.n_tokens
         self.reset(seq)
         return 0
@@ -866,7 +875,8 @@ class Engine:
         s = self.seqs[seq]
         if self._dctx:
             L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), seq, n, -1)
-            s.ahead = None
+            if s.ahead is not None and s.ahead[0] >= n:  # a draft's first entry before n stays in the context
+                s.ahead = None
             s.mirror = [e for e in s.mirror if e[1] < n]
         del s.tokens[n:]
         s.checkpoints = [c for c in s.checkpoints if c.n_tokens <= n]
@@ -885,7 +895,6 @@ class Engine:
         s.verify_h = None
         if ckpt.h is not None:
             s.pending_h = ckpt.h.copy()
-        self.checkpoint_restores += 1
         return True
 
     # -- saved states (checkpoints, prompt cache) -----------------------------------------------------
@@ -907,14 +916,24 @@ class Engine:
         """Save the sequence's recurrent state at its current length (hybrid/recurrent models only: attention KV
         needs none), keeping at most `limit` checkpoints for it."""
         s = self.seqs[seq]
-        if not self.recurrent or limit <= 0 or not s.tokens:
+        if limit <= 0:
             return None
         if s.checkpoints and s.checkpoints[-1].n_tokens == len(s.tokens):
             return s.checkpoints[-1]
-        ckpt = Checkpoint(len(s.tokens), self._get_state(self._ctx, seq, L.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY),
-                          s.pending_h.copy() if self._dctx and s.pending_h is not None else None)
-        s.checkpoints = thin([*s.checkpoints, ckpt], limit)
+        ckpt = self.snapshot(seq)
+        if ckpt is not None:
+            s.checkpoints = thin([*s.checkpoints, ckpt], limit)
         return ckpt
+
+    @_open
+    def snapshot(self, seq: int) -> Checkpoint | None:
+        """The sequence's recurrent state at its current length, kept by the caller (None where attention KV is
+        all it holds, or it holds nothing)."""
+        s = self.seqs[seq]
+        if not self.recurrent or not s.tokens:
+            return None
+        return Checkpoint(len(s.tokens), self._get_state(self._ctx, seq, L.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY),
+                          s.pending_h.copy() if self._dctx and s.pending_h is not None else None)
 
     @property
     def checkpoint_bytes(self) -> int:
@@ -1190,21 +1209,34 @@ class Engine:
         return int(top[best]), 1.0 / float(np.exp(vals - vals[best]).sum()) >= p_min
 
     @_open
-    def rollback_verify(self, seq: int, n_batch: int, n_kept: int) -> None:
-        """After a verify row of `n_batch` tokens for `seq`, keep its first `n_kept` in both contexts."""
+    def rollback_verify(self, seq: int, n_batch: int, n_kept: int, before: Checkpoint | None = None) -> list[int]:
+        """After a verify row of `n_batch` tokens for `seq`, keep its first `n_kept` in both contexts.
+
+        A recurrent state rolls back in place only `n_rs_seq` tokens; beyond that, the state goes back to
+        `before` (its snapshot from before the row) and the kept tokens are returned: the caller decodes them
+        again (after the step's other rows were read, since a decode overwrites the logits). Else []."""
         s = self.seqs[seq]
-        if s.verify_h is not None:
+        if s.verify_h is not None and n_kept > 0:
             s.pending_h = s.verify_h[n_kept - 1]
         drop = n_batch - n_kept
         if drop <= 0:
-            return
+            return []
         keep_pos = len(s.tokens) - drop
+        if self.recurrent and drop > self.n_rs_seq:
+            if before is None or before.n_tokens != len(s.tokens) - n_batch:
+                raise RuntimeError(f"rolling back {drop} tokens of sequence {seq} needs a snapshot from before its "
+                                   f"verify row (n_rs_seq {self.n_rs_seq})")
+            kept = s.tokens[before.n_tokens:keep_pos]
+            if not self._restore_checkpoint(seq, before):
+                raise RuntimeError(f"llama.cpp refused the snapshot of sequence {seq} at {before.n_tokens}")
+            return kept
         if not L.llama_memory_seq_rm(L.llama_get_memory(self._ctx), seq, keep_pos, -1):
             raise RuntimeError(f"llama.cpp refused to roll back {drop} tokens of sequence {seq} (n_rs_seq too small?)")
         if self._dctx:
             L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), seq, keep_pos, -1)
             s.mirror = [e for e in s.mirror if e[1] < keep_pos]
         del s.tokens[keep_pos:]
+        return []
 
     # -- embeddings ----------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from .llama import DecodeError, Engine, Row
 from .ngram import NgramDrafter, NgramDrafting
 from .prompt_cache import (
     CacheConfig,
+    Checkpoint,
     DiskCache,
     RamCache,
     SavedState,
@@ -157,6 +158,7 @@ class Scheduler:
         self.ngram = NgramDrafting(spec) if spec.ngram else None
         top = max(engine.n_threads, engine.n_threads_batch)
         self._step_end = 0.0  # when the last step ended: a longer gap before the next one is idle time
+        self._redo: list[Row] = []  # this step's rows rolled back from a snapshot, to decode again after verifying
         self.threads = ThreadGovernor(top) if engine.config.adaptive_threads and top > 1 else None
         if self.ngram and spec.ngram_max > engine.config.n_draft_max:
             raise InvalidRequestError(f"the engine verifies at most {engine.config.n_draft_max} drafts; "
@@ -376,8 +378,12 @@ class Scheduler:
                 continue
             rows.insert(0, (s, Row(s.seq, chunk, "last" if len(chunk) == len(s.todo) else "none")))
             budget -= len(chunk)
+        # A recurrent state rolls back in place only n_rs_seq tokens: longer rows (n-gram drafts) get a snapshot.
+        before = {s.seq: engine.snapshot(s.seq) for s, r in rows
+                  if r.logits == "all" and engine.recurrent and len(r.tokens) - 1 > engine.n_rs_seq}
         engine.decode([r for _, r in rows])
         prefilled = False
+        self._redo.clear()
         for s, row in rows:
             try:
                 if row.logits != "all":
@@ -388,9 +394,11 @@ class Scheduler:
                     if not s.todo:
                         self._first_token(s, row.last)
                 else:
-                    self._verify(s, row, drafts[s.seq])
+                    self._verify(s, row, drafts[s.seq], before.get(s.seq))
             except InvalidRequestError as exc:  # this request cannot go on (its grammar allows nothing): only it
                 self._end(s, error=exc)
+        if self._redo:  # rows rolled back from a snapshot: their kept tokens again, now that every row was read
+            engine.decode(self._redo)
         # The controller times MTP steps only: an n-gram draft's length is not its choice.
         if self.controller is not None and decoding and not prefilled and \
                 all(d.origin != "ngram" for d in drafts.values()):
@@ -580,7 +588,7 @@ class Scheduler:
         if self._emit(s, [(tok, extra)]):
             s.y = tok
 
-    def _verify(self, s: Slot, row: Row, draft: Draft) -> None:
+    def _verify(self, s: Slot, row: Row, draft: Draft, before: Checkpoint | None = None) -> None:
         """Sample each row of a verify batch with the slot's sampler, keep drafts while they match, roll back."""
         engine, ticket, drafts = self.engine, s.ticket, draft.tokens
         accepted: list[tuple[int, dict | None]] = []
@@ -595,7 +603,8 @@ class Scheduler:
                 break
         # Row tokens to keep: y and the drafts confirmed; the last sample (if any) is the next y, not yet decoded.
         n_keep = len(accepted) + 1 if complete else len(accepted)
-        engine.rollback_verify(s.seq, len(row.tokens), n_keep)
+        if kept := engine.rollback_verify(s.seq, len(row.tokens), n_keep, before):
+            self._redo.append(Row(s.seq, kept, "none"))
         n, kept = draft.n_real, min(n_keep - 1, draft.n_real)  # fillers count as neither
         ticket.result.stats.observe(n, kept, draft.origin)
         if draft.origin == "mtp":

@@ -477,6 +477,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         type_v=(req.CacheTypeValue or "f16").lower(),
         mtp=mtp,
         n_draft_max=spec.n_draft_max(mtp),
+        n_rs_seq=spec.n_rs_seq(mtp),
         embeddings=req.Embeddings,
         pooling="mean" if rerank else opts.get("pooling", "mean"),
         embd_normalize=opts.get("embd_normalize", 2),

@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -376,18 +379,54 @@ def _build(request: pb.ModelOptions, plan: LoadPlan, info) -> LoadedModel:
     return LoadedModel(name=scheduler.name, scheduler=scheduler, template=template, plan=plan)
 
 
+class _Mailbox:
+    """Hands events from the scheduler's thread to one event loop, waking it once per batch: a step emits a chunk
+    for every busy slot, and each `call_soon_threadsafe` is a write to the loop's self-pipe and a wake-up."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._items: collections.deque[tuple[Callable[[Any], None], Any]] = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, fn: Callable[[Any], None], arg: Any) -> None:
+        with self._lock:
+            self._items.append((fn, arg))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, collections.deque(), False
+        for fn, arg in items:
+            fn(arg)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    """The loop's one mailbox (made on the loop's thread, so no race creates two)."""
+    box = _MAILBOXES.get(loop)
+    if box is None:
+        box = _MAILBOXES[loop] = _Mailbox(loop)
+    return box
+
+
 async def _events(scheduler: Scheduler, req: GenerationRequest,
                   progress: Result | None = None) -> AsyncIterator[Chunk | Result]:
     """Submit a request and yield its chunks, then its `Result`; raises the error that ended it. Leaving early
     (a cancelled RPC) cancels the request, which frees its slot at the next step."""
-    loop = asyncio.get_running_loop()
+    mailbox = _mailbox(asyncio.get_running_loop())
     queue: asyncio.Queue = asyncio.Queue()
 
     def sink(event) -> None:  # called on the scheduler's thread
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            pass
+        mailbox.post(queue.put_nowait, event)
 
     ticket = scheduler.submit(req, sink)
     finished = False

@@ -2,7 +2,7 @@
 
 Import these names into a conftest.py (or a test module) to use them:
 `from synth_models import synth_model, tiny_random_gguf, tiny_predictable_gguf, tiny_nomtp_gguf,
-tiny_mmproj_gguf`; `write_reranker` writes a tiny reranker (not qwen35moe) where a test needs one.
+tiny_mmproj_gguf`; `write_qwen3` writes a tiny dense qwen3 (a reranker, or a draft model) where a test needs one.
 """
 
 from __future__ import annotations
@@ -70,9 +70,12 @@ def tiny_mmproj_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_projector(tmp_path_factory.mktemp("mmproj") / "mmproj-tiny.gguf", PRESETS["tiny"].n_embd)
 
 
-def write_reranker(path: Path, *, n_embd: int = 64, n_head: int = 4, n_ff: int = 128, seed: int = 0) -> Path:
-    """A tiny random qwen3 reranker: one layer, the synthetic byte-level vocabulary, a `cls.output` head with the
-    yes/no labels of Qwen3-Reranker GGUFs and rank pooling (llama.cpp scores with a softmax over the labels)."""
+def write_qwen3(path: Path, *, rank_head: bool = False, n_embd: int = 64, n_head: int = 4, n_ff: int = 128,
+                seed: int = 0) -> Path:
+    """A tiny random dense qwen3 model of one layer with the synthetic byte-level vocabulary (the tiny qwen35moe
+    preset's, so it can draft for it). `rank_head`: a reranker, with the `cls.output` head and yes/no labels of
+    Qwen3-Reranker GGUFs and rank pooling (llama.cpp scores with a softmax over the labels); else a language
+    model whose output is tied to its token embeddings."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -80,11 +83,12 @@ def write_reranker(path: Path, *, n_embd: int = 64, n_head: int = 4, n_ff: int =
     w = gguf.GGUFWriter(str(path), "qwen3")
     for key, value in (("context_length", 512), ("embedding_length", n_embd), ("block_count", 1),
                        ("feed_forward_length", n_ff), ("attention.head_count", n_head),
-                       ("attention.head_count_kv", n_head), ("pooling_type", 4)):
+                       ("attention.head_count_kv", n_head), *((("pooling_type", 4),) if rank_head else ())):
         w.add_uint32(f"qwen3.{key}", value)
     w.add_float32("qwen3.attention.layer_norm_rms_epsilon", 1e-6)
     w.add_float32("qwen3.rope.freq_base", 10000.0)
-    w.add_array("qwen3.classifier.output_labels", ["yes", "no"])
+    if rank_head:
+        w.add_array("qwen3.classifier.output_labels", ["yes", "no"])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(list(vocab.tokens))
@@ -92,7 +96,8 @@ def write_reranker(path: Path, *, n_embd: int = 64, n_head: int = 4, n_ff: int =
     w.add_token_merges(list(vocab.merges))
     w.add_eos_token_id(len(vocab.tokens) - 1)
     w.add_add_bos_token(False)
-    shapes = {"token_embd.weight": (512, n_embd), "output_norm.weight": (n_embd,), "cls.output.weight": (2, n_embd),
+    shapes = {"token_embd.weight": (512, n_embd), "output_norm.weight": (n_embd,),
+              **({"cls.output.weight": (2, n_embd)} if rank_head else {}),
               "blk.0.attn_norm.weight": (n_embd,), "blk.0.ffn_norm.weight": (n_embd,),
               "blk.0.attn_q_norm.weight": (head_dim,), "blk.0.attn_k_norm.weight": (head_dim,),
               **{f"blk.0.attn_{x}.weight": (n_embd, n_embd) for x in ("q", "k", "v", "output")},

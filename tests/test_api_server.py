@@ -22,7 +22,7 @@ import grpc
 import openai
 import pytest
 from conftest import ROOT, free_port, wait_until
-from synth_models import write_reranker
+from synth_models import write_qwen3
 
 from backend.core.process import stop_process
 from backend.proto import backend_pb2 as pb
@@ -200,7 +200,7 @@ def test_rerank_over_http(run_env, tmp_path, smol):
     """LocalAI's /v1/rerank (Jina's shape) on a reranker served with --reranking: every document scored, best
     first, cut to top_n, documents as strings or {"text": ...}; bad bodies name their field; a model served
     without reranking refuses with a clear error."""
-    model = write_reranker(tmp_path / "rerank.gguf")
+    model = write_qwen3(tmp_path / "rerank.gguf", rank_head=True)
     server = RunProcess(str(model), "--reranking", "--context", "256", "--parallel", "1", env=run_env)
     try:
         docs = ["the cat sat on the mat", "stock prices fell", "a kitten on a rug", "rain in spain"]

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from synth_models import write_reranker
+from synth_models import write_qwen3
 
 from backend.core.errors import InvalidRequestError
 from backend.core.gguf_file import read_gguf
@@ -170,6 +170,6 @@ def test_mtp_on_a_model_without_head_is_refused() -> None:
 def test_plans_keep_a_quantized_kv_cache_only_where_its_blocks_fit_the_heads(tmp_path):
     arch = ArchFacts.from_table(load_catalog().architectures["qwen35moe-35b-a3b"], nextn=1)
     assert arch.kv_head_dims == (256, 256) and kv_cache_type("q8_0", arch) == "q8_0"
-    narrow = ArchFacts.from_gguf(read_gguf(write_reranker(tmp_path / "narrow.gguf")))
+    narrow = ArchFacts.from_gguf(read_gguf(write_qwen3(tmp_path / "narrow.gguf", rank_head=True)))
     assert narrow.kv_head_dims == (16, 16) and kv_cache_type("q8_0", narrow) == "f16"
     assert kv_cache_type("f16", narrow) == "f16"

@@ -110,7 +110,7 @@ def test_spec_settings_are_checked_and_size_the_engine():
 def test_spec_type_lists_and_ngram_options():
     opts = parse_options(["spec_type:ngram_mod,draft-mtp", "spec_ngram_size_n:5", "spec_ngram_mod_n_max:32"])
     assert opts == {"spec_type": ("ngram-mod", "draft-mtp"), "ngram_size_n": 5, "ngram_mod_n_max": 32}
-    for unsupported in ("draft-simple,ngram-simple", "ngram-cache"):  # refused by name, never silently skipped
+    for unsupported in ("draft-eagle3,ngram-simple", "ngram-cache"):  # refused by name, never silently skipped
         with pytest.raises(InvalidOptionError, match=unsupported.split(",")[0]):
             parse_options([f"spec_type:{unsupported}"])
 

@@ -44,6 +44,7 @@ from ..core.gguf_file import GGUFInfo, read_gguf
 from ..rpc.client import Workers, split_array
 from .llamalog import LIVE, LLAMA_LOG, parse_device_lines, parse_memory_lines
 from .prompt_cache import TURN_MARKERS, Checkpoint, SavedState, common_prefix, thin
+from .speculative import greedy_pick
 from .vision import Image, Projector
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ KV_OVERRIDE_TAGS = {"int": L.LLAMA_KV_OVERRIDE_TYPE_INT, "float": L.LLAMA_KV_OVE
 MTP_ARCHS = frozenset({"qwen35", "qwen35moe"})
 MAX_SEQ = 64  # slots per model; llama.cpp allows 256 sequences, far beyond what one host serves usefully
 MAX_DRAFT = 1024  # llama.cpp's bound on a draft (--spec-ngram-mod-n-max)
-_DRAFT_TOP_K = 10  # llama.cpp's draft sampler: top-10, greedy top-1, p over the 10 (speculative.cpp)
 
 _backend_initialised = False
 
@@ -493,7 +493,7 @@ class Engine:
         self.projector: Projector | None = None
         self.workers: Workers | None = None
         self._vocab_lock = threading.Lock()
-        self.mirror_seconds = 0.0  # time spent decoding mirror entries (left out of the controller's step costs)
+        self.mirror_seconds = 0.0  # time spent decoding mirror entries (a catch-up is left out of step costs)
         self.checkpoint_restores = 0
         _init_backend()
         try:
@@ -1202,11 +1202,7 @@ class Engine:
 
     def _head_pick(self, idx: int, p_min: float) -> tuple[int, bool]:
         """The MTP head's greedy draft at batch row `idx`, and whether its top-10 softmax probability >= p_min."""
-        row = np.ctypeslib.as_array(L.llama_get_logits_ith(self._dctx, idx), shape=(self.n_vocab,))
-        top = np.argpartition(row, -_DRAFT_TOP_K)[-_DRAFT_TOP_K:]
-        vals = row[top]
-        best = int(np.argmax(vals))
-        return int(top[best]), 1.0 / float(np.exp(vals - vals[best]).sum()) >= p_min
+        return greedy_pick(np.ctypeslib.as_array(L.llama_get_logits_ith(self._dctx, idx), shape=(self.n_vocab,)), p_min)
 
     @_open
     def rollback_verify(self, seq: int, n_batch: int, n_kept: int, before: Checkpoint | None = None) -> list[int]:

@@ -4,7 +4,8 @@ A `Scheduler` owns an `Engine` with N sequences (slots). Requests are admitted F
 holding the longest prefix of the prompt first, so a chat's next turn reuses its KV). Each step:
 
 1. every decoding slot gets drafts: from its own tokens by n-gram lookup where that finds a match (ngram.py: no
-   model call), else from the MTP head, k tokens for all such slots, one batched MTP decode per draft position;
+   model call), else from the MTP head (or a separate draft model, draft_model.py), k tokens for all such slots,
+   one batched decode per draft position;
 2. ONE target decode holds every decoding slot's verify row `[y, d1..dk]` and a chunk of each prompt being
    prefilled, so a long prompt never stalls the slots that are generating;
 3. each slot's own sampler picks a token from each of its rows; drafts are kept while they equal that pick, and
@@ -31,6 +32,7 @@ from functools import cached_property
 from typing import Any
 
 from ..core.errors import ContextOverflowError, EngineClosedError, InvalidRequestError
+from .draft_model import DraftModel
 from .generation import Chunk, GenerationRequest, Inspect, Output, Result, make_logprobs
 from .llama import DecodeError, Engine, Row
 from .ngram import NgramDrafter, NgramDrafting
@@ -116,7 +118,7 @@ class Slot:
 @dataclass
 class Draft:
     """A slot's drafts in one step: the tokens its verify row carries after y, where the first `n_real` came from
-    ("ngram", "mtp"; "" for none), the rest filler that pads the row to the step's common length."""
+    ("ngram", "mtp", "draft"; "" for none), the rest filler that pads the row to the step's common length."""
 
     tokens: list[int] = field(default_factory=list)
     origin: str = ""
@@ -143,8 +145,11 @@ class Scheduler:
     """Serves requests on an engine's slots with continuous batching; owns the engine and frees it on close."""
 
     def __init__(self, engine: Engine, spec: SpecConfig, *, name: str = "", default_seed: int | None = None,
-                 cache: CacheConfig | None = None) -> None:
+                 cache: CacheConfig | None = None, draft_model: DraftModel | None = None) -> None:
         self.engine = engine
+        # What drafts with a model: a separate draft model (draft-simple) or the GGUF's own MTP head.
+        self.draft_model = draft_model
+        self.model_origin = "draft" if draft_model is not None else "mtp"
         self.spec = spec
         self.cache = cache or CacheConfig()
         self.ram = RamCache(self.cache.ram_bytes) if self.cache.ram_mib != 0 else None
@@ -153,17 +158,20 @@ class Scheduler:
         self.name = name or engine.path
         self.default_seed = default_seed  # ModelOptions.Seed: used by requests that set none
         self.controller = (
-            DraftController(spec.n_max, adaptive=spec.adaptive) if engine.mtp_enabled and spec.n_max > 0 else None
+            DraftController(spec.n_max, adaptive=spec.adaptive)
+            if (engine.mtp_enabled or draft_model is not None) and spec.n_max > 0 else None
         )
         self.ngram = NgramDrafting(spec) if spec.ngram else None
         top = max(engine.n_threads, engine.n_threads_batch)
         self._step_end = 0.0  # when the last step ended: a longer gap before the next one is idle time
         self._redo: list[Row] = []  # this step's rows rolled back from a snapshot, to decode again after verifying
+        self._k_model = 0  # the draft length the model drafted with this step (0: it did not draft)
+        self._model_drafted = False  # whether it drafted the step before: its drafter is then in step
         self.threads = ThreadGovernor(top) if engine.config.adaptive_threads and top > 1 else None
         if self.ngram and spec.ngram_max > engine.config.n_draft_max:
             raise InvalidRequestError(f"the engine verifies at most {engine.config.n_draft_max} drafts; "
                                       f"{spec.ngram} drafts up to {spec.ngram_max}")
-        self.origins = (("ngram",) if self.ngram else ()) + (("mtp",) if self.controller else ())
+        self.origins = (("ngram",) if self.ngram else ()) + ((self.model_origin,) if self.controller else ())
         self.slots = [Slot(i) for i in range(engine.n_seq)]
         self.metrics = Metrics()
         self._pending: deque[Ticket] = deque()
@@ -264,6 +272,8 @@ class Scheduler:
         if self.ram is not None:
             self.ram.clear()
         self.engine.close()
+        if self.draft_model is not None:
+            self.draft_model.close()
 
     def _persist_slots(self) -> None:
         """Write the slots' long prompts to the disk cache before the engine goes (a restart resumes them)."""
@@ -363,10 +373,14 @@ class Scheduler:
         resumed = time.perf_counter() - self._step_end > IDLE_GAP_S
         if self.threads is not None and (n := self.threads.poll(resumed=resumed)) is not None:
             engine.set_threads(n)
+            if self.draft_model is not None:
+                self.draft_model.set_threads(n)
             log.info("%s: computing with %d of %d threads: %s", self.name, n, self.threads.configured,
                      "other processes hold the other cores" if n < self.threads.configured else "the cores are free")
-        t0, m0 = time.perf_counter(), engine.mirror_seconds
+        t0, m0 = time.perf_counter(), self._deferred_seconds()
+        in_step, self._k_model = self._model_drafted, 0
         drafts = self._drafts(decoding)
+        self._model_drafted = self._k_model > 0
         rows: list[tuple[Slot, Row]] = [(s, Row(s.seq, [s.y, *drafts[s.seq].tokens])) for s in decoding]
         budget = engine.n_batch - sum(len(r.tokens) for _, r in rows)
         for s in prefilling:
@@ -399,13 +413,21 @@ class Scheduler:
                 self._end(s, error=exc)
         if self._redo:  # rows rolled back from a snapshot: their kept tokens again, now that every row was read
             engine.decode(self._redo)
-        # The controller times MTP steps only: an n-gram draft's length is not its choice.
+        # The controller times model-drafted steps only: an n-gram draft's length is not its choice. Catching the
+        # drafter up with steps it did not draft is not what this step's k costs; keeping it in step while it
+        # drafts (mirroring the kept tokens) is.
         if self.controller is not None and decoding and not prefilled and \
                 all(d.origin != "ngram" for d in drafts.values()):
             k = max(len(d.tokens) for d in drafts.values())
-            self.controller.observe(len(decoding), k, time.perf_counter() - t0 - (engine.mirror_seconds - m0))
+            catchup = 0.0 if in_step else self._deferred_seconds() - m0
+            self.controller.observe(len(decoding), k, time.perf_counter() - t0 - catchup)
         self._step_end = time.perf_counter()
         return True
+
+    def _deferred_seconds(self) -> float:
+        """Time spent so far bringing the drafter up to date with what the target decoded (the MTP context's
+        deferred mirror, a draft model's catch-up decodes)."""
+        return self.engine.mirror_seconds + (self.draft_model.catchup_seconds if self.draft_model else 0.0)
 
     def _prefill_images(self) -> None:
         """Decode the images that come next in a prefilling slot's prompt, each as its own target decode (an image
@@ -545,11 +567,13 @@ class Scheduler:
         if self.controller is not None and mtp:
             caps = [self._draft_cap(s, self.spec.n_max) for s in mtp]
             k = self.controller.choose([s.acc for s in mtp], max(caps))
+            self._k_model = k
             if k > 0:
-                got = self.engine.draft([(s.seq, s.y, min(k, cap)) for s, cap in zip(mtp, caps)], self.spec.p_min)
+                drafter = self.draft_model or self.engine
+                got = drafter.draft([(s.seq, s.y, min(k, cap)) for s, cap in zip(mtp, caps)], self.spec.p_min)
                 for s, d in zip(mtp, got):
                     if d and len(d) >= self.spec.n_min:
-                        out[s.seq] = Draft(d, "mtp", len(d))
+                        out[s.seq] = Draft(d, self.model_origin, len(d))
         if self.engine.recurrent and len(decoding) > 1:
             self._pad(decoding, out)
         return out
@@ -607,7 +631,7 @@ class Scheduler:
             self._redo.append(Row(s.seq, kept, "none"))
         n, kept = draft.n_real, min(n_keep - 1, draft.n_real)  # fillers count as neither
         ticket.result.stats.observe(n, kept, draft.origin)
-        if draft.origin == "mtp":
+        if draft.origin == self.model_origin:
             s.acc.observe(n, kept)
             self.controller.observe_acceptance(n, kept)
         elif draft.origin == "ngram":

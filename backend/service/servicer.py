@@ -38,6 +38,7 @@ from ..core.errors import (
 )
 from ..core.gguf_file import read_gguf
 from ..core.parse import parse_bool
+from ..engine.draft_model import DraftModel
 from ..engine.generation import Chunk, GenerationRequest, Result
 from ..engine.llama import Engine
 from ..engine.llamalog import LIVE
@@ -369,12 +370,18 @@ class BackendServicer(pb_grpc.BackendServicer):
 def _build(request: pb.ModelOptions, plan: LoadPlan, info) -> LoadedModel:
     """Load the engine and its scheduler (on the llama thread)."""
     engine = Engine(plan.path, plan.engine)
+    draft: Engine | None = None
     try:
         template = _template(engine, info) if plan.use_jinja else None
+        if plan.draft_path is not None and plan.draft is not None:
+            draft = Engine(plan.draft_path, plan.draft)
         scheduler = Scheduler(engine, plan.spec, name=request.Model or plan.path.name,
-                              default_seed=request.Seed if request.Seed > 0 else None, cache=plan.cache)
+                              default_seed=request.Seed if request.Seed > 0 else None, cache=plan.cache,
+                              draft_model=DraftModel(draft, engine) if draft is not None else None)
     except BaseException:
         engine.close()
+        if draft is not None:
+            draft.close()
         raise
     return LoadedModel(name=scheduler.name, scheduler=scheduler, template=template, plan=plan)
 
@@ -604,6 +611,8 @@ def memory_breakdown(model: LoadedModel) -> dict[str, int]:
         if n_rs:
             mem["mtp_rollback_snapshots"] = rec - rec // (1 + n_rs)
     sched, m = model.scheduler, model.scheduler.metrics
+    if sched.draft_model is not None:  # draft-simple: the draft model's own allocations, prefixed
+        mem.update({f"draft_model_{k}": v for k, v in sched.draft_model.engine.memory.items()})
     mem.update(slots=engine.n_seq, slots_busy=sched.busy_slots, queue_depth=sched.queue_depth,
                slot_context=engine.n_ctx, requests_total=m.requests, prompt_tokens_total=m.prompt_tokens,
                generated_tokens_total=m.generated_tokens, drafted_total=m.drafted, accepted_total=m.accepted)

@@ -205,23 +205,32 @@ def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, env: _Env, n_cpu_moe
     b = estimate(cand.arch, cand.weights, run)
     if mode == SPLIT:
         return _try_split(cand, run, b, env)
-    margin, host_margin = policy.margin, policy.host_margin
     if mode == "gpu+ram" and n_cpu_moe is None:
-        per_layer = max(b.expert_bytes(1), 1)
-        full = place(b, "gpu", arch=cand.arch, n_ubatch=run.n_ubatch).device
-        n_cpu_moe = min(max(1, -(-(full + margin - budget.gpu_free) // per_layer)), cand.arch.n_layer)
+        n_cpu_moe = fewest_cpu_moe(b, cand.arch, run, budget, policy.margin)
     p = place(b, mode, n_cpu_moe or 0, arch=cand.arch, n_ubatch=run.n_ubatch)
-    if mode == "cpu":
-        device_need, host_need = 0, p.host + host_margin
-        fits = host_need <= budget.ram_free
-    elif budget.unified:  # one pool: the GPU budget must hold everything
-        device_need, host_need = p.device + p.host + margin, 0
-        fits = budget.gpu_free > 0 and device_need <= budget.gpu_free
-    else:
-        device_need, host_need = p.device + margin, p.host + host_margin
-        fits = budget.gpu_free > 0 and device_need <= budget.gpu_free and host_need <= budget.ram_free
+    device_need, host_need, fits = needs(p, budget, policy.margin, policy.host_margin)
     speed = predict(cand.arch, cand.weights, run, mode, p.n_cpu_moe, env.bandwidth, policy.speed)
     return Trial(cand, run, b, p, device_need, host_need, fits, speed)
+
+
+def fewest_cpu_moe(b: Breakdown, arch: ArchFacts, run: RunConfig, budget: Budget, margin: int) -> int:
+    """The fewest layers whose routed experts must move to system RAM for the rest to fit the GPU (at least 1,
+    at most every layer): the GPU's overflow divided by one layer's experts."""
+    per_layer = max(b.expert_bytes(1), 1)
+    full = place(b, "gpu", arch=arch, n_ubatch=run.n_ubatch).device
+    return min(max(1, -(-(full + margin - budget.gpu_free) // per_layer)), arch.n_layer)
+
+
+def needs(p: Placement, budget: Budget, margin: int, host_margin: int) -> tuple[int, int, bool]:
+    """(device bytes, host bytes, whether both fit) of placement `p`, margins included. A unified-memory GPU is one
+    pool that must hold everything."""
+    if p.mode == "cpu":
+        return 0, p.host + host_margin, p.host + host_margin <= budget.ram_free
+    if budget.unified:
+        device_need = p.device + p.host + margin
+        return device_need, 0, 0 < budget.gpu_free and device_need <= budget.gpu_free
+    device_need, host_need = p.device + margin, p.host + host_margin
+    return device_need, host_need, 0 < budget.gpu_free and device_need <= budget.gpu_free and host_need <= budget.ram_free
 
 
 def _try_split(cand: Candidate, run: RunConfig, b: Breakdown, env: _Env) -> Trial:

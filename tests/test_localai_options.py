@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import ROOT, BackendProcess, smollm2_options
-from synth_models import write_reranker
+from synth_models import write_qwen3
 
 from backend.core.errors import InvalidOptionError, InvalidRequestError, ModelNotFoundError
 from backend.core.gguf_file import read_gguf
@@ -97,7 +97,7 @@ options:
   - --no-mmap
 """
 # Each accepted-but-not-honoured entry above, and what the backend log must say about it.
-WARNED = ("n_cache_reuse:256", "n_rs_seq:4", "spec_p_split:0.1", "draft_gpu_layers:99", "fit_target:2048", "--no-mmap")
+WARNED = ("n_cache_reuse:256", "n_rs_seq:4", "spec_p_split:0.1", "--no-mmap")
 
 
 # ------------------------------------------------------------------------------------------- the vocabulary
@@ -127,7 +127,8 @@ def test_every_localai_name_is_in_the_vocabulary():
 def test_spec_type_lists_are_normalised_and_unsupported_types_refused():
     assert parse_options(["spec_type:ngram-mod,draft-mtp"])["spec_type"] == ("ngram-mod", "draft-mtp")
     assert parse_options(["speculative_type:ngram_simple"])["spec_type"] == ("ngram-simple",)
-    for value, named in (("draft", "draft-simple"), ("eagle3", "draft-eagle3"), ("draft_mtp,ngram_cache", "ngram-cache")):
+    assert parse_options(["spec_type:draft"])["spec_type"] == ("draft-simple",)
+    for value, named in (("eagle3", "draft-eagle3"), ("draft_mtp,ngram_cache", "ngram-cache")):
         with pytest.raises(InvalidOptionError, match=named):
             parse_options([f"spec_type:{value}"])
     with pytest.raises(InvalidOptionError, match="unknown speculative type"):
@@ -362,7 +363,7 @@ def test_grpc_prefill_assistant(opt_backend, smollm2_path):
 
 def test_quantized_kv_cache_on_narrow_heads_is_refused_before_llama_cpp(tmp_path):
     """q8_0 blocks of 32 values cannot hold 16-wide heads: llama.cpp would fail the context without a reason."""
-    model = write_reranker(tmp_path / "narrow.gguf")
+    model = write_qwen3(tmp_path / "narrow.gguf", rank_head=True)
     with pytest.raises(InvalidOptionError, match="cache_type_k q8_0 .* key_length 16: use f16"):
         Engine(model, EngineConfig(n_ctx=256, type_k="q8_0", reranking=True))
     Engine(model, EngineConfig(n_ctx=256, reranking=True)).close()
@@ -373,7 +374,7 @@ def test_grpc_rerank_with_a_classification_head(opt_backend, tmp_path):
     top_n. (No real reranker GGUF is available offline, so the scores are checked for range and order, not
     relevance.)"""
     stub = opt_backend.stub
-    model = write_reranker(tmp_path / "rerank.gguf")
+    model = write_qwen3(tmp_path / "rerank.gguf", rank_head=True)
     res = stub.LoadModel(pb.ModelOptions(ModelFile=str(model), ContextSize=256, NBatch=128, Threads=2, Reranking=True))
     assert res.success, res.message
     docs = ["the cat sat on the mat", "stock prices fell", "a kitten on a rug", "rain in spain"]

@@ -15,7 +15,7 @@ import functools
 import logging
 import math
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +24,7 @@ import yaml
 from ..core import constants
 from ..core.endpoints import parse_endpoints
 from ..core.errors import InvalidOptionError, ModelNotFoundError
-from ..core.gguf_file import GGUFInfo
+from ..core.gguf_file import GGUFInfo, read_gguf
 from ..core.parse import parse_bool
 from ..engine.llama import EngineConfig, KVOverride, check_placement
 from ..engine.ngram import NGRAM_TYPES
@@ -38,9 +38,10 @@ DEFAULT_CONTEXT = 4096  # LocalAI's DefaultContextSize
 DEFAULT_N_MAX = 6  # LocalAI's gallery default for draft-mtp (spec_n_max:6)
 VOCABULARY_FILE = Path(__file__).with_name("localai_options.yaml")
 STATUSES = ("honoured", "warned", "refused")
-# llama.cpp's speculative types (common/speculative.cpp): those this backend runs (MTP), passes on (n-grams), refuses.
-SPEC_TYPES = ("none", "draft-mtp", *NGRAM_TYPES)
-UNSUPPORTED_SPEC_TYPES = ("draft-simple", "draft-eagle3", "draft-dflash", "draft-dspark", "ngram-map-k",
+# llama.cpp's speculative types (common/speculative.cpp): those this backend runs and those it refuses.
+MODEL_DRAFTERS = ("draft-mtp", "draft-simple")  # drafting with a model: the GGUF's MTP head, or DraftModel
+SPEC_TYPES = ("none", *MODEL_DRAFTERS, *NGRAM_TYPES)
+UNSUPPORTED_SPEC_TYPES = ("draft-eagle3", "draft-dflash", "draft-dspark", "ngram-map-k",
                           "ngram-map-k4v", "ngram-cache")
 _SPEC_ALIASES = {"draft": "draft-simple", "eagle3": "draft-eagle3"}  # LocalAI's normalisation
 CACHE_FIELDS = ("n_checkpoints", "min_step", "ram_mib", "idle_slots", "similarity", "disk_dir", "disk_mib",
@@ -109,8 +110,8 @@ def _spec_types(v: str) -> tuple[str, ...]:
                          f"llama.cpp's are {', '.join(SPEC_TYPES + UNSUPPORTED_SPEC_TYPES)}")
     unsupported = [n for n in names if n in UNSUPPORTED_SPEC_TYPES]
     if unsupported:
-        raise ValueError(f"{', '.join(unsupported)} is not supported yet (this backend drafts with draft-mtp, "
-                         f"{' and '.join(NGRAM_TYPES)}, alone or chained)")
+        raise ValueError(f"{', '.join(unsupported)} is not supported yet (this backend drafts with "
+                         f"{', '.join(MODEL_DRAFTERS)}, {' and '.join(NGRAM_TYPES)}, alone or chained)")
     return tuple(dict.fromkeys(names))
 
 
@@ -424,26 +425,58 @@ class LoadPlan:
     cache: CacheConfig = CacheConfig()  # checkpoints and prompt caches
     reasoning: int = -1  # reasoning_budget: -1 the template's default, 0 enable_thinking off, 1 on
     prefill_assistant: bool = True  # continue a trailing assistant message (llama-server's default)
+    draft_path: Path | None = None  # DraftModel: the GGUF that drafts for the model (draft-simple)
+    draft: EngineConfig | None = None  # its settings
 
 
-def _speculation(opts: dict[str, Any], info: GGUFInfo) -> tuple[bool, int, str]:
-    """(MTP on, n_max, why), with LocalAI's auto-MTP: a GGUF with a head drafts with it unless spec_type says."""
-    types = opts.get("spec_type", ("draft-mtp",) if info.has_mtp_head else ("none",))
+def _speculation(opts: dict[str, Any], info: GGUFInfo, draft_model: bool) -> tuple[str, int, str]:
+    """(the model that drafts: "draft-mtp", "draft-simple" or "", n_max, why), as LocalAI decides it: a GGUF with a
+    head drafts with it unless spec_type says otherwise, and a DraftModel adds draft-simple. One model drafts per
+    slot: the first of the two listed."""
+    types = opts.get("spec_type", ("draft-simple",) if draft_model else
+                     ("draft-mtp",) if info.has_mtp_head else ("none",))
+    if draft_model and "draft-simple" not in types:
+        types = (*types, "draft-simple")
+    if "draft-simple" in types and not draft_model:
+        raise InvalidOptionError("spec_type draft-simple needs DraftModel: a GGUF of the model's vocabulary")
     n_max = opts.get("n_max", DEFAULT_N_MAX)
-    if "draft-mtp" not in types:
-        return False, 0, f"spec_type {','.join(types)}: no MTP, decoding plainly"
-    if not info.has_mtp_head:
-        return False, 0, "MTP requested but the GGUF has no MTP head: decoding plainly"
+    drafter = next((t for t in types if t in MODEL_DRAFTERS), "")
+    if not drafter:
+        return "", 0, f"spec_type {','.join(types)}: no draft model, decoding plainly"
+    if sum(t in MODEL_DRAFTERS for t in types) > 1:
+        log.warning("spec_type %s: one model drafts per slot; %s is used", ",".join(types), drafter)
+    if drafter == "draft-mtp" and not info.has_mtp_head:
+        return "", 0, "MTP requested but the GGUF has no MTP head: decoding plainly"
     if n_max == 0:
-        return False, 0, "spec_n_max is 0: decoding plainly"
-    return True, min(n_max, 16), f"MTP self-speculation on (n_max={n_max}, adaptive={opts.get('adaptive', True)})"
+        return "", 0, "spec_n_max is 0: decoding plainly"
+    what = "MTP self-speculation" if drafter == "draft-mtp" else "draft-model speculation"
+    return drafter, min(n_max, 16), f"{what} on (n_max={n_max}, adaptive={opts.get('adaptive', True)})"
+
+
+def _draft_engine(opts: dict[str, Any], target: EngineConfig) -> EngineConfig:
+    """The draft model's settings: the target's context, slots and batch, its own placement, threads and KV types
+    where `draft_*` options give them (RoPE scaling as the target's: it reads the same positions). The scheduler's
+    thread governor drives both models' threads; the draft stays on local devices."""
+    threads = opts.get("draft_threads", 0)
+    gpu_layers = opts.get("draft_gpu_layers", -1)
+    return replace(
+        target, n_threads=threads if threads > 0 else target.n_threads,
+        n_threads_batch=max(opts.get("draft_threads_batch", 0), 0) if threads > 0 or "draft_threads_batch" in opts
+        else target.n_threads_batch,
+        n_gpu_layers=target.n_gpu_layers if gpu_layers < 0 else gpu_layers,
+        type_k=opts.get("draft_type_k", "f16").lower(), type_v=opts.get("draft_type_v", "f16").lower(),
+        n_cpu_moe=-1 if opts.get("draft_cpu_moe") else opts.get("draft_n_cpu_moe", 0),
+        tensor_overrides=opts.get("draft_tensor_overrides", ()),
+        mtp=False, n_draft_max=0, n_rs_seq=None, embeddings=False, reranking=False, lora=(), kv_overrides=(),
+        mmproj="", warmup=False, adaptive_threads=False, rpc_servers=(), tensor_split=())
 
 
 def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
     """Turn a `ModelOptions` message and the file's header into a `LoadPlan`."""
     opts = parse_options(list(req.Options))
     check_fields(req)
-    mtp, n_max, reason = _speculation(opts, info)
+    drafter, n_max, reason = _speculation(opts, info, bool(req.DraftModel))
+    mtp, model_drafts = drafter == "draft-mtp", bool(drafter)
     spec_types = opts.get("spec_type", ())
     ngram = next((t for t in spec_types if t in NGRAM_TYPES), "")  # one n-gram type per chain (llama.cpp's first)
     spec = SpecConfig(n_max=n_max, n_min=opts.get("n_min", 0), p_min=opts.get("p_min", 0.0),
@@ -451,7 +484,7 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
                       **{k: opts[k] for k in NGRAM_FIELDS if k in opts})
     if ngram:
         reason = f"{ngram} drafting on (up to {spec.ngram_max} tokens), then " + (
-            reason if "draft-mtp" in spec_types else "plain decoding where it finds no match")
+            reason if any(t in MODEL_DRAFTERS for t in spec_types) else "plain decoding where it finds no match")
     rerank = req.Reranking or opts.get("pooling") == "rank"
     if rerank and not info.has_rank_head:
         raise InvalidOptionError(f"{path.name} has no reranking head (no cls / cls.output tensor): Reranking needs "
@@ -476,8 +509,8 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         type_k=(req.CacheTypeKey or "f16").lower(),
         type_v=(req.CacheTypeValue or "f16").lower(),
         mtp=mtp,
-        n_draft_max=spec.n_draft_max(mtp),
-        n_rs_seq=spec.n_rs_seq(mtp),
+        n_draft_max=spec.n_draft_max(model_drafts),
+        n_rs_seq=spec.n_rs_seq(model_drafts),
         embeddings=req.Embeddings,
         pooling="mean" if rerank else opts.get("pooling", "mean"),
         embd_normalize=opts.get("embd_normalize", 2),
@@ -504,14 +537,59 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
         image_max_tokens=opts.get("image_max_tokens", -1),
         **rope,
     )
+    cache = CacheConfig(**{k: opts[k] for k in CACHE_FIELDS if k in opts})
+    if opts.get("fit_params", True):
+        cfg = _fit(cfg, req, info, opts, cache)
     check_placement(cfg, info.trunk_layers)
     if cfg.n_gpu_layers != 0 and not cfg.rpc_servers:  # with workers, the offloaded layers go to their devices
         _warn_if_cpu_only(req.NGPULayers)
-    return LoadPlan(path=path, engine=cfg, spec=spec, use_jinja=opts.get("use_jinja", True), mtp_reason=reason,
+    draft_path = resolve_companion(req.DraftModel, req.ModelPath, "DraftModel names the draft model GGUF") \
+        if drafter == "draft-simple" else None
+    if draft_path is not None:
+        read_gguf(draft_path)  # a corrupt or truncated file is refused here, before llama.cpp reads it
+    return LoadPlan(path=path, engine=cfg, spec=spec, draft_path=draft_path,
+                    draft=_draft_engine(opts, cfg) if draft_path is not None else None, use_jinja=opts.get("use_jinja", True), mtp_reason=reason,
                     identity=req.Model, grammar_triggers=tuple(t.word for t in req.GrammarTriggers if t.word),
                     image_limit=max(req.LimitImagePerPrompt, 0),
-                    cache=CacheConfig(**{k: opts[k] for k in CACHE_FIELDS if k in opts}),
+                    cache=cache,
                     reasoning=opts.get("reasoning", -1), prefill_assistant=opts.get("prefill_assistant", True))
+
+
+def _fit(cfg: EngineConfig, req: Any, info: GGUFInfo, opts: dict[str, Any], cache: CacheConfig) -> EngineConfig:
+    """llama.cpp's fit_params with the gallery's memory model (gallery.fit): the context when ContextSize is unset,
+    then routed experts to RAM when no expert placement is given; logged. Not with RPC workers (the gallery's
+    split plan places those) nor a partial NGPULayers (the memory model places whole modes)."""
+    all_layers = cfg.n_gpu_layers < 0 or cfg.n_gpu_layers > info.trunk_layers
+    if cfg.rpc_servers or (cfg.n_gpu_layers != 0 and not all_layers):
+        log.info("fit_params: not fitting %s (%s)", req.Model or info.architecture,
+                 "RPC workers" if cfg.rpc_servers else f"NGPULayers {cfg.n_gpu_layers} given")
+        return cfg
+    from gallery.catalog import load_catalog
+    from gallery.detect import detect
+    from gallery.estimate import ArchFacts, RunConfig, weights_from_gguf
+    from gallery.fit import FitRequest, fit
+    from gallery.select import budget_for
+
+    policy = load_catalog().policy
+    arch = ArchFacts.from_gguf(info)
+    run = RunConfig(n_ctx=cfg.n_ctx, n_ubatch=cfg.batch_sizes[1], n_seq=cfg.n_seq, cache_type_k=cfg.type_k,
+                    cache_type_v=cfg.type_v, mtp=cfg.mtp, spec_n_max=cfg.rollback_depth if cfg.mtp else 0,
+                    mmproj_bytes=Path(cfg.mmproj).stat().st_size if cfg.mmproj else 0,
+                    n_checkpoints=cache.n_checkpoints, checkpoint_min_step=cache.min_step)
+    experts_given = any(k in opts for k in ("cpu_moe", "n_cpu_moe", "tensor_overrides"))
+    budget = budget_for(detect(bandwidth=False), policy)
+    got = fit(arch, weights_from_gguf(info, arch), budget, policy,
+              FitRequest(run, gpu=cfg.n_gpu_layers != 0, ctx_free=req.ContextSize <= 0, experts_free=not experts_given,
+                         min_ctx=opts.get("fit_min_ctx", 4096), target=opts.get("fit_target", 1024) << 20))
+    where = (f"{budget.gpu_label}: {budget.gpu_free >> 20} MiB free, " if budget.gpu else "") + \
+        f"RAM: {budget.ram_free >> 20} MiB free"
+    if not got.fits:
+        log.warning("fit_params: %s does not fit this machine as configured (needs %d MiB on the GPU and %d MiB of "
+                    "RAM; %s): loading anyway", req.Model or info.architecture, got.device_need >> 20,
+                    got.host_need >> 20, where)
+    for change in got.changes:
+        log.info("fit_params: %s (%s)", change, where)
+    return replace(cfg, n_ctx=got.n_ctx, n_cpu_moe=got.n_cpu_moe if got.mode == "gpu+ram" else cfg.n_cpu_moe)
 
 
 def _warn_if_cpu_only(n_gpu_layers: int) -> None:

@@ -58,7 +58,7 @@ def main() -> int:
             m.close()
         for name, k in (("llama-server plain", None), (f"llama-server draft-mtp k={args.k}", args.k)):
             port = free_port()
-            spec = llama_server_spec(SpecConfig(n_max=k or 0), True)
+            spec = llama_server_spec(SpecConfig(n_max=k or 0), "draft-mtp")
             srv = Server(name, llama_server_cmd(args.server, path, port, args.threads, 2048, 256, extra=spec), port)
             try:
                 llama_completion(port, PROMPT, 32)

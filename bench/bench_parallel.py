@@ -59,7 +59,7 @@ def start_servers(model: Path, args: argparse.Namespace, mtp: bool) -> list[Serv
     if not mtp:
         ours.append("--no-mtp")
     theirs = llama_server_cmd(args.server, model, theirs_port, args.threads, args.context * args.parallel, 512,
-                              args.parallel, llama_server_spec(SpecConfig(n_max=args.k), mtp))
+                              args.parallel, llama_server_spec(SpecConfig(n_max=args.k), "draft-mtp" if mtp else ""))
     return [Server("apexmtp", ours, ours_port), Server("llama-server", theirs, theirs_port)]
 
 

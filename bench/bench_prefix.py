@@ -80,7 +80,7 @@ def start(name: str, model: Path, args: argparse.Namespace, parallel: int, extra
                str(parallel), "--context", str(context), "--threads", str(args.threads), "--quiet", *(extra or [])]
     else:
         cmd = llama_server_cmd(args.server, model, port, args.threads, context * parallel, 512, parallel,
-                               llama_server_spec(SpecConfig(n_max=4), True))
+                               llama_server_spec(SpecConfig(n_max=4), "draft-mtp"))
     return Server(name, cmd, port)
 
 

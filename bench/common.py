@@ -25,6 +25,7 @@ LLAMA_SERVER_SPEC_OPTIONS = {
                   "ngram_mod_n_max": "--spec-ngram-mod-n-max"},
     "draft-mtp": {"n_max": "--spec-draft-n-max", "n_min": "--spec-draft-n-min", "p_min": "--spec-draft-p-min"},
 }
+LLAMA_SERVER_SPEC_OPTIONS["draft-simple"] = LLAMA_SERVER_SPEC_OPTIONS["draft-mtp"]  # the draft knobs are shared
 
 
 def machine() -> str:
@@ -92,13 +93,15 @@ def llama_server_cmd(binary: Path, model: Path, port: int, threads: int, context
             "-tb", str(threads), "-np", str(parallel), "-c", str(context), "-b", str(batch), "--no-webui", *extra]
 
 
-def llama_server_spec(spec: SpecConfig, mtp: bool) -> list[str]:
-    """llama-server's options for `spec` (MTP drafting only where `mtp`): the same types and knobs. llama-server
-    drafts by n-gram first, then MTP, as apexmtp does; it has no adaptive draft length (its n_max is fixed)."""
-    types = [t for t in (spec.ngram, "draft-mtp" if mtp and spec.n_max else "") if t]
+def llama_server_spec(spec: SpecConfig, drafter: str, draft: Path | None = None) -> list[str]:
+    """llama-server's options for `spec` with `drafter` ("draft-mtp", "draft-simple" with the `draft` GGUF, or ""):
+    the same types and knobs. llama-server drafts by n-gram first, then with the model, as apexmtp does; it has no
+    adaptive draft length (its n_max is fixed)."""
+    types = [t for t in (spec.ngram, drafter if spec.n_max else "") if t]
     opts = [o for t in types for field, name in LLAMA_SERVER_SPEC_OPTIONS[t].items()
             for o in (name, str(getattr(spec, field)))]
-    return ["--spec-type", ",".join(types), *opts] if types else []
+    model = ["--spec-draft-model", str(draft)] if "draft-simple" in types and draft else []
+    return ["--spec-type", ",".join(types), *opts, *model] if types else []
 
 
 class Server:

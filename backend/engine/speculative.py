@@ -46,15 +46,29 @@ class SpecConfig:
         """The longest n-gram draft (0 without n-gram drafting)."""
         return {"ngram-simple": self.ngram_size_m, "ngram-mod": self.ngram_mod_n_max}.get(self.ngram, 0)
 
-    def n_draft_max(self, mtp: bool) -> int:
-        """The longest verify draft of any origin (the engine's `n_draft_max`): the rows."""
-        return max(self.n_max if mtp else 0, self.ngram_max)
+    def n_draft_max(self, model_drafts: bool) -> int:
+        """The longest verify draft of any origin (the engine's `n_draft_max`): the rows. `model_drafts`: a model
+        (the MTP head or a draft model) drafts up to `n_max`."""
+        return max(self.n_max if model_drafts else 0, self.ngram_max)
 
-    def n_rs_seq(self, mtp: bool) -> int:
-        """How far a recurrent state rolls back in place (the engine's `n_rs_seq`): MTP's drafts only. Each
+    def n_rs_seq(self, model_drafts: bool) -> int:
+        """How far a recurrent state rolls back in place (the engine's `n_rs_seq`): a model's drafts only. Each
         in-place step back costs every decode a state snapshot (64 of them: -15% on a hybrid model), so a longer
         n-gram row is rolled back from a snapshot taken before it, as llama-server does."""
-        return self.n_max if mtp else 0
+        return self.n_max if model_drafts else 0
+
+
+MAX_BACKOFF = 4  # a losing probe halves the probing rate at most this many times (k = 0 probes: every 64..1024 steps)
+DRAFT_TOP_K = 10  # llama.cpp's draft sampler: top-10, greedy top-1, p over the 10 (common/speculative.cpp)
+
+
+def greedy_pick(logits: np.ndarray, p_min: float) -> tuple[int, bool]:
+    """A drafter's greedy token from one logits row, and whether its probability over the top 10 is >= p_min
+    (how llama.cpp's draft sampler judges a draft for `p_min`, for the MTP head and a draft model alike)."""
+    top = np.argpartition(logits, -DRAFT_TOP_K)[-DRAFT_TOP_K:]
+    vals = logits[top]
+    best = int(np.argmax(vals))
+    return int(top[best]), 1.0 / float(np.exp(vals - vals[best]).sum()) >= p_min
 
 
 @dataclass
@@ -64,7 +78,7 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     verify_steps: int = 0
-    # (drafted, accepted) per draft origin ("mtp", "ngram"); the origins a model drafts from are there from the start
+    # (drafted, accepted) per draft origin ("mtp", "draft", "ngram"); the origins a model drafts from are there from the start
     by_origin: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def observe(self, k: int, a: int, origin: str = "mtp") -> None:
@@ -128,6 +142,7 @@ class DraftController:
     re-times a neighbour every `explore_every` steps (4x as rarely while k = 0 wins) so estimates stay fresh;
     k = 0 (no drafts) wins when speculation does not pay. It lives with the loaded model, so what it learns
     carries over between requests, and new slots start from the model's running acceptance (`prior`).
+    While k = 0 wins the probes back off (4x to 64x as rare), since each pays the drafter's catch-up.
     """
 
     def __init__(self, n_max: int, *, adaptive: bool = True, decay: float = 0.8, explore_every: int = 16) -> None:
@@ -137,7 +152,9 @@ class DraftController:
         self.explore_every = explore_every
         self._prior = Acceptance([0.8] * max(n_max, 1), decay)  # optimistic start: try speculation before judging
         self._cost: dict[tuple[int, int], float] = {}  # (slots, k) -> EMA seconds of a whole step
-        self._steps = 0
+        self._until_probe = explore_every  # steps until the next re-timing of a neighbouring k
+        self._lost = 0  # probes in a row after which k = 0 still won
+        self._last_won = n_max  # the last k > 0 that was the best
 
     def new_slot(self) -> Acceptance:
         """Acceptance tracking for a request starting now, from what the model's drafts achieved so far."""
@@ -157,13 +174,20 @@ class DraftController:
         for anchor in (cap, 1, 0):
             if (n, anchor) not in self._cost:
                 return anchor
-        self._steps += 1
         best = self.best_k(slots, cap)
-        # Re-time a neighbour now and then; rarely when not speculating, since a probe then also pays the
-        # deferred MTP catch-up.
-        if self._steps % (self.explore_every * (4 if best == 0 else 1)) == 0:
-            return best + 1 if best < cap else best - 1
-        return best
+        if best > 0:
+            self._lost, self._last_won = 0, best
+        self._until_probe -= 1
+        if self._until_probe > 0:
+            return best
+        # Re-time a neighbour now and then. While k = 0 wins, probe 4x as rarely, and half as often again after
+        # each probe that did not change that (at most 16 times): a probe also pays the drafter's catch-up with
+        # every token decoded without it (the MTP mirror; a draft model decodes them all).
+        self._until_probe = self.explore_every if best else self.explore_every * 4 << min(self._lost, MAX_BACKOFF)
+        if best == 0:  # probe the k that last won (at first the longest): it measures every position up to it
+            self._lost += 1
+            return min(self._last_won, cap)
+        return best + 1 if best < cap else best - 1
 
     def best_k(self, slots: list[Acceptance], cap: int) -> int:
         """The k in 0..cap with the most expected tokens per second for these slots."""

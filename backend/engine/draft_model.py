@@ -105,17 +105,31 @@ class DraftModel:
         n = min(n, self.engine.n_ctx - len(context) - 1)
         if n <= 0 or min(context) < 0:
             return None
-        todo = context[self.engine.keep_prefix(seq, context):]
-        if len(todo) > _STEADY_ROW:
-            # Catching up (a new prompt, or steps decoded without drafts): on its own, timed apart, so the draft
-            # length controller judges drafting by what a step costs once the draft model keeps pace.
-            t0, eng = time.perf_counter(), self.engine
-            for start in range(0, len(todo) - _STEADY_ROW, eng.n_batch):
-                eng.decode_tokens(todo[start:min(start + eng.n_batch, len(todo) - _STEADY_ROW)], seq=seq,
-                                  logits="none")
-            del todo[:-_STEADY_ROW]
-            self.catchup_seconds += time.perf_counter() - t0
+        todo = self._catch_up(seq, context, _STEADY_ROW)
         return _Slot(seq, n, Row(seq, todo, "last"))
+
+    def follow(self, seq: int) -> None:
+        """Decode into the draft sequence what the target's holds (a prompt chunk it just prefilled), so drafting
+        starts in step: the draft model's prompt is processed with the target's, as prompt time."""
+        tokens = self.target.seqs[seq].tokens
+        if tokens and min(tokens) >= 0:
+            try:
+                self._catch_up(seq, tokens, 0)
+            except DecodeError as exc:  # drafting catches up later
+                log.warning("%s: draft model prefill failed: %s", self.path, exc)
+
+    def _catch_up(self, seq: int, context: list[int], leave: int) -> list[int]:
+        """Make the draft sequence hold `context` but its last `leave` tokens (its shared prefix kept), and return
+        those. A catch-up longer than the steady state's row (a new prompt, steps decoded without drafts) is timed
+        apart, so the draft-length controller judges drafting by what a step costs once the draft keeps pace."""
+        todo = context[self.engine.keep_prefix(seq, context):]
+        if len(todo) > max(leave, _STEADY_ROW):
+            t0, eng = time.perf_counter(), self.engine
+            for start in range(0, len(todo) - leave, eng.n_batch):
+                eng.decode_tokens(todo[start:min(start + eng.n_batch, len(todo) - leave)], seq=seq, logits="none")
+            del todo[:len(todo) - leave]
+            self.catchup_seconds += time.perf_counter() - t0
+        return todo
 
     def _groups(self, slots: list[_Slot]) -> list[list[_Slot]]:
         """The slots' rows in as few decodes of at most `n_batch` tokens as they fit."""

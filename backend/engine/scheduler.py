@@ -405,6 +405,8 @@ class Scheduler:
                     del s.todo[:len(row.tokens)]
                     self.metrics.prefilled_tokens += len(row.tokens)
                     self._maybe_checkpoint(s)
+                    if self.draft_model is not None:
+                        self.draft_model.follow(s.seq)
                     if not s.todo:
                         self._first_token(s, row.last)
                 else:

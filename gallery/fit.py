@@ -57,18 +57,22 @@ def fit(arch: ArchFacts, weights: WeightBytes, budget: Budget, policy: Policy, r
         for ctx in _contexts(arch, policy, req):
             if (t := _trial(arch, weights, budget, policy, req, ctx, "gpu")).fits:
                 return replace(t, changes=(f"context {ctx} (unset: the largest that fits)",))
+        # nothing fits whole: the experts are moved at fit_params_min_ctx (the last context tried, unless it
+        # exceeds the training context)
+        ctx = req.min_ctx
+        first = t if t.n_ctx == ctx else _trial(arch, weights, budget, policy, req, ctx, "gpu")
     else:
-        first = _trial(arch, weights, budget, policy, req, req.run.n_ctx, "gpu" if on_gpu else "cpu")
+        ctx = req.run.n_ctx
+        first = _trial(arch, weights, budget, policy, req, ctx, "gpu" if on_gpu else "cpu")
         if first.fits or not on_gpu:
             return first
-    ctx = req.min_ctx if req.ctx_free else req.run.n_ctx
     if req.experts_free and arch.n_expert > 1:
         t = _trial(arch, weights, budget, policy, req, ctx, "gpu+ram")
         if t.fits:
             what = f"routed experts of the first {t.n_cpu_moe} of {arch.n_layer} layers in system RAM"
             return replace(t, changes=(f"context {ctx} (unset: fit_params_min_ctx); {what}" if req.ctx_free
                                        else what,))
-    return _trial(arch, weights, budget, policy, req, ctx, "gpu")
+    return first
 
 
 def _contexts(arch: ArchFacts, policy: Policy, req: FitRequest) -> list[int]:

@@ -34,7 +34,7 @@ from backend.service.options import (
 )
 
 # Every option name LocalAI's llama-cpp backend reads (mudler/LocalAI backend/cpp/llama-cpp/grpc-server.cpp,
-# params_parse), as of the reference in /work/shared/reference/prompt-cache-and-options.md §2.
+# params_parse), as of the project's reference notes on prompt caches and options (§2).
 LOCALAI_NAMES = """
 context_shift use_jinja jinja cache_ram parallel n_parallel grpc_servers rpc_servers fit_params fit fit_params_target
 fit_target fit_params_min_ctx fit_ctx n_cache_reuse cache_reuse n_rs_seq rs_seq slot_prompt_similarity sps swa_full

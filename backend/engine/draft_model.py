@@ -79,7 +79,6 @@ class DraftModel:
         check_compatible(target, engine)
         self.engine = engine
         self.target = target
-        self.path = engine.path
         self.catchup_seconds = 0.0  # decoding to catch up with the target (a new prompt, undrafted steps)
 
     def draft(self, starts: list[tuple[int, int, int]], p_min: float = 0.0) -> list[list[int]]:
@@ -93,7 +92,7 @@ class DraftModel:
             while live:
                 live = self._decode_and_pick(live, p_min)
         except DecodeError as exc:  # the draft sequences start over next step; the target decodes on without drafts
-            log.warning("%s: draft model decode failed, no drafts this step: %s", self.path, exc)
+            log.warning("%s: draft model decode failed, no drafts this step: %s", self.engine.path, exc)
             return [[] for _ in starts]
         by_seq = {s.seq: s.out for s in slots}
         return [by_seq.get(seq, []) for seq, _, _ in starts]
@@ -116,7 +115,7 @@ class DraftModel:
             try:
                 self._catch_up(seq, tokens, 0)
             except DecodeError as exc:  # drafting catches up later
-                log.warning("%s: draft model prefill failed: %s", self.path, exc)
+                log.warning("%s: draft model prefill failed: %s", self.engine.path, exc)
 
     def _catch_up(self, seq: int, context: list[int], leave: int) -> list[int]:
         """Make the draft sequence hold `context` but its last `leave` tokens (its shared prefix kept), and return

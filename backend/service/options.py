@@ -26,6 +26,7 @@ from ..core.endpoints import parse_endpoints
 from ..core.errors import InvalidOptionError, ModelNotFoundError
 from ..core.gguf_file import GGUFInfo, read_gguf
 from ..core.parse import parse_bool
+from ..core.units import MiB
 from ..engine.llama import EngineConfig, KVOverride, check_placement
 from ..engine.ngram import NGRAM_TYPES
 from ..engine.prompt_cache import CacheConfig
@@ -459,10 +460,11 @@ def _draft_engine(opts: dict[str, Any], target: EngineConfig) -> EngineConfig:
     thread governor drives both models' threads; the draft stays on local devices."""
     threads = opts.get("draft_threads", 0)
     gpu_layers = opts.get("draft_gpu_layers", -1)
+    # Own threads: batch threads are draft_threads_batch, else (0) draft_threads; otherwise the target's.
+    own_threads = threads > 0 or "draft_threads_batch" in opts
     return replace(
         target, n_threads=threads if threads > 0 else target.n_threads,
-        n_threads_batch=max(opts.get("draft_threads_batch", 0), 0) if threads > 0 or "draft_threads_batch" in opts
-        else target.n_threads_batch,
+        n_threads_batch=max(opts.get("draft_threads_batch", 0), 0) if own_threads else target.n_threads_batch,
         n_gpu_layers=target.n_gpu_layers if gpu_layers < 0 else gpu_layers,
         type_k=opts.get("draft_type_k", "f16").lower(), type_v=opts.get("draft_type_v", "f16").lower(),
         n_cpu_moe=-1 if opts.get("draft_cpu_moe") else opts.get("draft_n_cpu_moe", 0),
@@ -548,7 +550,8 @@ def plan_load(req: Any, info: GGUFInfo, path: Path) -> LoadPlan:
     if draft_path is not None:
         read_gguf(draft_path)  # a corrupt or truncated file is refused here, before llama.cpp reads it
     return LoadPlan(path=path, engine=cfg, spec=spec, draft_path=draft_path,
-                    draft=_draft_engine(opts, cfg) if draft_path is not None else None, use_jinja=opts.get("use_jinja", True), mtp_reason=reason,
+                    draft=_draft_engine(opts, cfg) if draft_path is not None else None,
+                    use_jinja=opts.get("use_jinja", True), mtp_reason=reason,
                     identity=req.Model, grammar_triggers=tuple(t.word for t in req.GrammarTriggers if t.word),
                     image_limit=max(req.LimitImagePerPrompt, 0),
                     cache=cache,
@@ -580,7 +583,7 @@ def _fit(cfg: EngineConfig, req: Any, info: GGUFInfo, opts: dict[str, Any], cach
     budget = budget_for(detect(bandwidth=False), policy)
     got = fit(arch, weights_from_gguf(info, arch), budget, policy,
               FitRequest(run, gpu=cfg.n_gpu_layers != 0, ctx_free=req.ContextSize <= 0, experts_free=not experts_given,
-                         min_ctx=opts.get("fit_min_ctx", 4096), target=opts.get("fit_target", 1024) << 20))
+                         min_ctx=opts.get("fit_min_ctx", 4096), target=opts.get("fit_target", 1024) * MiB))
     where = (f"{budget.gpu_label}: {budget.gpu_free >> 20} MiB free, " if budget.gpu else "") + \
         f"RAM: {budget.ram_free >> 20} MiB free"
     if not got.fits:

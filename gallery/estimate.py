@@ -222,7 +222,7 @@ class Breakdown:
     mtp_compute: int
     mtp_output: int
     mmproj: int
-    checkpoints: int = 0  # recurrent-state checkpoints in host RAM (hybrid models only)
+    checkpoints: int = 0  # kept for prompt reuse in host RAM: checkpoints and each slot's prompt end (kept_per_slot)
     expert_layers: int = field(default=1)  # trunk layers that hold routed experts (for --n-cpu-moe)
 
     @property
@@ -305,10 +305,7 @@ def estimate(arch: ArchFacts, weights: WeightBytes, run: RunConfig) -> Breakdown
         mtp_compute=mtp_comp,
         mtp_output=mtp_out,
         mmproj=run.mmproj_bytes,
-        # Copies of one slot's recurrent state (and, with MTP, the hidden row the head drafts from next).
-        checkpoints=run.n_seq * run.checkpoints_per_slot * (arch.n_recurrent * arch.rs_elems * 4
-                                                            + (arch.n_embd * 4 if run.mtp else 0))
-        if arch.n_recurrent else 0,
+        checkpoints=run.n_seq * kept_per_slot(arch, run),
         expert_layers=arch.n_layer,
     )
 
@@ -446,6 +443,19 @@ def hosts(shares: tuple[Share, ...]) -> list[str]:
     return list(dict.fromkeys(s.holder.where for s in shares if s.layers))
 
 
+def kept_per_slot(arch: ArchFacts, run: RunConfig) -> int:
+    """Host RAM one slot keeps for prompt reuse (backend/engine/prompt_cache.py): on a hybrid model with
+    checkpoints on, copies of its recurrent state (with MTP, plus the hidden row the head drafts from next) at each
+    checkpoint and at its prompt's end; on any model that end's logits row (a dense one keeps only the row)."""
+    row = 4 * arch.n_vocab + (arch.n_embd * 4 if run.mtp else 0)
+    if not arch.n_recurrent:
+        return row
+    if run.n_checkpoints <= 0:
+        return 0
+    state = arch.n_recurrent * arch.rs_elems * 4 + (arch.n_embd * 4 if run.mtp else 0)
+    return (run.checkpoints_per_slot + 1) * state + 4 * arch.n_vocab
+
+
 def describe(b: Breakdown, run: RunConfig, arch: ArchFacts) -> list[tuple[str, int]]:
     """Human labels for the non-zero parts of `b`, in the order the explanations print them."""
     slots = f"{run.n_seq} slots x " if run.n_seq > 1 else ""
@@ -457,7 +467,8 @@ def describe(b: Breakdown, run: RunConfig, arch: ArchFacts) -> list[tuple[str, i
         (f"compute (ubatch {run.n_ubatch})", b.compute + b.output),
         ("MTP head + draft context", b.mtp_total),
         ("mmproj", b.mmproj),
-        (f"checkpoints x{run.checkpoints_per_slot}{per_slot} (RAM)", b.checkpoints),
+        (f"{f'checkpoints x{run.checkpoints_per_slot} + ' if arch.n_recurrent else ''}prompt end{per_slot} (RAM)",
+         b.checkpoints),
     ]
     return [(label, n) for label, n in parts if n > 0 and (arch.n_recurrent or not label.startswith("recurrent"))]
 

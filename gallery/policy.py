@@ -126,7 +126,8 @@ class Policy:
     checkpoint_min_step: int
     ctx_checkpoints: int
     context_candidates: tuple[int, ...]  # the contexts an automatic one grows to
-    cache_type: str
+    cache_type: str  # KV cache type where the KV sits on a GPU
+    cache_type_cpu: str  # ... and where it sits in system RAM (CPU-only plans)
     flash_attention: str
     mtp: MtpPolicy
     default_options: tuple[str, ...]

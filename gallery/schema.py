@@ -284,6 +284,7 @@ def _policy(pc: Checker, policy: dict[str, Any]) -> Policy:
     if not all(isinstance(c, int) and c > 0 for c in candidates):
         raise pc.fail("context_candidates", "expected positive integers")
     cache_type, flash_attention = pc.get(policy, "cache_type", str), pc.get(policy, "flash_attention", str)
+    cache_type_cpu = pc.get(policy, "cache_type_cpu", str)
     mtp = pc.get(policy, "mtp", dict)
     mtp_policy = MtpPolicy(spec_n_max=pc.get(mtp, "spec_n_max", int, path="mtp"),
                            spec_p_min=float(pc.get(mtp, "spec_p_min", (int, float), path="mtp")),
@@ -304,7 +305,7 @@ def _policy(pc: Checker, policy: dict[str, Any]) -> Policy:
     speed = _speed(pc, pc.get(policy, "speed", dict))
     return Policy(tier_order=tuple(tiers), margin=margin, host_margin=host_margin, **counts,
                   ctx_checkpoints=ctx_checkpoints, context_candidates=tuple(candidates), cache_type=cache_type,
-                  flash_attention=flash_attention, mtp=mtp_policy, default_options=default_options, reserve=reserves,
+                  cache_type_cpu=cache_type_cpu, flash_attention=flash_attention, mtp=mtp_policy, default_options=default_options, reserve=reserves,
                   apple_working_set=bands, objectives=Objectives(floor_tok_s=floor, quality_floor=quality_floor),
                   speed=speed, gpu_builds=_gpu_builds(pc, pc.get(policy, "gpu_builds", dict)))
 

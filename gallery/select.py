@@ -197,7 +197,7 @@ class _Env:
 def _try(cand: Candidate, mode: str, n_ctx: int, mtp: bool, env: _Env, n_cpu_moe: int | None = None) -> Trial:
     """Estimate `cand` in `mode`; for gpu+ram pick the smallest n_cpu_moe that fits (or use the given one)."""
     policy, budget = env.policy, env.budget
-    cache_type = kv_cache_type(policy.cache_type, cand.arch)
+    cache_type = kv_cache_type(policy.cache_type_cpu if mode == "cpu" else policy.cache_type, cand.arch)
     run = RunConfig(n_ctx=n_ctx, n_ubatch=policy.n_ubatch, n_seq=env.n_seq, cache_type_k=cache_type,
                     cache_type_v=cache_type, mtp=mtp, spec_n_max=policy.mtp.spec_n_max if mtp else 0,
                     draft_cache_type=policy.mtp.draft_cache_type, mmproj_bytes=cand.mmproj_bytes,

@@ -59,7 +59,10 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        # shutdown() waits, without a timeout, for serve_forever to notice; a teardown must not hang a CI run on it
+        # (seen once in a full run), so it is asked from a helper thread and the serving thread is joined with one.
+        threading.Thread(target=self._server.shutdown, daemon=True).start()
+        self._thread.join(timeout=10)
         self._server.server_close()
 
     @property

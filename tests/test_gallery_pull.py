@@ -92,7 +92,7 @@ def test_pull_family_picks_downloads_verifies_and_writes_the_config(hub: FakeHub
     assert pulled.model_path == tmp_path / f"llama-cpp/models/{REPO}/Tiny-APEX-MTP-I-Quality.gguf"
     assert pulled.model_path.read_bytes() == models["I-Quality"].read_bytes()
     assert pulled.options == ["use_jinja:true", "spec_type:draft-mtp", "spec_n_max:6", "spec_p_min:0.75"]
-    assert (pulled.context_size, pulled.gpu_layers, pulled.cache_type_k) == (4096, 0, "q8_0")
+    assert (pulled.context_size, pulled.gpu_layers, pulled.cache_type_k) == (4096, 0, "f16")  # CPU plans keep f16 KV (hardware.yaml cache_type_cpu)
     assert "I-Quality with MTP on the CPU" in pulled.explanation
     text = pulled.config_path.read_text()
     assert pulled.config_path == tmp_path / "tiny-apex-mtp.yaml" and text.startswith("# written by `apexmtp pull")

@@ -35,6 +35,7 @@ from backend.engine.prompt_cache import (
     encode,
     thin,
 )
+from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler, Stream, collect
 from backend.engine.speculative import SpecConfig
 from backend.proto import backend_pb2 as pb
@@ -86,7 +87,7 @@ def test_checkpoints_resume_a_rewritten_tail_and_the_same_prompt(hybrid, n_max):
         positions = [c.n_tokens for c in s.engine.seqs[0].checkpoints]
         assert positions == [64, 128, 192, 256, 320, 384, 448, 512, 576, 596]  # every min_step, and the end - 4
         again = run(s, prompt)
-        assert (again.n_cached, again.cache_source) == (596, "checkpoint")
+        assert (again.n_cached, again.cache_source) == (600, "checkpoint")  # the prompt's end, with its logits
         assert again.token_ids == first.token_ids
         rewritten = prompt[:540] + tokens(60, 2)
         got = run(s, rewritten)
@@ -150,7 +151,9 @@ def test_checkpoints_per_slot_are_bounded(hybrid):
         run(s, tokens(700, 5))
         ckpts = s.engine.seqs[0].checkpoints
         assert len(ckpts) == 3 and ckpts[-1].n_tokens == 696
-        assert s.engine.checkpoint_bytes == sum(c.nbytes for c in ckpts) > 0
+        end = s.engine.seqs[0].end
+        assert end is not None and end.n_tokens == 700 and end.logits is not None
+        assert s.engine.checkpoint_bytes == sum(c.nbytes for c in ckpts) + end.nbytes > end.nbytes
     finally:
         s.close()
 
@@ -163,6 +166,33 @@ def test_a_dense_model_needs_no_checkpoints(smollm2_path):
         assert not s.engine.recurrent and s.engine.seqs[0].checkpoints == []
         got = run(s, prompt[:-20] + s.engine.tokenize(" A different ending.", add_special=False), 8)
         assert got.cache_source == "slot" and got.n_cached == len(prompt) - 20  # attention KV truncates anywhere
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("model", ["smollm2", "hybrid-mtp"])
+def test_the_same_prompt_again_samples_the_logits_its_prefill_computed(model, hybrid, smollm2_path):
+    """A repeated prompt (a regenerated answer, an agent's retry, a stream after a non-stream call) is not decoded
+    again: its first token comes from the logits row its prefill computed, so greedy and seeded answers and their
+    logprobs repeat exactly. (Decoding its last token again, alone, rounds differently from the prefill's batch and
+    can flip a near-tie on a real model.)"""
+    s = scheduler(smollm2_path if model == "smollm2" else hybrid, n_max=4 if model == "hybrid-mtp" else 0, ram_mib=0)
+    try:
+        prompt = s.engine.tokenize("<|im_start|>user\nName three rivers of Europe.<|im_end|>\n<|im_start|>assistant\n") \
+            if model == "smollm2" else tokens(300, 11)
+
+        def answer(sampling: SamplingParams) -> tuple[Result, list[dict]]:
+            stream = Stream().attach(s, GenerationRequest(prompt=list(prompt), sampling=sampling, max_tokens=12,
+                                                          ignore_eos=True, logprobs=2))
+            s.run_until_idle()
+            chunks = list(stream.chunks(timeout=60))
+            assert stream.result is not None
+            return stream.result, [lp for c in chunks for lp in c.logprobs]
+
+        for sampling in (SamplingParams(), SamplingParams(temperature=0.9, seed=7)):
+            (first, lp1), (again, lp2) = answer(sampling), answer(sampling)
+            assert again.n_cached == len(prompt) and again.token_ids == first.token_ids
+            assert lp2 == lp1  # bit for bit: the same rows
     finally:
         s.close()
 
@@ -292,8 +322,8 @@ def test_disk_cache_survives_a_restart_and_refuses_corrupt_files(hybrid, tmp_pat
     s = scheduler(hybrid, n_max=4, disk_dir=str(tmp_path), disk_min_tokens=100)
     try:
         got = run(s, prompt)
-        # The state saved at close holds the answer too: cutting it back to the prompt resumes at its last checkpoint.
-        assert got.cache_source == "disk" and got.n_cached == len(prompt) - 4
+        # The state saved at close holds the answer too, and the prompt's end: nothing is prefilled again.
+        assert got.cache_source == "disk" and got.n_cached == len(prompt)
         assert got.token_ids == first.token_ids
     finally:
         s.close()
@@ -438,17 +468,20 @@ def test_the_estimate_counts_checkpoints_as_the_engine_makes_them(hybrid, smollm
     s = scheduler(hybrid, n_max=n_max, ram_mib=0, n_checkpoints=4, min_step=64)
     try:
         run(s, tokens(600, 40), 2)
-        made = s.engine.seqs[0].checkpoints
+        made, end = s.engine.seqs[0].checkpoints, s.engine.seqs[0].end
         arch = ArchFacts.from_gguf(read_gguf(hybrid))
         run_cfg = RunConfig(n_ctx=N_CTX, mtp=n_max > 0, spec_n_max=n_max, n_checkpoints=4, checkpoint_min_step=64)
         planned = estimate(arch, WeightBytes(0, 0, 0, 0), run_cfg).checkpoints
         assert len(made) == run_cfg.checkpoints_per_slot == 4
-        # The state arrays exactly; llama.cpp's serialisation adds ~100 bytes of cell metadata to each.
-        assert 0 <= sum(c.nbytes for c in made) - planned <= 256 * len(made)
+        # The state arrays and the prompt end's logits row exactly; llama.cpp's serialisation adds ~100 bytes of
+        # cell metadata to each state.
+        assert end is not None and end.logits is not None
+        assert 0 <= sum(c.nbytes for c in made) + end.nbytes - planned <= 256 * (len(made) + 1)
     finally:
         s.close()
     dense = ArchFacts.from_gguf(read_gguf(smollm2_path))
-    assert estimate(dense, WeightBytes(0, 0, 0, 0), RunConfig(n_ctx=N_CTX, n_checkpoints=16)).checkpoints == 0
+    # A dense model keeps only its prompt end's logits row.
+    assert estimate(dense, WeightBytes(0, 0, 0, 0), RunConfig(n_ctx=N_CTX, n_checkpoints=16)).checkpoints == 4 * dense.n_vocab
 
 
 # ------------------------------------------------------------------------------------------- faults

@@ -83,7 +83,7 @@ class Result:
         return 1000.0 * max(self.n_tokens - 1, 0) / self.t_gen_ms if self.t_gen_ms > 0 else 0.0
 
 
-Inspect = Callable[[Engine, int, int], dict]  # (engine, logits row, token) -> OpenAI logprobs entry
+Inspect = Callable[[Engine, np.ndarray, int], dict]  # (engine, logits row, token) -> OpenAI logprobs entry
 
 
 class Output:
@@ -133,8 +133,8 @@ def make_logprobs(top_n: int) -> Inspect:
         raw = engine.piece(tok, special=True)
         return {"token": raw.decode("utf-8", "replace"), "logprob": lp, "bytes": list(raw)}
 
-    def inspect(engine: Engine, idx: int, tok: int) -> dict:
-        logits = engine.logits(idx).astype(np.float64)
+    def inspect(engine: Engine, row: np.ndarray, tok: int) -> dict:
+        logits = row.astype(np.float64)
         m = logits.max()
         logz = m + math.log(np.exp(logits - m).sum())
         item = entry(engine, tok, float(logits[tok] - logz))

@@ -370,6 +370,8 @@ class Sequence:
     mirror: list[tuple[int, int, np.ndarray, np.ndarray | None]] = field(default_factory=list)
     # Recurrent-state checkpoints of this sequence, by position (hybrid models only; see prompt_cache.py).
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    # The end of the prompt last prefilled here, with its last token's logits (see `Engine.keep_end`).
+    end: Checkpoint | None = None
 
 
 @dataclass
@@ -848,13 +850,19 @@ class Engine:
             self.seqs[s] = self._fresh_seq()
 
     @_open
-    def keep_prefix(self, seq: int, prompt: list[int]) -> int:
+    def keep_prefix(self, seq: int, prompt: list[int], *, whole: bool = False) -> int:
         """Keep the longest prefix of `prompt` the sequence already holds (at most all but its last token, whose
         logits are needed) and return its length; drop the rest. A recurrent model can truncate only within
         its rollback window; beyond it the sequence resumes from its newest checkpoint at or before the
-        divergence, else starts over."""
+        divergence, else starts over.
+
+        With `whole`, a prompt the sequence last prefilled (its `end`) is kept entirely: the return value is then
+        `len(prompt)` and `end_logits` is the row its first token is sampled from."""
         s = self.seqs[seq]
-        n_keep = min(common_prefix(s.tokens, prompt), len(prompt) - 1)
+        n_common = common_prefix(s.tokens, prompt)
+        if whole and s.end is not None and s.end.n_tokens == len(prompt) <= n_common and self._keep_end(seq):
+            return len(prompt)
+        n_keep = min(n_common, len(prompt) - 1)
         while 0 < n_keep < len(prompt) and prompt[n_keep] < 0 and prompt[n_keep - 1] == prompt[n_keep]:
             n_keep -= 1  # never cut an image's positions: its rows all sit at its first position
         if n_keep >= len(s.tokens):
@@ -869,6 +877,32 @@ class Engine:
         self.reset(seq)
         return 0
 
+    def _keep_end(self, seq: int) -> bool:
+        """Cut the sequence back to its prompt's end (restoring the recurrent state saved there)."""
+        end = self.seqs[seq].end
+        assert end is not None
+        if self.n_past(seq) == end.n_tokens:
+            return True
+        if not self._restore_checkpoint(seq, end):
+            return False
+        self.checkpoint_restores += bool(end.state)
+        return True
+
+    def end_logits(self, seq: int) -> np.ndarray:
+        """The logits of the last token of the prompt the sequence holds whole (after `keep_prefix(whole=True)`)."""
+        end = self.seqs[seq].end
+        assert end is not None and end.logits is not None and end.n_tokens == self.n_past(seq)
+        return end.logits
+
+    @_open
+    def keep_end(self, seq: int, idx: int) -> None:
+        """Remember that the sequence holds a whole prompt whose last token is output row `idx` of the last decode:
+        its logits, hidden row and (hybrid models) recurrent state, so the same prompt again starts from here."""
+        s = self.seqs[seq]
+        state = self._get_state(self._ctx, seq, L.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) if self.recurrent else b""
+        s.end = Checkpoint(len(s.tokens), state, s.pending_h.copy() if self._dctx and s.pending_h is not None else None,
+                           self.logits(idx).copy())
+
     def _truncate(self, seq: int, n: int) -> None:
         """Our record of a sequence whose target memory now ends at `n`: cut the MTP context and the mirror
         queue to match, and forget the checkpoints beyond it."""
@@ -880,12 +914,15 @@ class Engine:
             s.mirror = [e for e in s.mirror if e[1] < n]
         del s.tokens[n:]
         s.checkpoints = [c for c in s.checkpoints if c.n_tokens <= n]
+        if s.end is not None and s.end.n_tokens > n:
+            s.end = None
 
     def _restore_checkpoint(self, seq: int, ckpt: Checkpoint) -> bool:
         """Put the recurrent state back as it was after `ckpt.n_tokens` tokens and drop the KV behind it. The MTP
         context holds attention KV only, so cutting it (and the mirror queue) at the same position suffices; the
-        hidden row saved with the checkpoint is what the head drafts from next."""
-        if not self._set_state(self._ctx, seq, ckpt.state, L.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY):
+        hidden row saved with the checkpoint is what the head drafts from next. A checkpoint without state (a
+        prompt's end on a model without recurrent layers) only cuts the KV."""
+        if ckpt.state and not self._set_state(self._ctx, seq, ckpt.state, L.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY):
             log.warning("%s: llama.cpp refused checkpoint at %d of sequence %d", self.path, ckpt.n_tokens, seq)
             return False
         if not L.llama_memory_seq_rm(L.llama_get_memory(self._ctx), seq, ckpt.n_tokens, -1):
@@ -937,7 +974,7 @@ class Engine:
 
     @property
     def checkpoint_bytes(self) -> int:
-        return sum(c.nbytes for s in self.seqs for c in s.checkpoints)
+        return sum(c.nbytes for s in self.seqs for c in (*s.checkpoints, *([s.end] if s.end else [])))
 
     @_open
     def save_state(self, seq: int) -> SavedState | None:
@@ -955,7 +992,7 @@ class Engine:
             mtp = self._get_state(self._dctx, seq, L.LLAMA_STATE_SEQ_FLAGS_NONE)
         return SavedState(tokens=tuple(s.tokens), target=self._get_state(self._ctx, seq, L.LLAMA_STATE_SEQ_FLAGS_NONE),
                           mtp=mtp, h=s.pending_h.copy() if self._dctx and s.pending_h is not None else None, checkpoints=tuple(s.checkpoints),
-                          mirror=tuple(s.mirror))
+                          end=s.end, mirror=tuple(s.mirror))
 
     @_open
     def load_state(self, seq: int, saved: SavedState) -> bool:
@@ -973,6 +1010,7 @@ class Engine:
         s = self.seqs[seq]
         s.tokens = list(saved.tokens)
         s.checkpoints = list(saved.checkpoints)
+        s.end = saved.end
         s.mirror = list(saved.mirror)
         if saved.h is not None:
             s.pending_h = saved.h.copy()

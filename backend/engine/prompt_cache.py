@@ -73,15 +73,21 @@ class CacheConfig:
 @dataclass(frozen=True)
 class Checkpoint:
     """One sequence's recurrent state after its first `n_tokens` tokens, and (with MTP) the target's hidden row
-    of token `n_tokens - 1`, which the MTP head pairs with the next token."""
+    of token `n_tokens - 1`, which the MTP head pairs with the next token.
+
+    A prompt's end (`Sequence.end`) also keeps the logits of its last token as its prefill computed them, so the
+    same prompt again samples its first token from that row instead of decoding the last token again in another
+    batch shape, whose rounding can flip a near-tie (state is empty there for a model without recurrent layers).
+    """
 
     n_tokens: int
     state: bytes
     h: np.ndarray | None = None
+    logits: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
-        return len(self.state) + (self.h.nbytes if self.h is not None else 0)
+        return len(self.state) + sum(a.nbytes for a in (self.h, self.logits) if a is not None)
 
 
 @dataclass
@@ -94,6 +100,7 @@ class SavedState:
     mtp: bytes = b""
     h: np.ndarray | None = None
     checkpoints: tuple[Checkpoint, ...] = ()
+    end: Checkpoint | None = None  # the last prompt's end, with its logits (see Checkpoint)
     # MTP mirror entries not yet decoded into the MTP context: (token, position, hidden row, M-RoPE sections).
     mirror: tuple[tuple[int, int, np.ndarray, np.ndarray | None], ...] = ()
     last_used: float = field(default_factory=time.monotonic)
@@ -101,7 +108,12 @@ class SavedState:
     @property
     def nbytes(self) -> int:
         return (len(self.target) + len(self.mtp) + (self.h.nbytes if self.h is not None else 0)
-                + sum(c.nbytes for c in self.checkpoints) + sum(e[2].nbytes + 16 for e in self.mirror))
+                + sum(c.nbytes for c in self.saved_points) + sum(e[2].nbytes + 16 for e in self.mirror))
+
+    @property
+    def saved_points(self) -> tuple[Checkpoint, ...]:
+        """The checkpoints, then the prompt's end when there is one."""
+        return self.checkpoints + ((self.end,) if self.end is not None else ())
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -218,7 +230,7 @@ def _is_prefix(a: Sequence[int], b: Sequence[int]) -> bool:
 # ------------------------------------------------------------------------------------------- disk
 
 _MAGIC = b"APEXMTP-PROMPT-CACHE\n"
-_VERSION = 1
+_VERSION = 2
 _SUFFIX = ".apc"
 _HEAD = struct.Struct("<II")  # format version, header length
 
@@ -249,18 +261,19 @@ def tokens_key(tokens: Sequence[int]) -> str:
 
 def encode(state: SavedState, identity: str) -> bytes:
     """A saved state as one file's bytes: magic, version, a JSON header (identity, part sizes, sha256 of the
-    payload), then the payload (tokens, target state, MTP state, hidden row, checkpoints)."""
+    payload), then the payload (tokens, target state, MTP state, hidden row, checkpoints, the prompt's end)."""
     parts = [np.asarray(state.tokens, dtype=np.int32).tobytes(), state.target, state.mtp, _row(state.h)]
     ckpts = []
-    for c in state.checkpoints:
-        parts += [c.state, _row(c.h)]
-        ckpts.append({"n_tokens": c.n_tokens, "state": len(c.state), "h": len(_row(c.h))})
+    for c in state.saved_points:
+        parts += [c.state, _row(c.h), _row(c.logits)]
+        ckpts.append({"n_tokens": c.n_tokens, "state": len(c.state), "h": len(_row(c.h)),
+                      "logits": len(_row(c.logits))})
     mirror = _mirror_bytes(state.mirror)
     parts.append(mirror)
     payload = b"".join(parts)
     header = json.dumps({
         "identity": identity, "n_tokens": len(state.tokens), "target": len(state.target), "mtp": len(state.mtp),
-        "h": len(_row(state.h)), "checkpoints": ckpts, "mirror": len(state.mirror), "mirror_bytes": len(mirror),
+        "h": len(_row(state.h)), "checkpoints": ckpts, "end": state.end is not None, "mirror": len(state.mirror), "mirror_bytes": len(mirror),
         "sha256": hashlib.sha256(payload).hexdigest(),
     }).encode()
     return _MAGIC + _HEAD.pack(_VERSION, len(header)) + header + payload
@@ -322,12 +335,13 @@ def decode(data: bytes, identity: str) -> SavedState:
     try:
         n_tok = int(header["n_tokens"])
         sizes = [4 * n_tok, int(header["target"]), int(header["mtp"]), int(header["h"])]
-        ckpts = [(int(c["n_tokens"]), int(c["state"]), int(c["h"])) for c in header["checkpoints"]]
+        ckpts = [(int(c["n_tokens"]), int(c["state"]), int(c["h"]), int(c["logits"])) for c in header["checkpoints"]]
+        has_end = bool(header["end"])
         n_mirror, mirror_bytes = int(header["mirror"]), int(header["mirror_bytes"])
         digest = str(header["sha256"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CacheFileError(f"incomplete header ({exc})") from None
-    expected = sum(sizes) + sum(s + h for _, s, h in ckpts) + mirror_bytes
+    expected = sum(sizes) + sum(sum(c[1:]) for c in ckpts) + mirror_bytes
     if len(payload) != expected:
         raise CacheFileError(f"truncated: {len(payload)} payload bytes, the header says {expected}")
     if hashlib.sha256(payload).hexdigest() != digest:
@@ -343,11 +357,14 @@ def decode(data: bytes, identity: str) -> SavedState:
 
     tokens = tuple(int(t) for t in np.frombuffer(take(sizes[0]), dtype=np.int32))
     target, mtp, h = take(sizes[1]), take(sizes[2]), _unrow(take(sizes[3]))
-    checkpoints = tuple(Checkpoint(n, take(s), _unrow(take(hn))) for n, s, hn in ckpts)
+    checkpoints = [Checkpoint(n, take(s), _unrow(take(hn)), _unrow(take(ln))) for n, s, hn, ln in ckpts]
+    end = checkpoints.pop() if has_end and checkpoints else None
     mirror = _mirror_entries(take(mirror_bytes), n_mirror)
-    if not target or any(c.n_tokens > n_tok for c in checkpoints) or any(not 0 <= e[1] < n_tok for e in mirror):
+    if not target or any(c.n_tokens > n_tok for c in checkpoints) or any(not 0 <= e[1] < n_tok for e in mirror) \
+            or (end is not None and (end.n_tokens > n_tok or end.logits is None)):
         raise CacheFileError("inconsistent: no target state, or a checkpoint or mirror entry beyond the tokens")
-    return SavedState(tokens=tokens, target=target, mtp=mtp, h=h, checkpoints=checkpoints, mirror=mirror)
+    return SavedState(tokens=tokens, target=target, mtp=mtp, h=h, checkpoints=tuple(checkpoints), end=end,
+                      mirror=mirror)
 
 
 class DiskCache:

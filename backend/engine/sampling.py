@@ -207,7 +207,15 @@ class Sampler:
                 L.llama_sampler_accept(self._penalties, tok)
 
     def sample(self, ctx: int, idx: int) -> int | None:
-        """Pick a token from output row `idx` of `ctx`'s last decode and accept it into the chain.
+        """Pick a token from output row `idx` of `ctx`'s last decode and accept it into the chain (see
+        `sample_row`)."""
+        if self._grammar is None:
+            return int(L.llama_sampler_sample(self._chain, ctx, idx))
+        return self.sample_row(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, idx), shape=(self._n_vocab,)))
+
+    def sample_row(self, logits: np.ndarray) -> int | None:
+        """Pick a token from one row of logits and accept it into the chain (a row kept from an earlier decode
+        gives the token that decode would have given).
 
         With a grammar, the chain's choice is checked against the grammar and the grammar masks the vocabulary only
         when it refuses that choice (llama.cpp's own order). Every state that leaves no candidate is handled here,
@@ -215,17 +223,15 @@ class Sampler:
         None means the grammar has matched completely and the end-of-generation token it allows is banned
         (IgnoreEOS), so the output is finished; a grammar whose every allowed token is banned is a request error.
         """
-        if self._grammar is None:
-            return int(L.llama_sampler_sample(self._chain, ctx, idx))
-        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, idx), shape=(self._n_vocab,))
         token = self._pick(logits, grammar=False)
-        if token is None or not self._allowed(token):
+        if self._grammar is not None and (token is None or not self._allowed(token)):
             token = self._pick(logits, grammar=True)
-            if token is None:
-                if any(self._allowed(t) for t in self._eog()):
-                    return None
-                raise InvalidRequestError("no token is possible here: logit_bias bans every token the grammar allows")
-        L.llama_sampler_accept(self._grammar, token)
+            if token is None and any(self._allowed(t) for t in self._eog()):
+                return None
+        if token is None:
+            raise InvalidRequestError("no token is possible here: logit_bias bans every token the grammar allows")
+        if self._grammar is not None:
+            L.llama_sampler_accept(self._grammar, token)
         L.llama_sampler_accept(self._chain, token)
         return token
 

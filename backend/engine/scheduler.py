@@ -31,6 +31,8 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
+import numpy as np
+
 from ..core.errors import ContextOverflowError, EngineClosedError, InvalidRequestError
 from .draft_model import DraftModel
 from .generation import Chunk, GenerationRequest, Inspect, Output, Result, make_logprobs
@@ -408,7 +410,9 @@ class Scheduler:
                     if self.draft_model is not None:
                         self.draft_model.follow(s.seq)
                     if not s.todo:
-                        self._first_token(s, row.last)
+                        if self.cache.n_checkpoints > 0 or not engine.recurrent:  # a recurrent end is a checkpoint
+                            engine.keep_end(s.seq, row.last)
+                        self._first_token(s, engine.logits(row.last))
                 else:
                     self._verify(s, row, drafts[s.seq], before.get(s.seq))
             except InvalidRequestError as exc:  # this request cannot go on (its grammar allows nothing): only it
@@ -468,7 +472,7 @@ class Scheduler:
             if source is None and n_slot < len(self.engine.seqs[slot.seq].tokens) // 2:
                 self._stash(slot)  # most of it is about to go: keep it for the conversation's return
             restores = self.engine.checkpoint_restores
-            n_keep = self.engine.keep_prefix(slot.seq, prompt)
+            n_keep = self.engine.keep_prefix(slot.seq, prompt, whole=True)
             if source is None and n_keep:
                 source = "checkpoint" if self.engine.checkpoint_restores > restores else "slot"
             slot.ticket, slot.todo, slot.y = ticket, prompt[n_keep:], None
@@ -495,6 +499,11 @@ class Scheduler:
                 for other in self.slots:
                     if other.ticket is None:
                         self._stash(other)
+            if not slot.todo:  # the slot holds this very prompt: its first token comes from the kept logits
+                try:
+                    self._first_token(slot, self.engine.end_logits(slot.seq))
+                except InvalidRequestError as exc:
+                    self._end(slot, error=exc)
 
     def _pick_slot(self, free: list[Slot], prompt: list[int]) -> Slot:
         """The free slot sharing the longest prefix with the prompt (ties, and no match at all: the least recently
@@ -596,7 +605,8 @@ class Scheduler:
         cap = limit if n_draft is None else min(n_draft, limit)
         return max(0, min(cap, s.max_tokens - s.ticket.result.n_tokens - 1))
 
-    def _first_token(self, s: Slot, idx: int) -> None:
+    def _first_token(self, s: Slot, logits: np.ndarray) -> None:
+        """Sample the first token from the prompt's last logits row and emit it."""
         s.t_first = time.perf_counter()
         s.ticket.result.t_prompt_ms = (s.t_first - s.t_admit) * 1000
         if self.disk is not None and s.n_prompt >= self.cache.disk_min_tokens:
@@ -607,10 +617,10 @@ class Scheduler:
                 state = self.engine.save_state(s.seq)
                 if state is not None:
                     self.disk.store(state)
-        tok = s.ticket.sampler.sample(self.engine.ctx, idx)
+        tok = s.ticket.sampler.sample_row(logits)
         if tok is None:  # a grammar that is complete from the start
             return self._end(s, reason="stop")
-        extra = s.ticket.inspect(self.engine, idx, tok) if s.ticket.inspect else None
+        extra = s.ticket.inspect(self.engine, logits, tok) if s.ticket.inspect else None
         if self._emit(s, [(tok, extra)]):
             s.y = tok
 
@@ -624,7 +634,7 @@ class Scheduler:
             if tok is None:
                 complete = True
                 break
-            accepted.append((tok, ticket.inspect(engine, row.first + i, tok) if ticket.inspect else None))
+            accepted.append((tok, ticket.inspect(engine, engine.logits(row.first + i), tok) if ticket.inspect else None))
             if i == len(drafts) or tok != drafts[i] or engine.is_eog(tok):
                 break
         # Row tokens to keep: y and the drafts confirmed; the last sample (if any) is the next y, not yet decoded.

@@ -467,8 +467,8 @@ def describe(b: Breakdown, run: RunConfig, arch: ArchFacts) -> list[tuple[str, i
         (f"compute (ubatch {run.n_ubatch})", b.compute + b.output),
         ("MTP head + draft context", b.mtp_total),
         ("mmproj", b.mmproj),
-        (f"{f'checkpoints x{run.checkpoints_per_slot} + ' if arch.n_recurrent else ''}prompt end{per_slot} (RAM)",
-         b.checkpoints),
+        # A dense model keeps only the prompt end's logits row: too small to name.
+        (f"checkpoints x{run.checkpoints_per_slot} + prompt end{per_slot} (RAM)", b.checkpoints if arch.n_recurrent else 0),
     ]
     return [(label, n) for label, n in parts if n > 0 and (arch.n_recurrent or not label.startswith("recurrent"))]
 

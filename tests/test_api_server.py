@@ -307,6 +307,18 @@ def test_cli_errors_exit_nonzero(run_env, tmp_path):
     assert done.returncode == 1 and "missing.gguf" in done.stderr
 
 
+def test_option_flags_reach_the_backend(run_env):
+    """`--option KEY:VALUE` goes to LoadModel as a LocalAI YAML's `options:` entry: a bad value is the backend's own
+    error, naming the option; a malformed flag is a usage error."""
+    cmd = [sys.executable, "-m", "backend.cli", "run", "--port", "0", "--quiet", "--threads", "1"]
+    done = subprocess.run([*cmd, "--option", "spec_type:bogus"], check=False, cwd=ROOT, env={**os.environ, **run_env},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "option spec_type: unknown speculative type(s) 'bogus'" in done.stderr
+    done = subprocess.run([*cmd, "--option", "bogus"], check=False, cwd=ROOT, env={**os.environ, **run_env},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "expected KEY:VALUE" in done.stderr
+
+
 # ------------------------------------------------------------------------------------------ concurrency
 
 

@@ -185,7 +185,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def main(argv: list[str]) -> int:
     """`apexmtp chat [REF] [--url http://127.0.0.1:8080] [--system TEXT] [--temperature T] [--max-tokens N]`"""
     from .models import RunOptions
-    from .server import add_run_arguments, cache_options, serve
+    from .server import add_run_arguments, backend_options, serve
 
     parser = argparse.ArgumentParser(prog="apexmtp chat", description=__doc__.splitlines()[0])
     add_run_arguments(parser)
@@ -211,7 +211,7 @@ def main(argv: list[str]) -> int:
                                       models_dir=args.models_dir, threads=args.threads, embeddings=args.embeddings,
                                       no_mtp=args.no_mtp, parallel=args.parallel, prefer=args.prefer,
                                       echo_backend=False, rpc=args.rpc, mmproj=args.mmproj,
-                                      cache_options=cache_options(args)))
+                                      backend_options=backend_options(args)))
             base = server.url
         model = get_json(base, "/v1/models", key)["data"][0]["id"]
         return ChatSession(base, model, sys.stdout, system=args.system, sampling=sampling, key=key).run(sys.stdin)

@@ -57,7 +57,7 @@ class RunOptions:
     http_workers: int = DEFAULT_WORKERS
     rpc: tuple[str, ...] = ()  # RPC workers (`apexmtp worker`) to split the model across
     mmproj: Path | None = None  # vision projector GGUF; overrides the one the model config names
-    cache_options: tuple[str, ...] = ()  # prompt-reuse options from --cache-ram, --prompt-cache, ... (cache_options())
+    backend_options: tuple[str, ...] = ()  # from --cache-ram, --prompt-cache, ..., --option (backend_options())
 
     @property
     def models_path(self) -> Path:
@@ -89,7 +89,7 @@ def prepare(opts: RunOptions, *, profile: HardwareProfile | None = None,
                       prefer=opts.prefer)
         options, aliases = list(pulled.options), {opts.ref}
     options = merge_options(options, (f"parallel:{opts.parallel}",) + ((f"rpc_servers:{','.join(opts.rpc)}",)
-                                                                     if opts.rpc else ()) + opts.cache_options)
+                                                                     if opts.rpc else ()) + opts.backend_options)
     log.info("%s", pulled.explanation)
     config = yaml.safe_load(pulled.config_path.read_text(encoding="utf-8"))
     config["options"] = options

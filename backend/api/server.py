@@ -57,14 +57,26 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recurrent-state checkpoints per slot on hybrid models (default 16; 0 off)")
     parser.add_argument("--checkpoint-min-step", type=int, metavar="TOKENS",
                         help="tokens between two mid-prompt checkpoints (default 256)")
+    parser.add_argument("--option", action="append", type=_option, default=[], metavar="KEY:VALUE",
+                        help="a backend option, as a LocalAI model YAML's `options:` list holds them (e.g. "
+                        "adaptive_threads:false, n_batch:1024; the README's option table); repeatable, wins over "
+                        "the plan's")
 
 
-def cache_options(args: argparse.Namespace) -> tuple[str, ...]:
-    """The backend options (LocalAI's names) that the prompt-reuse flags of `add_run_arguments` set."""
+def _option(text: str) -> str:
+    key, sep, _ = text.partition(":")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY:VALUE, got {text!r}")
+    return text
+
+
+def backend_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The backend options (LocalAI's names) that the prompt-reuse flags of `add_run_arguments` set, then the
+    `--option`s as given."""
     given = {"cache_ram": args.cache_ram, "ctx_checkpoints": args.ctx_checkpoints,
              "checkpoint_min_step": args.checkpoint_min_step,
              "prompt_cache_dir": args.prompt_cache.expanduser().resolve() if args.prompt_cache else None}
-    return tuple(f"{key}:{value}" for key, value in given.items() if value is not None)
+    return tuple(f"{key}:{value}" for key, value in given.items() if value is not None) + tuple(args.option)
 
 def serve(opts: RunOptions) -> ApiServer:
     """Bind the HTTP port, serve (503 while loading), start the backend and load the model. Caller closes it."""
@@ -104,7 +116,7 @@ def main(argv: list[str]) -> int:
                       echo_backend=not args.quiet, gallery=args.gallery,
                       api_keys=parse_keys([*(args.api_key or []), constants.API_KEY]),
                       http_workers=args.http_workers, rpc=args.rpc, mmproj=args.mmproj,
-                      cache_options=cache_options(args))
+                      backend_options=backend_options(args))
     warning = exposure_warning(opts.host, opts.api_keys)
     if warning:
         print(f"apexmtp run: warning: {warning}", file=sys.stderr, flush=True)

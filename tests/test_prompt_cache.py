@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 import yaml
-from conftest import BackendProcess
+from conftest import BackendProcess, wait_until
 
 from backend.core.gguf_file import read_gguf
 from backend.engine.generation import GenerationRequest, Result
@@ -195,6 +195,25 @@ def test_the_same_prompt_again_samples_the_logits_its_prefill_computed(model, hy
             assert lp2 == lp1  # bit for bit: the same rows
     finally:
         s.close()
+
+
+def test_an_idle_slot_mirrors_its_prompt_tail_before_the_next_turn(hybrid):
+    """A request that never drafted after its prompt leaves the prompt's last partial chunk of MTP mirror entries
+    queued; the serving loop decodes them while it is idle, so the next turn's prefill does not pay for them, and
+    the next turn's answer is still the cold one."""
+    s = scheduler(hybrid, n_max=4, ram_mib=0)
+    thread = threading.Thread(target=s.run, daemon=True)
+    thread.start()
+    try:
+        prompt = tokens(600, 21)
+        run(s, prompt, 1)  # one token: the head never drafts, the tail of the prompt stays queued
+        wait_until(lambda: not s.engine.seqs[0].mirror, 30, message="the idle slot kept its mirror queue")
+        longer = prompt + tokens(40, 22)
+        got = run(s, longer)
+        assert got.n_cached >= len(prompt) - 4 and got.token_ids == cold(hybrid, longer, n_max=4)
+    finally:
+        s.close()
+        thread.join(30)
 
 
 # ------------------------------------------------------------------------------------------- RAM cache

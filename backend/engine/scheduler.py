@@ -297,16 +297,37 @@ class Scheduler:
             self._driving.acquire()
             while True:
                 with self._cv:
-                    while self._closing is None and not (self._jobs or self._pending or self.busy_slots):
+                    idle = not (self._jobs or self._pending or self.busy_slots)
+                    backlog = self._mirror_backlog() if idle else None
+                    while backlog is None and self._closing is None and not (self._jobs or self._pending or
+                                                                               self.busy_slots):
                         self._cv.wait()
                     if self._closing is not None:
                         break
+                if backlog is not None:
+                    self._flush_idle(backlog)
+                    continue
                 self._run_jobs()
                 self._guarded_step()
         finally:
             self._drain()
             self._driving.release()
             self._stopped.set()
+
+    def _mirror_backlog(self) -> int | None:
+        """A free slot whose MTP mirror entries are still queued (the prompt tail since the last full chunk, when its
+        request never drafted after it), or None."""
+        return next((s.seq for s in self.slots if s.ticket is None and self.engine.seqs[s.seq].mirror), None) \
+            if not self.engine.closed and self.engine.mtp_enabled else None
+
+    def _flush_idle(self, seq: int) -> None:
+        """Decode a free slot's queued mirror entries while nothing else is waiting (at most one chunk, so a request
+        that arrives meanwhile waits a fraction of a prefill step): a conversation's next turn then does not pay for
+        them in its time to first token."""
+        try:
+            self.engine.flush_mirror([seq])
+        except DecodeError as exc:  # the engine reset that sequence: its next request prefills again
+            log.warning("%s: slot %d: %s", self.name, seq, exc)
 
     def run_until_idle(self) -> None:
         """Drive the loop on the calling thread until every submitted request has finished (in-process use)."""

@@ -1135,14 +1135,15 @@ class Engine:
             self.flush_mirror([self.seqs.index(s)])
 
     @_open
-    def flush_mirror(self, seqs: Iterable[int] | None = None) -> None:
-        """Decode the queued mirror entries of `seqs` (default all) into the MTP context, batched together."""
+    def flush_mirror(self, seqs: Iterable[int] | None = None, *, limit: int | None = None) -> None:
+        """Decode the queued mirror entries of `seqs` (default all) into the MTP context, batched together; with
+        `limit`, only each sequence's first `limit` entries (the rest stay queued, in order)."""
         if not self._dctx:
             return
         entries: list[tuple[int, int, int, np.ndarray, np.ndarray | None]] = []
         for seq in range(self.n_seq) if seqs is None else seqs:
             s = self.seqs[seq]
-            queue, s.mirror = s.mirror, []
+            queue, s.mirror = (s.mirror, []) if limit is None else (s.mirror[:limit], s.mirror[limit:])
             if s.ahead is not None:
                 if queue and (queue[0][1], queue[0][0]) == s.ahead:
                     queue = queue[1:]

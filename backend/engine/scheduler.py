@@ -75,6 +75,7 @@ def llama_thread() -> ThreadPoolExecutor:
 # whole state, and a handful of tokens is cheaper to prefill (it also keeps a slot's KV where it was computed).
 _MIN_RESTORE_GAIN = 32
 IDLE_GAP_S = 0.25  # no step for this long: the scheduler was idle (steps follow each other at once while busy)
+IDLE_MIRROR_CHUNK = 32  # MTP mirror entries an idle server decodes at a time (a few ms: a new request barely waits)
 
 Event = Chunk | Result | BaseException  # what a sink receives: chunks, then a Result or the error that ended it
 Sink = Callable[[Event], None]
@@ -321,11 +322,11 @@ class Scheduler:
             if not self.engine.closed and self.engine.mtp_enabled else None
 
     def _flush_idle(self, seq: int) -> None:
-        """Decode a free slot's queued mirror entries while nothing else is waiting (at most one chunk, so a request
-        that arrives meanwhile waits a fraction of a prefill step): a conversation's next turn then does not pay for
-        them in its time to first token."""
+        """Decode some of a free slot's queued mirror entries while nothing else is waiting, `IDLE_MIRROR_CHUNK` at a
+        time so that a request arriving meanwhile waits a few milliseconds: a conversation's next turn then does not
+        pay for them in its time to first token."""
         try:
-            self.engine.flush_mirror([seq])
+            self.engine.flush_mirror([seq], limit=IDLE_MIRROR_CHUNK)
         except DecodeError as exc:  # the engine reset that sequence: its next request prefills again
             log.warning("%s: slot %d: %s", self.name, seq, exc)
 

@@ -135,6 +135,8 @@ class ArchFacts:
 def kv_cache_type(wanted: str, arch: ArchFacts) -> str:
     """`wanted` where its blocks divide the attention heads' key and value lengths, else f16: llama.cpp refuses to
     create a context whose quantized cache blocks would straddle heads (e.g. q8_0 on 16-wide heads)."""
+    if wanted not in CACHE_TYPES:
+        raise InvalidRequestError(f"unknown KV cache type {wanted!r} (known: {', '.join(CACHE_TYPES)})")
     block = CACHE_TYPES[wanted][0]
     return wanted if all(d % block == 0 for d in arch.kv_head_dims) else "f16"
 

@@ -284,7 +284,7 @@ def _policy(pc: Checker, policy: dict[str, Any]) -> Policy:
     if not all(isinstance(c, int) and c > 0 for c in candidates):
         raise pc.fail("context_candidates", "expected positive integers")
     cache_type, flash_attention = pc.get(policy, "cache_type", str), pc.get(policy, "flash_attention", str)
-    cache_type_cpu = pc.get(policy, "cache_type_cpu", str)
+    cache_type_cpu = pc.get(policy, "cache_type_cpu", str, required=False) or cache_type
     mtp = pc.get(policy, "mtp", dict)
     mtp_policy = MtpPolicy(spec_n_max=pc.get(mtp, "spec_n_max", int, path="mtp"),
                            spec_p_min=float(pc.get(mtp, "spec_p_min", (int, float), path="mtp")),

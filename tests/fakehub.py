@@ -15,6 +15,7 @@ import re
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Self
@@ -63,6 +64,8 @@ class FakeHub:
         # (seen once in a full run), so it is asked from a helper thread and the serving thread is joined with one.
         threading.Thread(target=self._server.shutdown, daemon=True).start()
         self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            warnings.warn("FakeHub: the serving thread did not stop within 10 s", stacklevel=2)
         self._server.server_close()
 
     @property

@@ -57,16 +57,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recurrent-state checkpoints per slot on hybrid models (default 16; 0 off)")
     parser.add_argument("--checkpoint-min-step", type=int, metavar="TOKENS",
                         help="tokens between two mid-prompt checkpoints (default 256)")
-    parser.add_argument("--option", action="append", type=_option, default=[], metavar="KEY:VALUE",
+    parser.add_argument("--option", action="append", type=_option, default=[], metavar="KEY[:VALUE]",
                         help="a backend option, as a LocalAI model YAML's `options:` list holds them (e.g. "
-                        "adaptive_threads:false, n_batch:1024; the README's option table); repeatable, wins over "
-                        "the plan's")
+                        "adaptive_threads:false, spec_n_max:4, a bare use_jinja; the README's option table); "
+                        "repeatable, wins over the plan's")
 
 
 def _option(text: str) -> str:
-    key, sep, _ = text.partition(":")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY:VALUE, got {text!r}")
+    if not text.partition(":")[0].strip():
+        raise argparse.ArgumentTypeError(f"expected KEY or KEY:VALUE, got {text!r}")
     return text
 
 

@@ -370,7 +370,7 @@ class Sequence:
     mirror: list[tuple[int, int, np.ndarray, np.ndarray | None]] = field(default_factory=list)
     # Recurrent-state checkpoints of this sequence, by position (hybrid models only; see prompt_cache.py).
     checkpoints: list[Checkpoint] = field(default_factory=list)
-    # The end of the prompt last prefilled here, with its last token's logits (see `Engine.keep_end`).
+    # The end of the prompt last prefilled here, with its last token's logits (see `Engine.record_end`).
     end: Checkpoint | None = None
 
 
@@ -860,7 +860,7 @@ class Engine:
         `len(prompt)` and `end_logits` is the row its first token is sampled from."""
         s = self.seqs[seq]
         n_common = common_prefix(s.tokens, prompt)
-        if whole and s.end is not None and s.end.n_tokens == len(prompt) <= n_common and self._keep_end(seq):
+        if whole and s.end is not None and s.end.n_tokens == len(prompt) <= n_common and self._cut_to_end(seq):
             return len(prompt)
         n_keep = min(n_common, len(prompt) - 1)
         while 0 < n_keep < len(prompt) and prompt[n_keep] < 0 and prompt[n_keep - 1] == prompt[n_keep]:
@@ -877,7 +877,7 @@ class Engine:
         self.reset(seq)
         return 0
 
-    def _keep_end(self, seq: int) -> bool:
+    def _cut_to_end(self, seq: int) -> bool:
         """Cut the sequence back to its prompt's end (restoring the recurrent state saved there)."""
         end = self.seqs[seq].end
         assert end is not None
@@ -895,7 +895,7 @@ class Engine:
         return end.logits
 
     @_open
-    def keep_end(self, seq: int, idx: int) -> None:
+    def record_end(self, seq: int, idx: int) -> None:
         """Remember that the sequence holds a whole prompt whose last token is output row `idx` of the last decode:
         its logits, hidden row and (hybrid models) recurrent state, so the same prompt again starts from here."""
         s = self.seqs[seq]
@@ -922,7 +922,8 @@ class Engine:
         context holds attention KV only, so cutting it (and the mirror queue) at the same position suffices; the
         hidden row saved with the checkpoint is what the head drafts from next. A checkpoint without state (a
         prompt's end on a model without recurrent layers) only cuts the KV."""
-        if ckpt.state and not self._set_state(self._ctx, seq, ckpt.state, L.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY):
+        if (ckpt.state or self.recurrent) and \
+                not self._set_state(self._ctx, seq, ckpt.state, L.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY):
             log.warning("%s: llama.cpp refused checkpoint at %d of sequence %d", self.path, ckpt.n_tokens, seq)
             return False
         if not L.llama_memory_seq_rm(L.llama_get_memory(self._ctx), seq, ckpt.n_tokens, -1):
@@ -1010,7 +1011,8 @@ class Engine:
         s = self.seqs[seq]
         s.tokens = list(saved.tokens)
         s.checkpoints = list(saved.checkpoints)
-        s.end = saved.end
+        end = saved.end
+        s.end = end if end is not None and end.logits is not None and end.logits.shape == (self.n_vocab,) else None
         s.mirror = list(saved.mirror)
         if saved.h is not None:
             s.pending_h = saved.h.copy()

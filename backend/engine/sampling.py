@@ -229,7 +229,8 @@ class Sampler:
             if token is None and any(self._allowed(t) for t in self._eog()):
                 return None
         if token is None:
-            raise InvalidRequestError("no token is possible here: logit_bias bans every token the grammar allows")
+            raise InvalidRequestError("no token is possible here: logit_bias bans every token"
+                                      + (" the grammar allows" if self._grammar is not None else ""))
         if self._grammar is not None:
             L.llama_sampler_accept(self._grammar, token)
         L.llama_sampler_accept(self._chain, token)

@@ -329,6 +329,10 @@ class Scheduler:
             self.engine.flush_mirror([seq], limit=IDLE_MIRROR_CHUNK)
         except DecodeError as exc:  # the engine reset that sequence: its next request prefills again
             log.warning("%s: slot %d: %s", self.name, seq, exc)
+        except Exception:  # a bug: the loop keeps serving, the slot starts over (entries already taken are gone)
+            log.exception("%s: slot %d: mirroring while idle failed", self.name, seq)
+            if not self.engine.closed:
+                self.engine.reset(seq)
 
     def run_until_idle(self) -> None:
         """Drive the loop on the calling thread until every submitted request has finished (in-process use)."""
@@ -433,7 +437,7 @@ class Scheduler:
                         self.draft_model.follow(s.seq)
                     if not s.todo:
                         if self.cache.n_checkpoints > 0 or not engine.recurrent:  # a recurrent end is a checkpoint
-                            engine.keep_end(s.seq, row.last)
+                            engine.record_end(s.seq, row.last)
                         self._first_token(s, engine.logits(row.last))
                 else:
                     self._verify(s, row, drafts[s.seq], before.get(s.seq))

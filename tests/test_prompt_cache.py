@@ -197,6 +197,22 @@ def test_the_same_prompt_again_samples_the_logits_its_prefill_computed(model, hy
         s.close()
 
 
+@pytest.mark.parametrize("n_max", [0, 4], ids=["plain", "mtp"])
+def test_a_next_turn_resumes_at_the_previous_prompts_end(hybrid, n_max):
+    """The answer went beyond the rollback window; the next turn extends the prompt (the answer re-rendered
+    differently): it resumes from the state kept at the prompt's end, not from a checkpoint before it."""
+    s = scheduler(hybrid, n_max=n_max, ram_mib=0)
+    try:
+        prompt = tokens(300, 31)
+        run(s, prompt, 24)
+        longer = prompt + tokens(30, 32)
+        got = run(s, longer)
+        assert (got.n_cached, got.cache_source) == (len(prompt), "checkpoint")
+        assert got.token_ids == cold(hybrid, longer, n_max=n_max)
+    finally:
+        s.close()
+
+
 def test_an_idle_slot_mirrors_its_prompt_tail_before_the_next_turn(hybrid):
     """A request that never drafted after its prompt leaves the prompt's last partial chunk of MTP mirror entries
     queued; the serving loop decodes them while it is idle, so the next turn's prefill does not pay for them, and

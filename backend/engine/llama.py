@@ -870,7 +870,9 @@ class Engine:
         if n_keep > 0 and L.llama_memory_seq_rm(L.llama_get_memory(self._ctx), seq, n_keep, -1):
             self._truncate(seq, n_keep)
             return n_keep
-        ckpt = next((c for c in reversed(s.checkpoints) if 0 < c.n_tokens <= n_keep), None)
+        # The prompt's end is a checkpoint too (a next turn that extends the prompt resumes exactly there).
+        points = [*s.checkpoints, *([s.end] if s.end is not None and s.end.state else [])]
+        ckpt = max((c for c in points if 0 < c.n_tokens <= n_keep), key=lambda c: c.n_tokens, default=None)
         if ckpt is not None and self._restore_checkpoint(seq, ckpt):
             self.checkpoint_restores += 1
             return ckpt.n_tokens

@@ -168,7 +168,6 @@ class Scheduler:
         top = max(engine.n_threads, engine.n_threads_batch)
         self._step_end = 0.0  # when the last step ended: a longer gap before the next one is idle time
         self._redo: list[Row] = []  # this step's rows rolled back from a snapshot, to decode again after verifying
-        self._k_model = 0  # the draft length the model drafted with this step (0: it did not draft)
         self._model_drafted = False  # whether it drafted the step before: its drafter is then in step
         self.threads = ThreadGovernor(top) if engine.config.adaptive_threads and top > 1 else None
         if self.ngram and spec.ngram_max > engine.config.n_draft_max:
@@ -406,9 +405,9 @@ class Scheduler:
             log.info("%s: computing with %d of %d threads: %s", self.name, n, self.threads.configured,
                      "other processes hold the other cores" if n < self.threads.configured else "the cores are free")
         t0, m0 = time.perf_counter(), self._deferred_seconds()
-        in_step, self._k_model = self._model_drafted, 0
-        drafts = self._drafts(decoding)
-        self._model_drafted = self._k_model > 0
+        in_step = self._model_drafted
+        drafts, k_model = self._drafts(decoding)
+        self._model_drafted = k_model > 0
         rows: list[tuple[Slot, Row]] = [(s, Row(s.seq, [s.y, *drafts[s.seq].tokens])) for s in decoding]
         budget = engine.n_batch - sum(len(r.tokens) for _, r in rows)
         for s in prefilling:
@@ -590,10 +589,12 @@ class Scheduler:
         if self.engine.n_past(s.seq) in s.checkpoint_at:
             self.engine.checkpoint(s.seq, self.cache.n_checkpoints)
 
-    def _drafts(self, decoding: list[Slot]) -> dict[int, Draft]:
+    def _drafts(self, decoding: list[Slot]) -> tuple[dict[int, Draft], int]:
         """Drafts per decoding slot (seq -> Draft), each capped by its request: an n-gram match where the slot's
-        tokens have one (as long as it goes), else MTP drafts, one k for all the slots drafting with MTP."""
+        tokens have one (as long as it goes), else model drafts, one k for all the slots the model drafts for; and
+        that k (0 when the model did not draft)."""
         out = {s.seq: Draft() for s in decoding}
+        k = 0
         if self.ngram is not None:
             for s in decoding:
                 s.ngram.sync(s.ticket.result.token_ids)
@@ -604,7 +605,6 @@ class Scheduler:
         if self.controller is not None and mtp:
             caps = [self._draft_cap(s, self.spec.n_max) for s in mtp]
             k = self.controller.choose([s.acc for s in mtp], max(caps))
-            self._k_model = k
             if k > 0:
                 drafter = self.draft_model or self.engine
                 got = drafter.draft([(s.seq, s.y, min(k, cap)) for s, cap in zip(mtp, caps)], self.spec.p_min)
@@ -613,7 +613,7 @@ class Scheduler:
                         out[s.seq] = Draft(d, self.model_origin, len(d))
         if self.engine.recurrent and len(decoding) > 1:
             self._pad(decoding, out)
-        return out
+        return out, k
 
     def _pad(self, decoding: list[Slot], out: dict[int, Draft]) -> None:
         """Pad every verify row to the step's longest, within each slot's cap. A recurrent model takes a batch in

@@ -449,13 +449,12 @@ def kept_per_slot(arch: ArchFacts, run: RunConfig) -> int:
     """Host RAM one slot keeps for prompt reuse (backend/engine/prompt_cache.py): on a hybrid model with
     checkpoints on, copies of its recurrent state (with MTP, plus the hidden row the head drafts from next) at each
     checkpoint and at its prompt's end; on any model that end's logits row (a dense one keeps only the row)."""
-    row = 4 * arch.n_vocab + (arch.n_embd * 4 if run.mtp else 0)
+    h, logits = (arch.n_embd * 4 if run.mtp else 0), 4 * arch.n_vocab
     if not arch.n_recurrent:
-        return row
+        return logits + h
     if run.n_checkpoints <= 0:
         return 0
-    state = arch.n_recurrent * arch.rs_elems * 4 + (arch.n_embd * 4 if run.mtp else 0)
-    return (run.checkpoints_per_slot + 1) * state + 4 * arch.n_vocab
+    return (run.checkpoints_per_slot + 1) * (arch.n_recurrent * arch.rs_elems * 4 + h) + logits
 
 
 def describe(b: Breakdown, run: RunConfig, arch: ArchFacts) -> list[tuple[str, int]]:

@@ -373,6 +373,11 @@ class Sequence:
     # The end of the prompt last prefilled here, with its last token's logits (see `Engine.record_end`).
     end: Checkpoint | None = None
 
+    @property
+    def saved_points(self) -> list[Checkpoint]:
+        """The checkpoints, then the prompt's end when there is one."""
+        return [*self.checkpoints, *([self.end] if self.end is not None else [])]
+
 
 @dataclass
 class _Drafting:
@@ -871,8 +876,7 @@ class Engine:
             self._truncate(seq, n_keep)
             return n_keep
         # The prompt's end is a checkpoint too (a next turn that extends the prompt resumes exactly there).
-        points = [*s.checkpoints, *([s.end] if s.end is not None and s.end.state else [])]
-        ckpt = max((c for c in points if 0 < c.n_tokens <= n_keep), key=lambda c: c.n_tokens, default=None)
+        ckpt = max((c for c in s.saved_points if 0 < c.n_tokens <= n_keep), key=lambda c: c.n_tokens, default=None)
         if ckpt is not None and self._restore_checkpoint(seq, ckpt):
             self.checkpoint_restores += 1
             return ckpt.n_tokens
@@ -897,13 +901,15 @@ class Engine:
         return end.logits
 
     @_open
-    def record_end(self, seq: int, idx: int) -> None:
+    def record_end(self, seq: int, idx: int, limit: int) -> None:
         """Remember that the sequence holds a whole prompt whose last token is output row `idx` of the last decode:
-        its logits, hidden row and (hybrid models) recurrent state, so the same prompt again starts from here."""
+        its logits, hidden row and (hybrid models) recurrent state, so the same prompt again starts from here.
+        On a hybrid model the end is a checkpoint: none is kept when `limit` (checkpoints per slot) is 0."""
         s = self.seqs[seq]
-        state = self._get_state(self._ctx, seq, L.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) if self.recurrent else b""
-        s.end = Checkpoint(len(s.tokens), state, s.pending_h.copy() if self._dctx and s.pending_h is not None else None,
-                           self.logits(idx).copy())
+        if self.recurrent and limit <= 0:
+            return
+        ckpt = self.snapshot(seq)  # None without recurrent layers: the KV alone is the state
+        s.end = Checkpoint(len(s.tokens), ckpt.state if ckpt else b"", self._held_h(s), self.logits(idx).copy())
 
     def _truncate(self, seq: int, n: int) -> None:
         """Our record of a sequence whose target memory now ends at `n`: cut the MTP context and the mirror
@@ -973,11 +979,15 @@ class Engine:
         if not self.recurrent or not s.tokens:
             return None
         return Checkpoint(len(s.tokens), self._get_state(self._ctx, seq, L.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY),
-                          s.pending_h.copy() if self._dctx and s.pending_h is not None else None)
+                          self._held_h(s))
+
+    def _held_h(self, s: Sequence) -> np.ndarray | None:
+        """A copy of the hidden row the MTP head drafts from next (None without MTP)."""
+        return s.pending_h.copy() if self._dctx and s.pending_h is not None else None
 
     @property
     def checkpoint_bytes(self) -> int:
-        return sum(c.nbytes for s in self.seqs for c in (*s.checkpoints, *([s.end] if s.end else [])))
+        return sum(c.nbytes for s in self.seqs for c in s.saved_points)
 
     @_open
     def save_state(self, seq: int) -> SavedState | None:
@@ -994,7 +1004,7 @@ class Engine:
             # next drafts) travels with the state instead of being decoded now for a state that may never draft.
             mtp = self._get_state(self._dctx, seq, L.LLAMA_STATE_SEQ_FLAGS_NONE)
         return SavedState(tokens=tuple(s.tokens), target=self._get_state(self._ctx, seq, L.LLAMA_STATE_SEQ_FLAGS_NONE),
-                          mtp=mtp, h=s.pending_h.copy() if self._dctx and s.pending_h is not None else None, checkpoints=tuple(s.checkpoints),
+                          mtp=mtp, h=self._held_h(s), checkpoints=tuple(s.checkpoints),
                           end=s.end, mirror=tuple(s.mirror))
 
     @_open

@@ -296,15 +296,14 @@ class Scheduler:
         try:
             self._driving.acquire()
             while True:
+                backlog: int | None = None
                 with self._cv:
-                    idle = not (self._jobs or self._pending or self.busy_slots)
-                    backlog = self._mirror_backlog() if idle else None
-                    while backlog is None and self._closing is None and not (self._jobs or self._pending or
-                                                                               self.busy_slots):
+                    while self._closing is None and not self._has_work() and (backlog := self._mirror_backlog()) is None:
                         self._cv.wait()
                     if self._closing is not None:
                         break
-                if backlog is not None:
+                    idle = not self._has_work()  # it stopped waiting for the backlog, not for work
+                if idle and backlog is not None:
                     self._flush_idle(backlog)
                     continue
                 self._run_jobs()
@@ -313,6 +312,9 @@ class Scheduler:
             self._drain()
             self._driving.release()
             self._stopped.set()
+
+    def _has_work(self) -> bool:
+        return bool(self._jobs or self._pending or self.busy_slots)
 
     def _mirror_backlog(self) -> int | None:
         """A free slot whose MTP mirror entries are still queued (the prompt tail since the last full chunk, when its
@@ -336,7 +338,7 @@ class Scheduler:
     def run_until_idle(self) -> None:
         """Drive the loop on the calling thread until every submitted request has finished (in-process use)."""
         with self._driving:
-            while self._jobs or self._pending or self.busy_slots:
+            while self._has_work():
                 self._run_jobs()
                 self._guarded_step()
 
@@ -435,8 +437,7 @@ class Scheduler:
                     if self.draft_model is not None:
                         self.draft_model.follow(s.seq)
                     if not s.todo:
-                        if self.cache.n_checkpoints > 0 or not engine.recurrent:  # a recurrent end is a checkpoint
-                            engine.record_end(s.seq, row.last)
+                        engine.record_end(s.seq, row.last, self.cache.n_checkpoints)
                         self._first_token(s, engine.logits(row.last))
                 else:
                     self._verify(s, row, drafts[s.seq], before.get(s.seq))

@@ -20,6 +20,7 @@ import yaml
 from conftest import BackendProcess, wait_until
 
 from backend.core.gguf_file import read_gguf
+from backend.engine import prompt_cache
 from backend.engine.generation import GenerationRequest, Result
 from backend.engine.llama import Engine, EngineConfig
 from backend.engine.prompt_cache import (
@@ -33,6 +34,7 @@ from backend.engine.prompt_cache import (
     common_prefix,
     decode,
     encode,
+    model_identity,
     thin,
 )
 from backend.engine.sampling import SamplingParams
@@ -393,6 +395,23 @@ def test_disk_cache_ignores_another_models_files(hybrid, synth_model, tmp_path):
     foreign = next(tmp_path.glob("*.apc"))
     os.replace(foreign, tmp_path / f"{'b' * 16}-{'0' * 32}.apc")
     assert ours.index() == {} and ours.refused == 1
+
+
+def test_another_format_versions_files_are_left_alone(smollm2_path, tmp_path, monkeypatch):
+    """Two apexmtp versions sharing a --prompt-cache directory: each sees only its own format's files, and
+    neither removes the other's (the format version is part of the identity that names them)."""
+    ours_id = model_identity(smollm2_path, {"type_k": "f16"})
+    monkeypatch.setattr(prompt_cache, "_VERSION", prompt_cache._VERSION + 1)
+    theirs_id = model_identity(smollm2_path, {"type_k": "f16"})
+    assert theirs_id != ours_id
+    theirs = DiskCache(tmp_path, theirs_id, 1 << 30)
+    theirs.store(SavedState(tokens=(1, 2, 3), target=b"T" * 64)).result()
+    theirs.close()
+    monkeypatch.undo()
+    ours = DiskCache(tmp_path, ours_id, 1 << 30)
+    assert ours.index() == {} and ours.refused == 0
+    assert len(list(tmp_path.glob("*.apc"))) == 1
+    ours.close()
 
 
 def test_truncated_file_and_format_checks():

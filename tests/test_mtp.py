@@ -6,6 +6,7 @@ token, greedy and seeded. Random-weight models only get the first property (mtp-
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import BackendProcess, synth_options
 
@@ -145,6 +146,20 @@ def test_adaptive_controller_goes_long_when_drafts_win():
     slots = [c.new_slot() for _ in range(4)]
     _drive(c, slots, 1.0, lambda n, k: 1.0 + 0.05 * n * k)  # cheap drafts, all accepted
     assert c.best_k(slots, 6) == 6 and all(a.rate[0] > 0.9 for a in slots)
+
+
+def test_controller_step_costs_fill_untried_k_with_the_least_squares_line():
+    c = DraftController(6)
+    assert c.costs(1, 3) == [1.0] * 4  # nothing timed yet
+    c.observe(1, 2, 0.5)
+    assert c.costs(1, 3) == [0.5] * 4  # one point: its time for every k
+    for k, t in ((0, 0.010), (1, 0.021), (6, 0.049)):
+        c.observe(1, k, t)
+    slope, intercept = np.polyfit([0, 1, 2, 6], [0.010, 0.021, 0.5, 0.049], 1)
+    got = c.costs(1, 6)
+    assert got[:3] == [0.010, 0.021, 0.5] and got[6] == 0.049  # measured k keep their own times
+    assert got[3:6] == pytest.approx([max(intercept + slope * k, 1e-9) for k in (3, 4, 5)])
+    assert c.costs(4, 2) == [1.0] * 3  # another slot count has its own table
 
 
 def test_controller_fixed_k_respects_cap_and_new_slots_inherit_acceptance():

@@ -118,12 +118,13 @@ class Acceptance:
         self.rate = list(prior)
         self.decay = decay
 
-    def expected_tokens(self, k: int) -> float:
-        total, p = 1.0, 1.0
-        for i in range(k):
-            p *= self.rate[i]
-            total += p
-        return total
+    def expected_tokens(self, cap: int) -> list[float]:
+        """Expected tokens per step with k = 0..cap drafts (one pass: each k extends the last)."""
+        out, p = [1.0], 1.0
+        for r in self.rate[:cap]:
+            p *= r
+            out.append(out[-1] + p)
+        return out
 
     def observe(self, k: int, accepted: int) -> None:
         """One verify: k drafts proposed, `accepted` kept. Positions tried: the kept ones plus the first miss."""
@@ -151,7 +152,7 @@ class DraftController:
         self.decay = decay
         self.explore_every = explore_every
         self._prior = Acceptance([0.8] * max(n_max, 1), decay)  # optimistic start: try speculation before judging
-        self._cost: dict[tuple[int, int], float] = {}  # (slots, k) -> EMA seconds of a whole step
+        self._cost: dict[int, dict[int, float]] = {}  # slots -> {k: EMA seconds of a whole step}
         self._until_probe = explore_every  # steps until the next re-timing of a neighbouring k
         self._lost = 0  # probes in a row after which k = 0 still won
         self._last_won = n_max  # the last k > 0 that was the best
@@ -170,9 +171,9 @@ class DraftController:
         cap = max(0, min(self.n_max, cap))
         if not self.adaptive or cap == 0 or not slots:
             return cap
-        n = len(slots)
+        measured = self._cost.get(len(slots), {})
         for anchor in (cap, 1, 0):
-            if (n, anchor) not in self._cost:
+            if anchor not in measured:
                 return anchor
         best = self.best_k(slots, cap)
         if best > 0:
@@ -191,27 +192,35 @@ class DraftController:
 
     def best_k(self, slots: list[Acceptance], cap: int) -> int:
         """The k in 0..cap with the most expected tokens per second for these slots."""
-        n = len(slots)
-        return max(range(cap + 1), key=lambda k: sum(s.expected_tokens(k) for s in slots) / self.cost(n, k))
+        tokens = [0.0] * (cap + 1)
+        for s in slots:
+            for k, t in enumerate(s.expected_tokens(cap)):
+                tokens[k] += t
+        costs = self.costs(len(slots), cap)
+        return max(range(cap + 1), key=lambda k: tokens[k] / costs[k])
 
-    def cost(self, n: int, k: int) -> float:
-        """Seconds per step of n slots with k drafts: measured (EMA) when tried, else a least-squares line in k
-        through the measured k of n slots — a step is k MTP decodes plus a verify batch, close to linear in k."""
-        if (n, k) in self._cost:
-            return self._cost[(n, k)]
-        tried = [(kk, t) for (nn, kk), t in self._cost.items() if nn == n]
-        if len(tried) < 2:
-            return tried[0][1] if tried else 1.0
-        ks = np.array([kk for kk, _ in tried], dtype=float)
-        ts = np.array([t for _, t in tried], dtype=float)
-        slope, intercept = np.polyfit(ks, ts, 1)
-        return max(float(intercept + slope * k), 1e-9)
+    def costs(self, n: int, cap: int) -> list[float]:
+        """Seconds per step of n slots with k = 0..cap drafts: measured (EMA) where tried, else a least-squares
+        line in k through the measured k of n slots — a step is k MTP decodes plus a verify batch, close to
+        linear in k. Runs every step, so the line is fitted once, in closed form (np.polyfit cost ~0.1 ms a k:
+        a few percent of a small model's step)."""
+        measured = self._cost.get(n, {})
+        if all(k in measured for k in range(cap + 1)):
+            return [measured[k] for k in range(cap + 1)]
+        if len(measured) < 2:
+            guess = next(iter(measured.values()), 1.0)
+            return [measured.get(k, guess) for k in range(cap + 1)]
+        m, sk, st = len(measured), sum(measured), sum(measured.values())
+        skk, skt = sum(k * k for k in measured), sum(k * t for k, t in measured.items())
+        slope = (m * skt - sk * st) / (m * skk - sk * sk)  # the keys are distinct k, so this is never 0 / 0
+        intercept = (st - slope * sk) / m
+        return [measured.get(k, max(intercept + slope * k, 1e-9)) for k in range(cap + 1)]
 
     def observe(self, n: int, k: int, seconds: float) -> None:
         """Feed back one step's wall time: n slots verified k drafts each."""
-        d = self.decay
-        prev = self._cost.get((n, k))
-        self._cost[(n, k)] = seconds if prev is None else d * prev + (1 - d) * seconds
+        measured = self._cost.setdefault(n, {})
+        prev = measured.get(k)
+        measured[k] = seconds if prev is None else self.decay * prev + (1 - self.decay) * seconds
 
     def observe_acceptance(self, k: int, accepted: int) -> None:
         """Fold one slot's verify into the model-wide acceptance that new slots start from."""

@@ -1,4 +1,5 @@
-"""apexmtp's engine vs llama-server's draft-mtp on the same GGUF and machine, interleaved rounds.
+"""apexmtp's engine vs llama-server's draft-mtp on the same GGUF and machine, interleaved rounds (every other one
+reversed, so drift during the run favours no configuration).
 
 llama-server is not shipped with llama-cpp-python; build it from the same vendored llama.cpp
 (`cmake -B build -DLLAMA_CURL=OFF && cmake --build build --target llama-server`) and pass its path.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,22 +51,38 @@ def main() -> int:
         "apexmtp adaptive": lambda: Scheduler(Engine(path, EngineConfig(**base, mtp=True, n_draft_max=6)),
                                               SpecConfig(n_max=6), name="a"),
     }
-    results: dict[str, list[tuple[float, float]]] = {}
-    for _ in range(args.rounds):  # one process at a time so they never compete for the 2 cores
-        for name, make in runs.items():
-            m = make()
-            ours(m, 32)
-            results.setdefault(name, []).append(ours(m, args.tokens))
-            m.close()
-        for name, k in (("llama-server plain", None), (f"llama-server draft-mtp k={args.k}", args.k)):
+
+    def theirs(k: int | None) -> Callable[[], tuple[float, float]]:
+        def measure() -> tuple[float, float]:
             port = free_port()
             spec = llama_server_spec(SpecConfig(n_max=k or 0), "draft-mtp")
-            srv = Server(name, llama_server_cmd(args.server, path, port, args.threads, 2048, 256, extra=spec), port)
+            srv = Server("llama-server", llama_server_cmd(args.server, path, port, args.threads, 2048, 256, extra=spec),
+                         port)
             try:
                 llama_completion(port, PROMPT, 32)
-                results.setdefault(name, []).append(llama_completion(port, PROMPT, args.tokens)[:2])
+                return llama_completion(port, PROMPT, args.tokens)[:2]
             finally:
                 srv.stop()
+        return measure
+
+    def in_process(make: Callable[[], Scheduler]) -> Callable[[], tuple[float, float]]:
+        def measure() -> tuple[float, float]:
+            m = make()
+            try:
+                ours(m, 32)
+                return ours(m, args.tokens)
+            finally:
+                m.close()
+        return measure
+
+    configs = [(name, in_process(make)) for name, make in runs.items()] + [
+        ("llama-server plain", theirs(None)), (f"llama-server draft-mtp k={args.k}", theirs(args.k))]
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in configs}
+    for r in range(args.rounds):  # one process at a time so they never compete for the 2 cores
+        # Every other round runs the configurations in reverse, so a machine that speeds up or slows down during
+        # the run does not favour whichever comes first.
+        for name, measure in configs if r % 2 == 0 else configs[::-1]:
+            results[name].append(measure())
     print(f"# machine: {machine()}")
     print(f"# model {path.name} ({path.stat().st_size / 2**20:.0f} MiB), {args.tokens} greedy tokens, "
           f"{args.threads} threads, median of {args.rounds} rounds")

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar, cast
+from typing import Any, Callable, Iterable, TypeVar
 
 import llama_cpp.llama_cpp as L
 import llama_cpp.llama_cpp_ext as X
@@ -351,6 +351,10 @@ class Row:
     @property
     def last(self) -> int:
         return self.first + len(self.tokens) - 1
+
+
+# A mirror entry taken off its queue for decoding: (seq, token, position, h row, M-RoPE sections or None).
+_MirrorEntry = tuple[int, int, int, np.ndarray, np.ndarray | None]
 
 
 @dataclass
@@ -1152,10 +1156,14 @@ class Engine:
     def flush_mirror(self, seqs: Iterable[int] | None = None, *, limit: int | None = None) -> None:
         """Decode the queued mirror entries of `seqs` (default all) into the MTP context, batched together; with
         `limit`, only each sequence's first `limit` entries (the rest stay queued, in order)."""
-        if not self._dctx:
-            return
-        entries: list[tuple[int, int, int, np.ndarray, np.ndarray | None]] = []
-        for seq in range(self.n_seq) if seqs is None else seqs:
+        if self._dctx:
+            self._decode_mirror(self._take_mirror(range(self.n_seq) if seqs is None else seqs, limit))
+
+    def _take_mirror(self, seqs: Iterable[int], limit: int | None = None) -> list[_MirrorEntry]:
+        """Dequeue the mirror entries of `seqs` (each sequence's first `limit`, or all), without the entry the
+        last draft already decoded (`Sequence.ahead`); a stale one is removed from the MTP context."""
+        entries: list[_MirrorEntry] = []
+        for seq in seqs:
             s = self.seqs[seq]
             queue, s.mirror = (s.mirror, []) if limit is None else (s.mirror[:limit], s.mirror[limit:])
             if s.ahead is not None:
@@ -1165,6 +1173,10 @@ class Engine:
                     L.llama_memory_seq_rm(L.llama_get_memory(self._dctx), seq, s.ahead[0], -1)
                 s.ahead = None
             entries.extend((seq, *entry) for entry in queue)
+        return entries
+
+    def _decode_mirror(self, entries: list[_MirrorEntry]) -> None:
+        """Decode mirror entries into the MTP context, at most n_batch of one kind per decode."""
         if not entries:
             return
         t0 = time.perf_counter()
@@ -1178,20 +1190,28 @@ class Engine:
             db.clear()
             end = start
             while end < len(entries) and end - start < self.n_batch and (entries[end][4] is not None) == image:
-                seq, tok, pos, row, sections = entries[end]
-                if image:
-                    db.add_embd(row, cast(np.ndarray, sections), seq)
-                else:
-                    db.add(tok, pos, seq, embd=row)
+                self._add_mirror(db, entries[end])
                 end += 1
-            rc = L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr)
-            if rc != 0:
-                seqs_hit = {e[0] for e in entries}
-                for seq in seqs_hit:
-                    self.reset(seq)
-                raise DecodeError(f"llama.cpp MTP mirror decode failed ({rc})", seqs_hit)
+            self._process_mirror(db, entries)
             start = end
         self.mirror_seconds += time.perf_counter() - t0
+
+    @staticmethod
+    def _add_mirror(db: Batch, entry: _MirrorEntry) -> None:
+        seq, tok, pos, row, sections = entry
+        if sections is not None:
+            db.add_embd(row, sections, seq)
+        else:
+            db.add(tok, pos, seq, embd=row)
+
+    def _process_mirror(self, db: Batch, entries: list[_MirrorEntry]) -> None:
+        """Decode a batch holding mirror entries; on failure the sequences they belong to start over."""
+        rc = L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr)
+        if rc != 0:
+            seqs_hit = {e[0] for e in entries}
+            for seq in seqs_hit:
+                self.reset(seq)
+            raise DecodeError(f"llama.cpp MTP mirror decode failed ({rc})", seqs_hit)
 
     @_open
     def logits(self, idx: int) -> np.ndarray:
@@ -1221,14 +1241,27 @@ class Engine:
         drafting = [self._drafting(seq, tok, n) for seq, tok, n in starts if n > 0]
         if not drafting:
             return [[] for _ in starts]
-        self.flush_mirror(d.seq for d in drafting)
+        # The verified tokens' mirror entries ride in the first round's decode when they fit one batch of tokens
+        # (a pass over the head's weights fewer per step); a long catch-up or image rows are decoded first.
+        mirror = self._take_mirror(d.seq for d in drafting)
+        if any(e[4] is not None for e in mirror) or len(mirror) + len(drafting) > self.n_batch:
+            self._decode_mirror(mirror)
+            mirror = []
         db = self._dbatch
         assert db is not None  # made with the MTP context
         step = 0
         while live := [d for d in drafting if d.wants_more(self.recurrent and any(o.confident for o in drafting))]:
             db.clear()
+            for entry in mirror:
+                self._add_mirror(db, entry)
             rows = [db.add(d.token, d.pos0 + step, d.seq, output=True, embd=d.h) for d in live]
-            if L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr) != 0:
+            if mirror:
+                t0 = time.perf_counter()
+                self._process_mirror(db, mirror)
+                # the mirror's share of the decode, by rows (the controller leaves a catch-up out of step costs)
+                self.mirror_seconds += (time.perf_counter() - t0) * len(mirror) / (len(mirror) + len(live))
+                mirror = []
+            elif L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr) != 0:
                 break
             for d in live:
                 d.entered = True
@@ -1242,6 +1275,7 @@ class Engine:
                     h = X.llama_get_embeddings_nextn_ith(self._dctx, idx)
                     d.take(tok, np.ctypeslib.as_array(h, shape=(self.n_embd,)).copy())
             step += 1
+        self._decode_mirror(mirror)  # no sequence drafted a round: the entries are decoded on their own
         mem = L.llama_get_memory(self._dctx)
         for d in drafting:
             L.llama_memory_seq_rm(mem, d.seq, d.pos0 + (1 if d.entered else 0), -1)

@@ -13,7 +13,7 @@ Decoding one token is memory-bound: every weight the token touches is read once 
   `layer_overhead_ms` per layer on the device that runs it (kernel launches, thread barriers) and
   `token_overhead_ms` per emitted token (sampling, Python);
 * **MTP**: a step drafts k tokens with the MTP layer (its dense part, one layer's active experts and the LM head,
-  each draft sequential; one more such pass mirrors the verified tokens into the MTP context) and verifies k+1
+  each draft sequential; the verified tokens are mirrored into the MTP context in the first draft's pass) and verifies k+1
   tokens in one batch: dense weights once, the union of the experts the k+1 tokens route to
   (`routed x (1 - (1 - used/n_expert)^(k+1))`, random routing), the fixed costs once, and `verify_overhead` of a
   plain step per extra token (the compute a batch adds). Drafts are kept while they match, so with a head right
@@ -148,12 +148,11 @@ def predict(arch: ArchFacts, weights: WeightBytes, run: RunConfig, mode: str, n_
     if run.mtp and tb.draft:
         rate, at_k = acceptance or (speed.mtp_acceptance.rate, speed.mtp_acceptance.n_draft)
         q = accuracy_for_acceptance(rate, at_k)
-        # a draft reads the MTP layer; the engine also mirrors each verified step into the MTP context (one more
-        # MTP-layer pass per step)
+        # a draft reads the MTP layer; the verified step's mirror into the MTP context rides in the first draft's pass
         draft_ms = 1000 * tb.draft * weight_cost["dev"] / dev_rate + dev.layer_overhead_ms + token_ms
         for k in range(1, run.spec_n_max + 1):
             expected = sum(q**i for i in range(k + 1))
-            tok_s = 1000 * expected / ((k + 1) * draft_ms + step_ms(k + 1))
+            tok_s = 1000 * expected / (k * draft_ms + step_ms(k + 1))
             if tok_s > best:
                 best_k, best = k, tok_s
     return Speed(plain_tok_s=plain, tok_s=best, k=best_k, bytes_per_token=tb.plain, bandwidth=bw)

@@ -15,7 +15,7 @@ from backend.engine.generation import GenerationRequest, Result
 from backend.engine.llama import Engine, EngineConfig, expert_pattern
 from backend.engine.sampling import SamplingParams
 from backend.engine.scheduler import Scheduler, Stream, collect
-from backend.engine.speculative import Acceptance, DraftController, SpecConfig
+from backend.engine.speculative import Acceptance, DraftController, SpecConfig, greedy_pick
 from backend.proto import backend_pb2 as pb
 from backend.synth.qwen35moe import read_synth_info
 
@@ -146,6 +146,19 @@ def test_adaptive_controller_goes_long_when_drafts_win():
     slots = [c.new_slot() for _ in range(4)]
     _drive(c, slots, 1.0, lambda n, k: 1.0 + 0.05 * n * k)  # cheap drafts, all accepted
     assert c.best_k(slots, 6) == 6 and all(a.rate[0] > 0.9 for a in slots)
+
+
+def test_greedy_pick_judges_p_min_as_the_full_top_10_does():
+    """The draft judgement (llama.cpp's: top-1 probability over the top-10 softmax >= p_min) from a shortcut that
+    skips the full-vocabulary partition: the same token and verdict on flat and peaked rows alike."""
+    rng = np.random.default_rng(0)
+    for scale in (0.5, 3.0, 10.0, 40.0, 200.0):
+        for _ in range(50):
+            row = (rng.standard_normal(4096) * scale).astype(np.float32)
+            top = np.argpartition(row, -10)[-10:]
+            p_top1 = 1.0 / float(np.exp(row[top] - row.max()).sum())
+            for p_min in (0.0, 0.3, 0.75, 0.95):
+                assert greedy_pick(row, p_min) == (int(np.argmax(row)), p_top1 >= p_min)
 
 
 def test_controller_step_costs_fill_untried_k_with_the_least_squares_line():

@@ -149,6 +149,7 @@ def predict(arch: ArchFacts, weights: WeightBytes, run: RunConfig, mode: str, n_
         rate, at_k = acceptance or (speed.mtp_acceptance.rate, speed.mtp_acceptance.n_draft)
         q = accuracy_for_acceptance(rate, at_k)
         # a draft reads the MTP layer; the verified step's mirror into the MTP context rides in the first draft's pass
+        # (which then reads the union of its few tokens' experts of that layer: counted as one token's, a little low)
         draft_ms = 1000 * tb.draft * weight_cost["dev"] / dev_rate + dev.layer_overhead_ms + token_ms
         for k in range(1, run.spec_n_max + 1):
             expected = sum(q**i for i in range(k + 1))

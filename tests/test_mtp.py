@@ -159,6 +159,10 @@ def test_greedy_pick_judges_p_min_as_the_full_top_10_does():
             p_top1 = 1.0 / float(np.exp(row[top] - row.max()).sum())
             for p_min in (0.0, 0.3, 0.75, 0.95):
                 assert greedy_pick(row, p_min) == (int(np.argmax(row)), p_top1 >= p_min)
+    row = np.zeros(4096, np.float32)
+    row[7] = np.nan
+    assert greedy_pick(row, 0.0) == (7, False) and greedy_pick(row, 0.75) == (7, False)  # never a NaN draft
+    assert greedy_pick(np.full(4096, -np.inf, np.float32), 0.75)[1] is False
 
 
 def test_controller_step_costs_fill_untried_k_with_the_least_squares_line():

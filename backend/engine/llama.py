@@ -14,6 +14,7 @@ the immutable vocabulary and may be called from any thread while the engine is o
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import logging
@@ -1192,9 +1193,23 @@ class Engine:
             while end < len(entries) and end - start < self.n_batch and (entries[end][4] is not None) == image:
                 self._add_mirror(db, entries[end])
                 end += 1
-            self._process_mirror(db, entries)
+            rc = L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr)
+            if rc != 0:
+                seqs_hit = {e[0] for e in entries}
+                for seq in seqs_hit:
+                    self.reset(seq)
+                raise DecodeError(f"llama.cpp MTP mirror decode failed ({rc})", seqs_hit)
             start = end
         self.mirror_seconds += time.perf_counter() - t0
+
+    def _requeue_mirror(self, entries: list[_MirrorEntry]) -> None:
+        """Put entries whose decode failed back at the front of their queues, after removing from the MTP context
+        whatever of them did land (llama.cpp may have decoded some ubatches)."""
+        mem = L.llama_get_memory(self._dctx)
+        for seq in dict.fromkeys(e[0] for e in entries):
+            mine = [e[1:] for e in entries if e[0] == seq]
+            L.llama_memory_seq_rm(mem, seq, min(pos for _, pos, _, _ in mine), -1)
+            self.seqs[seq].mirror[:0] = mine
 
     @staticmethod
     def _add_mirror(db: Batch, entry: _MirrorEntry) -> None:
@@ -1203,15 +1218,6 @@ class Engine:
             db.add_embd(row, sections, seq)
         else:
             db.add(tok, pos, seq, embd=row)
-
-    def _process_mirror(self, db: Batch, entries: list[_MirrorEntry]) -> None:
-        """Decode a batch holding mirror entries; on failure the sequences they belong to start over."""
-        rc = L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr)
-        if rc != 0:
-            seqs_hit = {e[0] for e in entries}
-            for seq in seqs_hit:
-                self.reset(seq)
-            raise DecodeError(f"llama.cpp MTP mirror decode failed ({rc})", seqs_hit)
 
     @_open
     def logits(self, idx: int) -> np.ndarray:
@@ -1241,10 +1247,13 @@ class Engine:
         drafting = [self._drafting(seq, tok, n) for seq, tok, n in starts if n > 0]
         if not drafting:
             return [[] for _ in starts]
-        # The verified tokens' mirror entries ride in the first round's decode when they fit one batch of tokens
-        # (a pass over the head's weights fewer per step); a long catch-up or image rows are decoded first.
+        # What the last verified step left to mirror rides in the first round's decode (a pass over the head's
+        # weights fewer per step), counted as drafting; a longer catch-up (after steps that did not draft, which
+        # the controller times apart) or image rows are decoded first, on their own.
         mirror = self._take_mirror(d.seq for d in drafting)
-        if any(e[4] is not None for e in mirror) or len(mirror) + len(drafting) > self.n_batch:
+        per_seq = collections.Counter(e[0] for e in mirror)
+        if any(e[4] is not None for e in mirror) or len(mirror) + len(drafting) > self.n_batch or \
+                any(n > self.config.n_draft_max + 1 for n in per_seq.values()):
             self._decode_mirror(mirror)
             mirror = []
         db = self._dbatch
@@ -1255,14 +1264,10 @@ class Engine:
             for entry in mirror:
                 self._add_mirror(db, entry)
             rows = [db.add(d.token, d.pos0 + step, d.seq, output=True, embd=d.h) for d in live]
-            if mirror:
-                t0 = time.perf_counter()
-                self._process_mirror(db, mirror)
-                # the mirror's share of the decode, by rows (the controller leaves a catch-up out of step costs)
-                self.mirror_seconds += (time.perf_counter() - t0) * len(mirror) / (len(mirror) + len(live))
-                mirror = []
-            elif L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr) != 0:
+            if L.llama_process(self._dctx, L.LLAMA_PROCESS_TYPE_DECODE, db.ptr) != 0:
+                self._requeue_mirror(mirror)  # no drafts this step; the next one mirrors them again
                 break
+            mirror = []
             for d in live:
                 d.entered = True
             picks = [self._head_pick(idx, p_min) for idx in rows]

@@ -243,7 +243,8 @@ def model_identity(path: str | Path, settings: dict[str, object]) -> str:
     """What a saved state depends on: the model file (its size and its first and last MiB, which hold the
     header and the last tensors, so a re-quantized or edited file differs) and the context settings that shape
     the serialised state (KV types, V layout, MTP), and this file format's version, so that processes of two
-    apexmtp versions sharing a directory neither read nor remove each other's files. 32 hex digits."""
+    apexmtp versions sharing a directory do not read each other's files, nor refuse and delete them (the
+    directory's size bound still evicts the least recently used file of any identity). 32 hex digits."""
     p = Path(path)
     size = p.stat().st_size
     h = hashlib.sha256()

@@ -74,9 +74,11 @@ def greedy_pick(logits: np.ndarray, p_min: float) -> tuple[int, bool]:
     argmax 0.03 ms), else the top 10 among the logits within NEAR_TOP of the best — all of the row's top 10 when
     ten are there; when fewer are, the ones left out change the probability by less than float32 rounding."""
     best = int(np.argmax(logits))
+    top = logits[best]
+    if not np.isfinite(top):  # a NaN row (argmax finds the NaN) or one all -inf: no draft worth verifying
+        return best, False
     if p_min <= 0:
         return best, True
-    top = logits[best]
     near = logits[logits >= top - NEAR_TOP]
     vals = np.partition(near, -DRAFT_TOP_K)[-DRAFT_TOP_K:] if len(near) > DRAFT_TOP_K else near
     return best, 1.0 / float(np.exp(vals - top).sum()) >= p_min
@@ -202,7 +204,8 @@ class DraftController:
         return best + 1 if best < cap else best - 1
 
     def best_k(self, slots: list[Acceptance], cap: int) -> int:
-        """The k in 0..cap with the most expected tokens per second for these slots."""
+        """The k in 0..cap (at most n_max) with the most expected tokens per second for these slots."""
+        cap = min(cap, self.n_max)
         tokens = [0.0] * (cap + 1)
         for s in slots:
             for k, t in enumerate(s.expected_tokens(cap)):
